@@ -1,0 +1,44 @@
+# MedCLS: two commands on a fresh machine.
+#   make run   - create .venv, install requirements, start the app on the shipped models
+#   make test  - the same set-up plus test requirements, then the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PORT   ?= 8501
+DATA   ?= ../shared/data
+
+.PHONY: run test test-fast bench fuzz venv clean-data clean
+
+$(VENV)/bin/activate:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: requirements.txt $(VENV)/bin/activate
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) -m streamlit run app.py --server.port $(PORT)
+
+test: $(VENV)/.installed-test
+	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q
+
+# Everything but the browser and load tests.
+test-fast: $(VENV)/.installed-test
+	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q -m "not browser and not load"
+
+bench: $(VENV)/.installed-test
+	MEDCLS_DATA=$(DATA) $(PY) -m bench.all --data $(DATA)
+
+# The long fuzz run recorded in the README (10,000+ cases).
+fuzz: $(VENV)/.installed-test
+	MEDCLS_DATA=$(DATA) MEDCLS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache test-output

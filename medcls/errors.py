@@ -1,0 +1,31 @@
+"""Typed errors of medcls.
+
+Every failure a user can cause (a bad file, a broken model folder, a path outside
+the allowed root) raises a subclass of :class:`MedclsError` whose message is written
+for the person in front of the screen. Messages never carry values read from the
+file (no patient names, ids or dates): only what went wrong and what to do.
+"""
+
+
+class MedclsError(Exception):
+    """Base class of every error medcls raises on purpose."""
+
+
+class UnreadableScanError(MedclsError):
+    """The input is not an image or DICOM file medcls can read."""
+
+
+class ScanTooLargeError(UnreadableScanError):
+    """The image declares more pixels or frames than medcls will decode."""
+
+
+class ModelPackageError(MedclsError):
+    """A model folder is missing its card or the card disagrees with the model."""
+
+
+class DatasetError(MedclsError):
+    """A dataset folder or labels file cannot be used."""
+
+
+class PathNotAllowedError(MedclsError):
+    """A folder or archive member lies outside the allowed root."""

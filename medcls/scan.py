@@ -1,0 +1,515 @@
+"""Load any scan (DICOM, PNG, JPEG, TIFF, BMP) into a :class:`Scan`.
+
+One entry point, :func:`load_scan`, takes a path or the bytes of an upload. The
+format is recognised by content, never by the file name. DICOM is decoded by
+pydicom and its pixel handlers (pylibjpeg, GDCM); raster images by OpenCV, with
+the header checked first so a decompression bomb is refused before decoding.
+
+Patient data: the returned metadata is built from an allow-list of technical
+attributes, so nothing of the DICOM PS3.15 basic profile (names, ids, dates,
+institutions, UIDs, free-text descriptions) is ever in it. Error messages never
+quote values from the file. :func:`identifying_attributes` reads the identifying
+tags only when a caller asks for them deliberately.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Union
+
+import numpy as np
+
+from .errors import ScanTooLargeError, UnreadableScanError
+
+log = logging.getLogger(__name__)
+
+#: Largest image medcls decodes, in pixels per frame (a 30000x30000 PNG is refused).
+MAX_PIXELS = 64_000_000
+#: Largest input file, in bytes.
+MAX_FILE_BYTES = 1 << 30
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+
+# Technical DICOM attributes safe to show (none is in the PS3.15 basic profile's
+# list of attributes to remove or replace). Anything not listed is left out.
+SAFE_DICOM_ATTRIBUTES = (
+    "Modality", "BodyPartExamined", "ImageType", "Manufacturer", "ManufacturerModelName",
+    "MagneticFieldStrength", "ScanningSequence", "SequenceVariant", "MRAcquisitionType",
+    "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "KVP", "ExposureTime",
+    "SliceThickness", "SpacingBetweenSlices", "PixelSpacing", "ImagerPixelSpacing",
+    "Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation",
+    "RescaleSlope", "RescaleIntercept", "RescaleType", "WindowCenter", "WindowWidth",
+    "SeriesNumber", "InstanceNumber", "AcquisitionNumber", "ImagePositionPatient",
+    "ImageOrientationPatient", "SliceLocation", "PatientPosition", "ViewPosition",
+    "ContrastBolusAgent", "LossyImageCompression",
+)
+
+# Identifying attributes (PS3.15 Annex E basic profile: patient, person, institution,
+# date and identifier attributes). Shown only on explicit request, never stored.
+IDENTIFYING_ATTRIBUTES = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
+    "PatientAge", "PatientWeight", "PatientSize", "PatientAddress", "PatientTelephoneNumbers",
+    "OtherPatientIDs", "OtherPatientNames", "PatientMotherBirthName", "EthnicGroup",
+    "MilitaryRank", "Occupation", "AdditionalPatientHistory", "PatientComments",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "ReferringPhysicianName", "PerformingPhysicianName", "OperatorsName",
+    "NameOfPhysiciansReadingStudy", "PhysiciansOfRecord", "RequestingPhysician",
+    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
+    "AcquisitionTime", "ContentTime", "AccessionNumber", "StudyID", "StudyDescription",
+    "SeriesDescription", "ProtocolName", "DeviceSerialNumber", "StudyInstanceUID",
+    "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class Scan:
+    """One decoded frame of a scan with its de-identified description.
+
+    ``pixels`` are the stored values of the chosen frame exactly as decoded (no
+    rescale, no windowing): shape (H, W) for grayscale or (H, W, 3) for colour.
+    ``values`` are the same after the modality LUT (rescale slope and intercept,
+    e.g. Hounsfield units for CT), as float32.
+    """
+
+    pixels: np.ndarray
+    values: np.ndarray = field(repr=False)
+    source_format: str  # "dicom", "png", "jpeg", "tiff", "bmp"
+    modality: str  # DICOM modality, "OT" for plain images
+    photometric: str  # "MONOCHROME1", "MONOCHROME2", "RGB"
+    bits_stored: int
+    pixel_spacing: tuple[float, float] | None  # (row, column) in mm
+    window_center: float
+    window_width: float
+    window_source: str  # "dicom" (from the file's VOI tags) or "percentile"
+    n_frames: int
+    frame: int
+    metadata: dict[str, Any]
+    sha256: str
+    transfer_syntax: str | None = None
+    window_presets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _voi_lut_display: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+    @property
+    def is_color(self) -> bool:
+        return self.pixels.ndim == 3
+
+    @property
+    def short_id(self) -> str:
+        """A non-identifying handle for logs: the first 12 hex digits of the content hash."""
+        return self.sha256[:12]
+
+    def __repr__(self) -> str:  # never print metadata values by accident
+        return (f"Scan({self.source_format}, {self.modality}, {self.shape[1]}x{self.shape[0]}, "
+                f"frame {self.frame + 1}/{self.n_frames}, sha256={self.short_id})")
+
+
+# ----------------------------------------------------------------------------- input
+
+def _read_source(src: Source) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise UnreadableScanError("The file does not exist or is not a regular file.")
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise ScanTooLargeError("The file is larger than the 1 GB medcls accepts.")
+        data = path.read_bytes()
+    elif hasattr(src, "read"):
+        if hasattr(src, "seek"):
+            src.seek(0)
+        data = src.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ScanTooLargeError("The file is larger than the 1 GB medcls accepts.")
+    else:
+        raise UnreadableScanError("Expected a file path or the bytes of a file.")
+    if len(data) == 0:
+        raise UnreadableScanError("The file is empty (0 bytes).")
+    return data
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Recognise the container by its first bytes: 'dicom', 'png', 'jpeg', 'tiff', 'bmp' or None."""
+    head = data[:132]
+    # The 128-byte DICOM preamble may itself hold a TIFF header (dual-format files), so the
+    # DICM marker is checked first.
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head.startswith(b"BM") and len(data) > 26:
+        return "bmp"
+    # A DICOM data set without preamble starts with an element of group 0002 or 0008
+    # (explicit or implicit VR little endian), as dcmtk recognises it.
+    if len(data) >= 8 and data[0:2] in (b"\x02\x00", b"\x08\x00") and data[3:4] == b"\x00":
+        return "dicom"
+    return None
+
+
+def load_scan(src: Source, frame: int = 0) -> Scan:
+    """Load a scan from a path, bytes or a binary file object.
+
+    ``frame`` selects one frame of a multi-frame DICOM; only that frame is decoded.
+    Raises :class:`UnreadableScanError` (or :class:`ScanTooLargeError`) with a
+    reason a doctor understands for anything that is not a readable scan.
+    """
+    data = _read_source(src)
+    fmt = sniff_format(data)
+    digest = hashlib.sha256(data).hexdigest()
+    if fmt is None:
+        raise UnreadableScanError("This file is not an image or DICOM file medcls can read "
+                                  "(supported: DICOM, PNG, JPEG, TIFF, BMP).")
+    if fmt == "dicom":
+        scan = _load_dicom(data, frame, digest)
+    else:
+        scan = _load_raster(data, fmt, digest)
+    log.debug("loaded %r", scan)
+    return scan
+
+
+# ----------------------------------------------------------------------------- raster
+
+def _raster_size(data: bytes) -> tuple[int, int, int]:
+    """Width, height and frame count from the header alone (Pillow reads no pixels here)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Image.MAX_IMAGE_PIXELS = None  # our own limit applies, checked below
+            with Image.open(io.BytesIO(data)) as im:
+                return int(im.size[0]), int(im.size[1]), int(getattr(im, "n_frames", 1))
+    except Exception as exc:  # noqa: BLE001 - any failure means a damaged header
+        log.debug("image header unreadable: %s", type(exc).__name__)
+        raise UnreadableScanError("The image file is damaged: its header cannot be read.") from None
+
+
+def _load_raster(data: bytes, fmt: str, digest: str) -> Scan:
+    import cv2
+
+    width, height, _ = _raster_size(data)
+    if width * height > MAX_PIXELS:
+        raise ScanTooLargeError(
+            f"The image declares {width}x{height} pixels, more than medcls decodes "
+            f"({MAX_PIXELS // 1_000_000} megapixels); it was not opened.")
+    if width < 1 or height < 1:
+        raise UnreadableScanError("The image has no pixels.")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise UnreadableScanError("The image file is damaged and cannot be decoded.")
+    if img.dtype not in (np.uint8, np.uint16):
+        img = img.astype(np.float32)
+    if img.ndim == 3:
+        if img.shape[2] == 1:
+            img = img[:, :, 0]
+        elif img.shape[2] == 4:  # drop alpha, BGRA -> RGB
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+        else:
+            img = cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB)
+        if img.ndim == 3 and _is_gray(img):
+            img = np.ascontiguousarray(img[:, :, 0])
+    photometric = "RGB" if img.ndim == 3 else "MONOCHROME2"
+    bits = 16 if img.dtype == np.uint16 else 8 if img.dtype == np.uint8 else 32
+    values = img.astype(np.float32)
+    center, width_ = _percentile_window(values)
+    return Scan(
+        pixels=img, values=values, source_format=fmt, modality="OT", photometric=photometric,
+        bits_stored=bits, pixel_spacing=None, window_center=center, window_width=width_,
+        window_source="percentile", n_frames=1, frame=0,
+        metadata={"Format": fmt.upper(), "Rows": img.shape[0], "Columns": img.shape[1],
+                  "BitsStored": bits, "PhotometricInterpretation": photometric},
+        sha256=digest,
+    )
+
+
+def _is_gray(rgb: np.ndarray) -> bool:
+    """True when the three channels are (nearly) equal: a grayscale image stored as colour."""
+    sample = rgb[:: max(1, rgb.shape[0] // 64), :: max(1, rgb.shape[1] // 64)].astype(np.int16)
+    return bool(np.abs(sample[..., 0] - sample[..., 1]).max() <= 2
+                and np.abs(sample[..., 1] - sample[..., 2]).max() <= 2)
+
+
+def _percentile_window(values: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
+    gray = values if values.ndim == 2 else values.mean(axis=2)
+    sample = gray[:: max(1, gray.shape[0] // 256), :: max(1, gray.shape[1] // 256)]
+    p_lo, p_hi = np.percentile(sample, [lo, hi])
+    if p_hi <= p_lo:
+        p_lo, p_hi = float(gray.min()), float(gray.max())
+    width = max(float(p_hi - p_lo), 1e-6)
+    return float(p_lo + width / 2), width
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+def _configure_pydicom() -> None:
+    import pydicom.config
+
+    # pydicom's validation warnings and decoder error logs can quote element values
+    # (names, dates): medcls reports its own typed error instead, so they are silenced.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+
+
+def _read_dataset(data: bytes, stop_before_pixels: bool = False):
+    import pydicom
+
+    _configure_pydicom()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), force=True,
+                                   stop_before_pixels=stop_before_pixels)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types; never echo values
+        log.debug("DICOM parse failed: %s", type(exc).__name__)
+        raise UnreadableScanError("The DICOM file is damaged and cannot be read.") from None
+
+
+def _first(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        from pydicom.multival import MultiValue
+
+        if isinstance(value, (MultiValue, list, tuple)):
+            return value[0] if len(value) else None
+    except ImportError:  # pragma: no cover
+        pass
+    return value
+
+
+def _to_python(value: Any) -> Any:
+    from pydicom.multival import MultiValue
+    from pydicom.valuerep import DSfloat, IS
+
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [_to_python(v) for v in value]
+    if isinstance(value, DSfloat):
+        return float(value)
+    if isinstance(value, IS):
+        return int(value)
+    if isinstance(value, (int, float, str)):
+        return value
+    return str(value)
+
+
+def _safe_metadata(ds) -> dict[str, Any]:
+    meta: dict[str, Any] = {"Format": "DICOM"}
+    for keyword in SAFE_DICOM_ATTRIBUTES:
+        try:
+            if keyword in ds:
+                value = ds[keyword].value
+                if value is not None and value != "":
+                    meta[keyword] = _to_python(value)
+        except Exception:  # noqa: BLE001 - a malformed element is left out
+            continue
+    try:
+        meta["TransferSyntax"] = ds.file_meta.TransferSyntaxUID.name
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        meta["SOPClass"] = ds.SOPClassUID.name
+    except Exception:  # noqa: BLE001
+        pass
+    return meta
+
+
+def identifying_attributes(src: Source) -> dict[str, str]:
+    """The identifying DICOM attributes of a file, for a deliberate "show identifying tags" view.
+
+    Callers must not log, store or export the result. Plain images have none.
+    """
+    data = _read_source(src)
+    if sniff_format(data) != "dicom":
+        return {}
+    ds = _read_dataset(data, stop_before_pixels=True)
+    out: dict[str, str] = {}
+    for keyword in IDENTIFYING_ATTRIBUTES:
+        try:
+            if keyword in ds and ds[keyword].value not in (None, ""):
+                out[keyword] = str(ds[keyword].value)
+        except Exception:  # noqa: BLE001
+            continue
+    return out
+
+
+_MODALITY_PRESETS: dict[str, dict[str, tuple[float, float]]] = {
+    "CT": {"Brain": (40, 80), "Subdural": (75, 215), "Stroke": (40, 40), "Bone": (400, 1800),
+           "Lung": (-600, 1500), "Soft tissue": (50, 400), "Liver": (30, 150)},
+}
+
+
+def _window_presets(modality: str, values: np.ndarray) -> dict[str, tuple[float, float]]:
+    presets = dict(_MODALITY_PRESETS.get(modality, {}))
+    gray = values if values.ndim == 2 else values.mean(axis=2)
+    for name, (lo, hi) in {"Full range": (0.0, 100.0), "Percentile 1-99": (1.0, 99.0),
+                           "Percentile 0.5-99.5": (0.5, 99.5)}.items():
+        c, w = _percentile_window(gray, lo, hi)
+        presets[name] = (c, w)
+    return presets
+
+
+def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+
+    ds = _read_dataset(data)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise UnreadableScanError("The DICOM file has no pixel data (it may be a report, "
+                                  "a directory or a presentation state, not an image).")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001
+        raise UnreadableScanError("The DICOM image size attributes (Rows, Columns) are "
+                                  "missing or invalid.") from None
+    if rows < 1 or cols < 1 or n_frames < 1:
+        raise UnreadableScanError("The DICOM image size attributes (Rows, Columns) are invalid.")
+    if rows * cols > MAX_PIXELS:
+        raise ScanTooLargeError(f"The DICOM image declares {cols}x{rows} pixels, more than "
+                                f"medcls decodes ({MAX_PIXELS // 1_000_000} megapixels).")
+    if not 0 <= frame < n_frames:
+        raise UnreadableScanError(f"Frame {frame + 1} was asked for, but the file has "
+                                  f"{n_frames} frame(s).")
+    syntax = None
+    try:
+        syntax = ds.file_meta.TransferSyntaxUID
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if n_frames > 1:
+                arr = pixel_array(ds, index=frame)
+            else:
+                arr = ds.pixel_array
+    except NotImplementedError:
+        raise UnreadableScanError(_codec_message(syntax)) from None
+    except Exception as exc:  # noqa: BLE001
+        log.debug("DICOM pixel decode failed: %s", type(exc).__name__)
+        if syntax is not None and syntax.is_compressed and _is_unsupported_codec(exc):
+            raise UnreadableScanError(_codec_message(syntax)) from None
+        raise UnreadableScanError("The DICOM pixel data is damaged or does not match the image "
+                                  "size it declares (rows, columns, bits).") from None
+    if arr.ndim == 3 and n_frames > 1 and arr.shape[0] == n_frames:
+        arr = arr[frame]
+    if arr.ndim not in (2, 3) or arr.size == 0 or arr.shape[0] != rows or arr.shape[1] != cols:
+        raise UnreadableScanError("The DICOM pixel data does not match the image size it declares.")
+    if arr.ndim == 3 and arr.shape[2] not in (3,):
+        raise UnreadableScanError("The DICOM pixel layout is not supported (expected grayscale "
+                                  "or RGB).")
+
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
+    if arr.ndim == 3:
+        photometric = "RGB"
+        values = arr.astype(np.float32)
+    else:
+        try:
+            values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        except Exception:  # noqa: BLE001 - a broken rescale: use stored values
+            values = arr.astype(np.float32)
+    if values.shape[:2] != (rows, cols):
+        values = arr.astype(np.float32)
+
+    # Default window: the file's own VOI (window tags, or a VOI LUT), else percentiles.
+    voi_display = None
+    center = width = None
+    window_source = "percentile"
+    if arr.ndim == 2:
+        try:
+            wc, ww = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+            if wc is not None and ww is not None and float(ww) > 0:
+                center, width, window_source = float(wc), float(ww), "dicom"
+            elif "VOILUTSequence" in ds:
+                out = np.asarray(apply_voi_lut(arr, ds), dtype=np.float32)
+                lo, hi = float(out.min()), float(out.max())
+                if hi > lo:
+                    voi_display = (out - lo) / (hi - lo)
+                    window_source = "dicom"
+        except Exception:  # noqa: BLE001
+            center = width = None
+    if center is None:
+        center, width = _percentile_window(values)
+
+    spacing = None
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            sp = ds.get(keyword)
+            if sp is not None and len(sp) == 2 and float(sp[0]) > 0 and float(sp[1]) > 0:
+                spacing = (float(sp[0]), float(sp[1]))
+                break
+        except Exception:  # noqa: BLE001
+            continue
+
+    try:
+        bits = int(ds.BitsStored)
+    except Exception:  # noqa: BLE001
+        bits = int(arr.dtype.itemsize * 8)
+    modality = str(getattr(ds, "Modality", "OT") or "OT")
+    presets = _window_presets(modality, values)
+    if window_source == "dicom" and voi_display is None:
+        presets = {"DICOM default": (center, width), **presets}
+    return Scan(
+        pixels=arr, values=values, source_format="dicom", modality=modality,
+        photometric=photometric, bits_stored=bits, pixel_spacing=spacing,
+        window_center=float(center), window_width=float(width), window_source=window_source,
+        n_frames=n_frames, frame=frame, metadata=_safe_metadata(ds), sha256=digest,
+        transfer_syntax=syntax.name if syntax is not None else None,
+        window_presets=presets, _voi_lut_display=voi_display,
+    )
+
+
+def _is_unsupported_codec(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("unable to decode", "no pixel data decoders", "not supported",
+                                   "unsupported", "cannot decode", "plugin", "precision"))
+
+
+def _codec_message(syntax) -> str:
+    name = getattr(syntax, "name", None) or "an unknown compression"
+    if syntax is not None and str(syntax) == "1.2.840.10008.1.2.4.51":
+        return ("This DICOM uses 12-bit lossy JPEG compression (JPEG Extended), which cannot be "
+                "decoded here. Export it uncompressed or losslessly compressed and try again.")
+    return f"This DICOM uses {name} compression, which cannot be decoded here."
+
+
+# ----------------------------------------------------------------------------- display
+
+def display_image(scan: Scan, center: float | None = None, width: float | None = None) -> np.ndarray:
+    """The scan as a doctor expects to see it, as float32 in [0, 1].
+
+    Applies the window (``center``/``width``; default: the file's own VOI or
+    percentiles) to the modality values and inverts MONOCHROME1 so that, for
+    example, bone is bright on a computed radiograph. Colour images are returned
+    as (H, W, 3) scaled to [0, 1]; grayscale as (H, W).
+    """
+    if center is None and width is None and scan._voi_lut_display is not None:
+        out = scan._voi_lut_display.astype(np.float32)
+    else:
+        c = scan.window_center if center is None else float(center)
+        w = scan.window_width if width is None else float(width)
+        w = max(w, 1e-6)
+        lo = c - w / 2
+        out = np.clip((scan.values - lo) / w, 0.0, 1.0).astype(np.float32)
+    if scan.photometric == "MONOCHROME1":
+        out = 1.0 - out
+    return out
+
+
+def to_uint8(img01: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] to uint8 for display and export."""
+    return np.clip(np.rint(img01 * 255.0), 0, 255).astype(np.uint8)
