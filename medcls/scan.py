@@ -513,3 +513,26 @@ def display_image(scan: Scan, center: float | None = None, width: float | None =
 def to_uint8(img01: np.ndarray) -> np.ndarray:
     """Float image in [0, 1] to uint8 for display and export."""
     return np.clip(np.rint(img01 * 255.0), 0, 255).astype(np.uint8)
+
+
+def scan_from_array(array: np.ndarray, modality: str = "OT",
+                    pixel_spacing: tuple[float, float] | None = None) -> Scan:
+    """Wrap an in-memory image (H, W) or (H, W, 3) as a Scan, e.g. a MedMNIST sample."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or arr.size == 0 or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise UnreadableScanError("Expected a 2-D grayscale or (H, W, 3) colour image array.")
+    if arr.shape[0] * arr.shape[1] > MAX_PIXELS:
+        raise ScanTooLargeError("The image array is larger than medcls decodes.")
+    values = arr.astype(np.float32)
+    center, width = _percentile_window(values)
+    bits = 16 if arr.dtype == np.uint16 else 8 if arr.dtype == np.uint8 else 32
+    photometric = "RGB" if arr.ndim == 3 else "MONOCHROME2"
+    return Scan(
+        pixels=arr, values=values, source_format="array", modality=modality,
+        photometric=photometric, bits_stored=bits, pixel_spacing=pixel_spacing,
+        window_center=center, window_width=width, window_source="percentile", n_frames=1,
+        frame=0, metadata={"Format": "array", "Rows": arr.shape[0], "Columns": arr.shape[1]},
+        sha256=hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest(),
+    )

@@ -1,0 +1,108 @@
+"""The ``medcls`` command line: ``python -m medcls {train,evaluate,clean,review} ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _setup_logging(log_file: str | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, command_line, train
+
+    cfg = TrainConfig(data=args.data, arch=args.arch, out=args.out, name=args.name, task=args.task,
+                      epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
+                      batch_size=args.batch_size, lr=args.lr, fine_tune_lr=args.fine_tune_lr,
+                      patience=args.patience, seed=args.seed, input_size=args.input_size,
+                      weights=args.weights, cache_dir=args.cache_dir, max_train=args.max_train,
+                      task_description=args.task_description,
+                      limits=json.loads(Path(args.limits).read_text()) if args.limits else [])
+    if cfg.arch == "mobilenet-tl" and not cfg.weights:
+        logging.getLogger(__name__).warning("no --weights given: mobilenet-tl starts from random "
+                                            "weights (no download is attempted)")
+    train(cfg, command=command_line())
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_model, report_markdown
+
+    report = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out,
+                            bootstrap=args.bootstrap)
+    print(report_markdown(report, f"{Path(args.model).name} on {args.data} ({args.split or 'all'})"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import MedclsError
+
+    p = argparse.ArgumentParser(prog="medcls", description="Medical image classification toolkit")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log", help="also write the log to this file")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model on a dataset with a fixed split")
+    t.add_argument("--data", required=True, help="folder with labels.csv (file,label,split) or a .npz")
+    t.add_argument("--arch", required=True, help="seed-cnn, compact-cnn or mobilenet-tl")
+    t.add_argument("--out", required=True, help="model package folder to write (models/<name>)")
+    t.add_argument("--name")
+    t.add_argument("--task", help="task id shared by models of the same task (e.g. brain-mri)")
+    t.add_argument("--task-description")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--fine-tune-epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--fine-tune-lr", type=float, default=2e-4)
+    t.add_argument("--patience", type=int, default=6)
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--input-size", type=int)
+    t.add_argument("--weights", help="ImageNet *_no_top.h5 file for mobilenet-tl")
+    t.add_argument("--cache-dir", default=".cache/medcls")
+    t.add_argument("--max-train", type=int, help="use only this many training images (smoke runs)")
+    t.add_argument("--limits", help="JSON file with the card's list of limits")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a model package on labelled scans")
+    e.add_argument("--model", required=True)
+    e.add_argument("--data", required=True, help="folder with labels.csv, or one folder per class")
+    e.add_argument("--split", default="test", help="split to use ('all' for every row)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
+    e.set_defaults(func=cmd_evaluate)
+
+    try:
+        from .cleaning import add_clean_parser
+        add_clean_parser(sub)
+    except ImportError:
+        pass
+    try:
+        from .review import add_review_parser
+        add_review_parser(sub)
+    except ImportError:
+        pass
+
+    args = p.parse_args(argv)
+    _setup_logging(args.log, args.verbose)
+    try:
+        return args.func(args)
+    except MedclsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

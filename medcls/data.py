@@ -1,0 +1,240 @@
+"""Datasets: index a labelled folder, read its split, feed it to Keras with tf.data.
+
+A dataset is one of
+- a folder with ``labels.csv`` (columns ``file``, ``label``; optional ``split``,
+  ``group``, ``source``, ``box_xc``/``box_yc``/``box_w``/``box_h``);
+- a folder-per-class tree (``ROOT/<class>/<image>``; no split);
+- a MedMNIST ``.npz`` file (``train_images``, ``train_labels``, ``val_*``, ``test_*``).
+
+Every image goes through :func:`medcls.scan.load_scan` and
+:func:`medcls.preprocess.preprocess`, the same code inference uses.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import DatasetError, MedclsError
+from .preprocess import Preprocessed, PreprocessSpec, preprocess
+from .scan import Scan, load_scan, scan_from_array
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ""}
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One labelled image of a dataset."""
+
+    ref: str  # path relative to the dataset root, or "npz:<split>:<index>"
+    label: str
+    split: str | None = None
+    group: str | None = None
+    source: str | None = None
+    box: tuple[float, float, float, float] | None = None  # normalised (xc, yc, w, h)
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    records: list[Record]
+    name: str = ""
+    _arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def split(self, name: str | None) -> list[Record]:
+        """Records of one split; ``None`` or a dataset without splits gives every record."""
+        if name is None or not self.has_splits:
+            return list(self.records)
+        return [r for r in self.records if r.split == name]
+
+    @property
+    def has_splits(self) -> bool:
+        return any(r.split for r in self.records)
+
+    def path(self, record: Record) -> Path | None:
+        return None if record.ref.startswith("npz:") else self.root / record.ref
+
+    def scan(self, record: Record) -> Scan:
+        if record.ref.startswith("npz:"):
+            _, split, idx = record.ref.split(":")
+            return scan_from_array(self._arrays[f"{split}_images"][int(idx)])
+        return load_scan(self.root / record.ref)
+
+    def label_index(self, records: Sequence[Record]) -> np.ndarray:
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        return np.array([lookup[r.label] for r in records], dtype=np.int64)
+
+    def fingerprint(self, records: Sequence[Record]) -> str:
+        h = hashlib.sha256(str(self.root.resolve()).encode())
+        for r in records:
+            h.update(f"{r.ref}|{r.label}".encode())
+        return h.hexdigest()[:16]
+
+
+def _box(row: dict) -> tuple[float, float, float, float] | None:
+    try:
+        vals = tuple(float(row[k]) for k in ("box_xc", "box_yc", "box_w", "box_h"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return vals if vals[2] > 0 and vals[3] > 0 else None
+
+
+def load_dataset(root: str | Path, classes: Sequence[str] | None = None) -> Dataset:
+    """Index a dataset (labels.csv, folder-per-class tree or MedMNIST .npz)."""
+    root = Path(root)
+    if root.is_file() and root.suffix == ".npz":
+        return _load_npz(root, classes)
+    if not root.is_dir():
+        raise DatasetError(f"No dataset folder at {root}.")
+    labels = root / "labels.csv"
+    records: list[Record] = []
+    if labels.is_file():
+        with labels.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or not {"file", "label"} <= set(reader.fieldnames):
+                raise DatasetError("labels.csv needs at least the columns 'file' and 'label'.")
+            for row in reader:
+                split = (row.get("split") or "").strip() or None
+                if split is not None and split not in SPLITS:
+                    raise DatasetError(f"labels.csv has an unknown split {split!r} "
+                                       f"(expected one of {', '.join(SPLITS)}).")
+                records.append(Record(ref=row["file"], label=row["label"], split=split,
+                                      group=(row.get("group") or None),
+                                      source=(row.get("source") or None), box=_box(row)))
+    else:
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for f in sorted(sub.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                    records.append(Record(ref=str(f.relative_to(root)), label=sub.name))
+    if not records:
+        raise DatasetError(f"No labelled images found in {root} (expected labels.csv or one "
+                           "folder per class).")
+    found = sorted({r.label for r in records})
+    if classes is None:
+        classes = found
+    else:
+        missing = set(found) - set(classes)
+        if missing:
+            raise DatasetError(f"The data has labels the model does not know: {sorted(missing)}.")
+    return Dataset(root=root, classes=list(classes), records=records, name=root.name)
+
+
+def _load_npz(path: Path, classes: Sequence[str] | None) -> Dataset:
+    arrays = dict(np.load(path))
+    records = []
+    for split in SPLITS:
+        if f"{split}_images" not in arrays:
+            continue
+        labels = arrays[f"{split}_labels"].reshape(-1)
+        for i, y in enumerate(labels):
+            records.append(Record(ref=f"npz:{split}:{i}", label=str(int(y)), split=split))
+    if not records:
+        raise DatasetError(f"{path.name} holds no *_images arrays.")
+    found = sorted({r.label for r in records}, key=int)
+    return Dataset(root=path, classes=list(classes or found), records=records,
+                   name=path.stem, _arrays=arrays)
+
+
+# ----------------------------------------------------------------------------- arrays
+
+def preprocess_records(dataset: Dataset, records: Sequence[Record], spec: PreprocessSpec,
+                       workers: int = 2, on_error: str = "raise") -> tuple[np.ndarray, list[int]]:
+    """Load and preprocess records in parallel: ``(N, S, S, C)`` float32 and the indices kept.
+
+    With ``on_error='skip'`` unreadable files are left out (their indices are not returned).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple[int, Preprocessed | None]:
+        try:
+            return i, preprocess(dataset.scan(records[i]), spec)
+        except MedclsError:
+            if on_error == "raise":
+                raise
+            log.warning("skipping unreadable record #%d", i)
+            return i, None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(one, range(len(records))))
+    kept = [i for i, p in results if p is not None]
+    arr = np.stack([p.array for _, p in results if p is not None]).astype(np.float32)
+    return arr, kept
+
+
+def cached_arrays(dataset: Dataset, records: Sequence[Record], spec: PreprocessSpec,
+                  cache_dir: str | Path | None, workers: int = 2) -> np.ndarray:
+    """:func:`preprocess_records` with an on-disk cache keyed by data and spec.
+
+    The cache stores exactly what the pipeline produced (float16 would lose bits, so
+    float32 single-channel arrays are stored; channels are re-expanded on load).
+    """
+    key = hashlib.sha256((dataset.fingerprint(records) + spec.to_json()).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{dataset.name}-{key}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        gray = np.load(path)
+    else:
+        arr, kept = preprocess_records(dataset, records, spec, workers=workers)
+        if len(kept) != len(records):  # pragma: no cover - raise mode keeps all or raises
+            raise DatasetError("some records could not be read")
+        gray = arr[..., :1]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, gray)
+            tmp.replace(path)
+    if spec.channels == 3:
+        return np.repeat(gray, 3, axis=-1)
+    return gray
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+def augmentation(seed: int = 0):
+    """MRI-safe augmentation: small rotations and shifts, zoom, brightness/contrast, horizontal
+    flip (fine for axial slices). Operates on images in [0, 1]."""
+    import keras
+
+    return keras.Sequential([
+        keras.layers.RandomFlip("horizontal", seed=seed),
+        keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),  # about +-15 degrees
+        keras.layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2),
+        keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 3),
+        keras.layers.RandomContrast(0.2, seed=seed + 4),
+        keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 5),
+    ], name="augment")
+
+
+def tf_dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, training: bool,
+               seed: int = 0):
+    """A tf.data pipeline over preprocessed arrays: shuffle and augment when training, batched,
+    prefetched, map steps in parallel."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else x)
+    if training:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if training:
+        aug = augmentation(seed)
+
+        def _aug(img, label):
+            out = tf.clip_by_value(aug(img, training=True), 0.0, 1.0)
+            return out, label
+
+        ds = ds.map(_aug, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def iter_scans(dataset: Dataset, records: Iterable[Record]) -> Iterable[tuple[Record, Scan]]:
+    for r in records:
+        yield r, dataset.scan(r)

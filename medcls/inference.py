@@ -1,0 +1,201 @@
+"""Inference: a :class:`Predictor` loads a model package once and answers for one scan, a
+batch, or a stream of files.
+
+The model's contract comes from its card (classes, preprocessing spec, temperature, CAM
+layer, input gate); nothing is guessed. The forward pass is one ``tf.function`` with a
+fixed signature returning logits and the penultimate embedding (no ``model.predict`` per
+image); saliency goes through :mod:`medcls.saliency`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .calibration import probabilities
+from .errors import MedclsError
+from .package import ModelPackage, load_package
+from .preprocess import Preprocessed, preprocess
+from .scan import Scan, load_scan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    classes: tuple[str, ...]
+    probabilities: np.ndarray  # calibrated, sums to 1
+    logits: np.ndarray
+    gate_score: float | None
+    gate_threshold: float | None
+    low_confidence_threshold: float
+    embedding: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def index(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def label(self) -> str:
+        return self.classes[self.index]
+
+    @property
+    def confidence(self) -> float:
+        return float(self.probabilities[self.index])
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.confidence < self.low_confidence_threshold
+
+    @property
+    def outside_training_distribution(self) -> bool:
+        return (self.gate_score is not None and self.gate_threshold is not None
+                and self.gate_score > self.gate_threshold)
+
+    def as_dict(self) -> dict:
+        return {"label": self.label, "confidence": self.confidence,
+                "probabilities": dict(zip(self.classes, map(float, self.probabilities))),
+                "low_confidence": self.low_confidence,
+                "outside_training_distribution": self.outside_training_distribution,
+                "gate_score": self.gate_score}
+
+
+class Predictor:
+    """Loads a model package once; predicts and explains scans. Thread-safe for reads: the
+    model is shared read-only across sessions."""
+
+    def __init__(self, package: ModelPackage, batch_size: int = 32):
+        import keras
+        import tensorflow as tf
+
+        self.package = package
+        self.card = package.card
+        self.model = package.model
+        self.spec = package.spec
+        self.classes = tuple(package.classes)
+        self.batch_size = batch_size
+        s, c = self.spec.input_size, self.spec.channels
+        self._features = keras.Model(self.model.input,
+                                     [self.model.output, self.model.get_layer("embedding").output])
+        self._forward = tf.function(lambda x: self._features(x, training=False),
+                                    input_signature=[tf.TensorSpec([None, s, s, c], tf.float32)],
+                                    reduce_retracing=True)
+        self._explainers: dict = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kwargs) -> "Predictor":
+        return cls(load_package(path), **kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and embeddings of a preprocessed batch (N, S, S, C)."""
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 3:
+            x = x[None]
+        logits, emb = [], []
+        for i in range(0, len(x), self.batch_size):
+            lo, em = self._forward(x[i:i + self.batch_size])
+            logits.append(lo.numpy())
+            emb.append(em.numpy())
+        return np.concatenate(logits), np.concatenate(emb)
+
+    def predict_arrays(self, x: np.ndarray) -> list[Prediction]:
+        logits, emb = self.forward(x)
+        return self._predictions(logits, emb)
+
+    def _predictions(self, logits: np.ndarray, emb: np.ndarray) -> list[Prediction]:
+        probs = probabilities(logits, self.package.temperature)
+        gate = self.package.gate
+        scores = gate.score(emb) if gate is not None else [None] * len(logits)
+        thr = gate.threshold if gate is not None else None
+        low = float(self.card["low_confidence_threshold"])
+        return [Prediction(self.classes, p, lo, None if s is None else float(s), thr, low, e)
+                for p, lo, s, e in zip(probs, logits, scores, emb)]
+
+    def preprocess(self, scan: Scan) -> Preprocessed:
+        return preprocess(scan, self.spec)
+
+    def predict(self, scan: Scan | Sequence[Scan]) -> Prediction | list[Prediction]:
+        """Calibrated prediction for one scan (or a list of scans)."""
+        if isinstance(scan, Scan):
+            return self.predict_arrays(self.preprocess(scan).array)[0]
+        items = [self.preprocess(s) for s in scan]
+        return self.predict_arrays(np.stack([p.array for p in items])) if items else []
+
+    def predict_file(self, source) -> Prediction:
+        return self.predict(load_scan(source))
+
+    # ------------------------------------------------------------------ saliency
+    def explain(self, scan: Scan, method: str = "gradcam", class_index: int | None = None,
+                pre: Preprocessed | None = None):
+        """Heatmap of ``method`` for ``class_index`` (default: the predicted class), on both the
+        model grid and the original image geometry. See :mod:`medcls.saliency`."""
+        from .saliency import explain
+
+        return explain(self, scan, method=method, class_index=class_index, pre=pre)
+
+    # ------------------------------------------------------------------ streams
+    def predict_stream(self, sources: Iterable, batch_size: int | None = None, workers: int = 2,
+                       loader=load_scan) -> Iterator[tuple[object, Prediction | None, str | None]]:
+        """Predict a stream of sources (paths or bytes) in batches, decoding the next batch on
+        worker threads while the model runs. Yields ``(source, prediction, error)`` in input
+        order; unreadable files give ``(source, None, message)`` and the stream goes on.
+        Memory is bounded by two batches, however long the stream."""
+        bs = batch_size or self.batch_size
+
+        def load(src):
+            try:
+                return src, preprocess(loader(src), self.spec), None
+            except MedclsError as exc:
+                return src, None, str(exc)
+            except Exception as exc:  # noqa: BLE001 - never let one file stop the run
+                log.warning("unexpected %s while reading a file", type(exc).__name__)
+                return src, None, "The file could not be read."
+
+        def chunks():
+            buf = []
+            for src in sources:
+                buf.append(src)
+                if len(buf) == bs:
+                    yield buf
+                    buf = []
+            if buf:
+                yield buf
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            pending = None
+            for chunk in chunks():
+                fut = [pool.submit(load, s) for s in chunk]
+                if pending is not None:
+                    yield from self._run_batch([f.result() for f in pending])
+                pending = fut
+            if pending is not None:
+                yield from self._run_batch([f.result() for f in pending])
+
+    def _run_batch(self, loaded):
+        ok = [(i, p) for i, (_, p, _) in enumerate(loaded) if p is not None]
+        preds: dict[int, Prediction] = {}
+        if ok:
+            batch = np.stack([p.array for _, p in ok])
+            for (i, _), pred in zip(ok, self.predict_arrays(batch)):
+                preds[i] = pred
+        for i, (src, _, err) in enumerate(loaded):
+            yield src, preds.get(i), err
+
+
+def timed(fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, (time.perf_counter() - t) * 1000.0
