@@ -138,6 +138,16 @@ class Predictor:
         return self.predict(load_scan(source))
 
     # ------------------------------------------------------------------ saliency
+    def cam_engine(self):
+        """The compiled saliency engine for this model (built once, on first use)."""
+        with self._lock:
+            if "engine" not in self._explainers:
+                from .saliency import CamEngine
+
+                self._explainers["engine"] = CamEngine(self.model, self.card["cam_layer"],
+                                                       self.spec.input_size, self.spec.channels)
+            return self._explainers["engine"]
+
     def explain(self, scan: Scan, method: str = "gradcam", class_index: int | None = None,
                 pre: Preprocessed | None = None):
         """Heatmap of ``method`` for ``class_index`` (default: the predicted class), on both the
