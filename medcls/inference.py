@@ -90,6 +90,13 @@ class Predictor:
         self._explainers: dict = {}
         self._lock = threading.Lock()
 
+    def warmup(self) -> "Predictor":
+        """Trace the compiled forward and saliency passes once, so the first user does not wait."""
+        x = np.zeros((1, self.spec.input_size, self.spec.input_size, self.spec.channels), np.float32)
+        self.forward(x)
+        self.cam_engine().cam(x, "gradcam")
+        return self
+
     @classmethod
     def from_path(cls, path: str | Path, **kwargs) -> "Predictor":
         return cls(load_package(path), **kwargs)

@@ -1,0 +1,153 @@
+"""MedCLS: upload a scan, see it, read the calibrated prediction and the heatmap."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import streamlit as st
+
+import ui
+from medcls import identifying_attributes
+from medcls.report import render_report
+from medcls.saliency import METHODS, overlay
+
+st.set_page_config(page_title="MedCLS", page_icon="🧠", layout="wide")
+st.title("MedCLS · scan classification")
+st.caption("Research tool for clinicians and ML engineers. Not a diagnostic device: every "
+           "result needs a clinician's review.")
+
+models = ui.available_models()
+if not models:
+    ui.no_models_message()
+    st.stop()
+
+with st.sidebar:
+    st.header("Model")
+    task = ui.task_picker()
+    task_models = ui.models_for_task(task)
+    model_path = st.selectbox("Model", [p for p, _ in task_models], key="model",
+                              format_func=lambda p: ui.model_label(dict(task_models)[p]))
+    st.header("Heatmap")
+    method = ui.method_picker()
+    alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
+    show_region = st.toggle("Region outline and box", value=True, key="show_region")
+    st.header("Privacy")
+    show_phi = st.toggle("Show identifying tags", value=False, key="show_phi",
+                         help="Shows patient name, ID and dates of a DICOM on screen only. "
+                              "They are never stored, logged or exported.")
+
+uploaded = st.file_uploader("Upload a scan: DICOM (with or without .dcm), PNG, JPEG, TIFF or BMP",
+                            type=None, key="upload")
+data = ui.current_scan_bytes(uploaded)
+if data is None:
+    st.info("Upload a scan to classify it. Models answer for their own task only; "
+            "pick the task in the sidebar.")
+    st.stop()
+
+try:
+    scan = ui.cached_scan(data)
+except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a trace
+    ui.show_error(exc)
+    st.stop()
+
+frame = 0
+if scan.n_frames > 1:
+    frame = st.slider("Frame", 1, scan.n_frames, 1, key="frame") - 1
+    try:
+        scan = ui.cached_scan(data, frame)
+    except Exception as exc:  # noqa: BLE001
+        ui.show_error(exc)
+        st.stop()
+
+try:
+    predictor = ui.load_predictor(model_path)
+except Exception as exc:  # noqa: BLE001
+    ui.show_error(exc, "The model")
+    st.stop()
+card = predictor.card
+
+# ---------------------------------------------------------------- prediction + heatmap
+key = (scan.sha256, frame, model_path, method)
+results = st.session_state.setdefault("_results", {})
+if key not in results:
+    try:
+        t0 = time.perf_counter()
+        with st.spinner(f"Classifying and computing {METHODS[method].label}..."):
+            explanation = predictor.explain(scan, method)
+        results.clear()  # keep one result per session: memory stays bounded
+        results[key] = (explanation, (time.perf_counter() - t0) * 1000)
+    except Exception as exc:  # noqa: BLE001
+        ui.show_error(exc)
+        st.stop()
+explanation, elapsed_ms = results[key]
+pred = explanation.prediction
+
+# ---------------------------------------------------------------- layout
+left, right = st.columns(2)
+with left:
+    st.subheader("Scan")
+    center, width = ui.window_controls(scan, key="main")
+    image = ui.display(scan, center, width)
+    st.image(image, clamp=True, width="stretch",
+             caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+                     + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
+                        if scan.pixel_spacing else "")
+                     + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else ""))
+with right:
+    st.subheader(f"Heatmap · {METHODS[method].label} for “{explanation.class_name}”")
+    gray = image if image.ndim == 2 else image.mean(axis=2)
+    over = overlay(gray, explanation.heatmap, alpha)
+    region = explanation.region
+    if show_region and region is not None:
+        import cv2
+
+        pts = np.array(region.polygon, np.int32).reshape(-1, 1, 2)
+        thick = max(1, scan.shape[1] // 256)
+        cv2.polylines(over, [pts], True, (255, 255, 255), thick)
+        x0, y0, x1, y1 = region.box
+        cv2.rectangle(over, (x0, y0), (x1, y1), (0, 255, 0), thick)
+    st.image(over, width="stretch",
+             caption="Red: the image regions that drove the prediction most. White outline: "
+                     "hottest region; green: its bounding box.")
+    if show_region and region is not None:
+        area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
+                else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
+        st.caption(f"Region above {region.threshold:.0%} of the peak: area {area}.")
+
+st.subheader(f"Prediction: {pred.label}" if not pred.outside_training_distribution
+             else "Prediction withheld: outside what this model was trained on")
+kind, text = ui.confidence_statement(pred)
+getattr(st, kind)(text)
+st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
+                key="probs")
+st.caption(f"Answered by {card['name']} v{card['version']} in {elapsed_ms:.0f} ms "
+           "(decode, preprocess, predict and heatmap). Probabilities are calibrated "
+           f"(temperature {predictor.package.temperature:.2f}, fitted on the validation split).")
+
+# ---------------------------------------------------------------- export
+c1, c2 = st.columns(2)
+for col, fmt in ((c1, "png"), (c2, "pdf")):
+    col.download_button(f"Download report ({fmt.upper()})",
+                        data=lambda fmt=fmt: render_report(
+                            gray, explanation, pred, card, scan.sha256, fmt=fmt,
+                            method_label=METHODS[method].label, alpha=alpha),  # built on click
+                        file_name=f"medcls-report-{scan.short_id}.{fmt}",
+                        mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}")
+
+# ---------------------------------------------------------------- model + metadata
+with st.expander("Model card: which model answered, its test figures and limits"):
+    ui.card_summary(card)
+with st.expander("Scan metadata (de-identified)"):
+    st.json(scan.metadata, expanded=False)
+    if show_phi:
+        try:
+            phi = identifying_attributes(data)
+        except Exception as exc:  # noqa: BLE001
+            phi = {}
+            ui.show_error(exc)
+        if phi:
+            st.warning("Identifying tags, shown on request only; not stored or exported.")
+            st.json(phi)
+        else:
+            st.caption("This file carries no identifying tags.")

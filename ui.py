@@ -1,0 +1,188 @@
+"""Page helpers shared by app.py and pages/: cached model loading, the model picker, the
+image viewer with window/level, probability charts, model cards and error display.
+
+Only layout lives here and in the pages; every computation is a call into ``medcls``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+
+from medcls import MedclsError, Scan, display_image, load_scan
+from medcls.package import list_packages
+from medcls.saliency import METHODS
+
+log = logging.getLogger("medcls.app")
+
+APP_DIR = Path(__file__).resolve().parent
+MAX_CACHED_SCANS = 4  # per session: the open scan and a few frames of it
+
+
+def models_root() -> Path:
+    return Path(os.environ.get("MEDCLS_MODELS", APP_DIR / "models"))
+
+
+# ----------------------------------------------------------------------------- models
+
+@st.cache_resource(show_spinner="Loading TensorFlow and the model (once per server)...")
+def load_predictor(path: str):
+    """One Predictor per model folder and server process, shared read-only by all sessions."""
+    from medcls.inference import Predictor
+
+    return Predictor.from_path(path).warmup()
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def available_models() -> list[tuple[str, dict[str, Any]]]:
+    """(folder, card) of every valid model package, sorted by task and name."""
+    return [(str(p), card) for p, card in list_packages(models_root())]
+
+
+def model_label(card: dict) -> str:
+    test = card.get("metrics", {}).get("test", {})
+    acc = test.get("accuracy")
+    return f"{card['name']} ({card['architecture']}" + (f", test acc {acc:.3f})" if acc else ")")
+
+
+def task_picker(key: str = "task") -> str | None:
+    models = available_models()
+    tasks = sorted({c["task"] for _, c in models})
+    if not tasks:
+        return None
+    descriptions = {c["task"]: c.get("task_description", c["task"]) for _, c in models}
+    default = tasks.index("brain-mri") if "brain-mri" in tasks else 0
+    return st.selectbox("Task", tasks, index=default, key=key,
+                        format_func=lambda t: f"{t}: {descriptions[t]}")
+
+
+def models_for_task(task: str) -> list[tuple[str, dict]]:
+    models = [(p, c) for p, c in available_models() if c["task"] == task]
+    # the task's default model first
+    return sorted(models, key=lambda pc: (not pc[1]["name"].endswith("-default"), pc[1]["name"]))
+
+
+def no_models_message() -> None:
+    st.error(f"No model packages found in `{models_root()}`. Each model is a folder with "
+             "`model.keras` and `card.json` (see the README: `python -m medcls train ...`).")
+
+
+# ----------------------------------------------------------------------------- scans
+
+def current_scan_bytes(uploaded) -> bytes | None:
+    """The scan open in this session: a new upload replaces it; the comparison page reuses it.
+
+    Bytes stay in memory (``st.session_state``); nothing is written to disk.
+    """
+    if uploaded is not None:
+        data = uploaded.getvalue()
+        if st.session_state.get("scan_bytes") != data:
+            st.session_state["scan_bytes"] = data
+            st.session_state.pop("_results", None)
+    return st.session_state.get("scan_bytes")
+
+
+def cached_scan(data: bytes, frame: int = 0) -> Scan:
+    """load_scan with a small per-session cache (re-running a page does not re-decode)."""
+    digest = hashlib.sha256(data).hexdigest()
+    cache = st.session_state.setdefault("_scan_cache", {})
+    key = (digest, frame)
+    if key not in cache:
+        while len(cache) >= MAX_CACHED_SCANS:
+            cache.pop(next(iter(cache)))
+        cache[key] = load_scan(data, frame=frame)
+    return cache[key]
+
+
+def show_error(exc: Exception, what: str = "This file") -> None:
+    """A typed medcls error as a clear message; anything else without a stack trace."""
+    if isinstance(exc, MedclsError):
+        st.error(f"{what} could not be used: {exc}", icon="⚠️")
+    else:
+        log.error("unexpected %s in the page", type(exc).__name__)
+        st.error(f"{what} could not be processed because of an unexpected error "
+                 f"({type(exc).__name__}). Please try another file; the app keeps working.",
+                 icon="⚠️")
+
+
+def window_controls(scan: Scan, key: str) -> tuple[float, float]:
+    """Window/level controls for DICOM (modality presets, percentile defaults); plain images
+    keep their own contrast."""
+    if scan.source_format != "dicom" or scan.is_color:
+        return scan.window_center, scan.window_width
+    presets = {"File default" if scan.window_source == "dicom" else "Percentile 0.5-99.5 (default)":
+               (scan.window_center, scan.window_width), **scan.window_presets}
+    names = list(dict.fromkeys(presets))
+    choice = st.selectbox("Window preset", names, key=f"{key}_preset")
+    c0, w0 = presets[choice]
+    lo, hi = float(np.min(scan.values)), float(np.max(scan.values))
+    span = max(hi - lo, 1.0)
+    c1, c2 = st.columns(2)
+    center = c1.slider("Level (centre)", lo - span / 2, hi + span / 2, float(c0),
+                       key=f"{key}_c_{choice}")
+    width = c2.slider("Window (width)", max(span / 1000, 1e-3), 2 * span, float(min(max(w0, span / 1000), 2 * span)),
+                      key=f"{key}_w_{choice}")
+    return center, width
+
+
+def display(scan: Scan, center: float, width: float) -> np.ndarray:
+    if scan.source_format != "dicom" or scan.is_color:
+        return display_image(scan)
+    return display_image(scan, center, width)
+
+
+# ----------------------------------------------------------------------------- results
+
+def probability_chart(classes, probs, title: str = "", highlight: int | None = None,
+                      height: int = 220) -> go.Figure:
+    """Horizontal bars of calibrated class probabilities on a fixed 0-100% axis."""
+    probs = np.asarray(probs, dtype=float)
+    hi = int(np.argmax(probs)) if highlight is None else highlight
+    colors = ["#d62728" if i == hi else "#8c8c8c" for i in range(len(classes))]
+    fig = go.Figure(go.Bar(x=probs * 100, y=list(classes), orientation="h", marker_color=colors,
+                           text=[f"{p:.1%}" for p in probs], textposition="auto"))
+    fig.update_layout(title=title or None, height=height, margin=dict(l=10, r=10, t=30 if title else 10, b=10),
+                      xaxis=dict(range=[0, 100], title="probability (%)"),
+                      yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def confidence_statement(pred) -> tuple[str, str]:
+    """(kind, text): a plain statement of how sure the model is."""
+    if pred.outside_training_distribution:
+        return "error", ("Outside what this model was trained on: this scan does not look like "
+                         "the model's training images, so its prediction is not a finding. "
+                         f"(input-gate distance {pred.gate_score:.1f} > threshold "
+                         f"{pred.gate_threshold:.1f})")
+    if pred.low_confidence:
+        return "warning", (f"Low confidence: the model gives {pred.label} only {pred.confidence:.0%} "
+                           f"(below its {pred.low_confidence_threshold:.0%} threshold, where "
+                           "validation predictions were 99% correct). Treat as uncertain.")
+    return "success", (f"The model is confident: {pred.label} with {pred.confidence:.0%} "
+                       "calibrated probability.")
+
+
+def card_summary(card: dict) -> None:
+    test = card.get("metrics", {}).get("test", {})
+    st.markdown(f"**{card['name']}** v{card['version']} · {card['architecture']} · "
+                f"trained {card['training'].get('date', '?')}")
+    if test:
+        st.markdown(f"Test split (n={test.get('n')}): accuracy **{test['accuracy']:.3f}**, "
+                    f"macro-F1 **{test['macro_f1']:.3f}**, ROC AUC {test.get('roc_auc') or float('nan'):.3f}, "
+                    f"ECE {test.get('ece', float('nan')):.3f}")
+    st.markdown(f"*Intended use:* {card.get('intended_use', '')}")
+    if card.get("limits"):
+        st.markdown("*Limits:*\n" + "\n".join(f"- {x}" for x in card["limits"]))
+
+
+def method_picker(key: str = "method") -> str:
+    names = list(METHODS)
+    return st.selectbox("Heatmap method", names, index=0, key=key,
+                        format_func=lambda m: METHODS[m].label)
