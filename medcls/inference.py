@@ -165,21 +165,24 @@ class Predictor:
 
     # ------------------------------------------------------------------ streams
     def predict_stream(self, sources: Iterable, batch_size: int | None = None, workers: int = 2,
-                       loader=load_scan) -> Iterator[tuple[object, Prediction | None, str | None]]:
-        """Predict a stream of sources (paths or bytes) in batches, decoding the next batch on
-        worker threads while the model runs. Yields ``(source, prediction, error)`` in input
-        order; unreadable files give ``(source, None, message)`` and the stream goes on.
-        Memory is bounded by two batches, however long the stream."""
+                       loader=load_scan) -> Iterator["StreamItem"]:
+        """Predict a stream of sources (paths, bytes, or anything ``loader`` accepts) in batches,
+        decoding the next batch on worker threads while the model runs the current one.
+
+        Yields a :class:`StreamItem` per source, in input order; an unreadable file gives an item
+        with ``error`` set and the stream goes on. Memory is bounded by two batches, however
+        long the stream."""
         bs = batch_size or self.batch_size
 
         def load(src):
             try:
-                return src, preprocess(loader(src), self.spec), None
+                scan = loader(src)
+                return StreamItem(src, None, None, scan_info(scan)), preprocess(scan, self.spec)
             except MedclsError as exc:
-                return src, None, str(exc)
-            except Exception as exc:  # noqa: BLE001 - never let one file stop the run
+                return StreamItem(src, None, str(exc), {}), None
+            except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
                 log.warning("unexpected %s while reading a file", type(exc).__name__)
-                return src, None, "The file could not be read."
+                return StreamItem(src, None, "The file could not be read.", {}), None
 
         def chunks():
             buf = []
@@ -194,22 +197,37 @@ class Predictor:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             pending = None
             for chunk in chunks():
-                fut = [pool.submit(load, s) for s in chunk]
+                futures = [pool.submit(load, s) for s in chunk]
                 if pending is not None:
                     yield from self._run_batch([f.result() for f in pending])
-                pending = fut
+                pending = futures
             if pending is not None:
                 yield from self._run_batch([f.result() for f in pending])
 
     def _run_batch(self, loaded):
-        ok = [(i, p) for i, (_, p, _) in enumerate(loaded) if p is not None]
+        ok = [i for i, (_, pre) in enumerate(loaded) if pre is not None]
         preds: dict[int, Prediction] = {}
         if ok:
-            batch = np.stack([p.array for _, p in ok])
-            for (i, _), pred in zip(ok, self.predict_arrays(batch)):
-                preds[i] = pred
-        for i, (src, _, err) in enumerate(loaded):
-            yield src, preds.get(i), err
+            batch = np.stack([loaded[i][1].array for i in ok])
+            preds = dict(zip(ok, self.predict_arrays(batch)))
+        for i, (item, _) in enumerate(loaded):
+            yield StreamItem(item.source, preds.get(i), item.error, item.info)
+
+
+@dataclass(frozen=True)
+class StreamItem:
+    source: object
+    prediction: Prediction | None
+    error: str | None
+    info: dict
+
+
+def scan_info(scan: Scan) -> dict:
+    """Non-identifying facts of a scan for worklists: modality, size, series/instance number."""
+    meta = scan.metadata
+    return {"modality": scan.modality, "rows": scan.shape[0], "columns": scan.shape[1],
+            "series_number": meta.get("SeriesNumber"), "instance_number": meta.get("InstanceNumber"),
+            "frames": scan.n_frames, "sha256": scan.sha256}
 
 
 def timed(fn, *args, **kwargs):

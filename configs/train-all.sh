@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Trains every shipped model with the commands recorded in their cards. Run from the project
+# root: DATA=../shared/data WEIGHTS=../shared/weights bash configs/train-all.sh [which...]
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+WEIGHTS=${WEIGHTS:-../shared/weights}
+PY=${PY:-.venv/bin/python}
+W=$WEIGHTS/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
+BRAIN="--data $DATA/brain-mri --task brain-mri --limits configs/brain-mri.limits.json"
+BRAIN_DESC="Brain MRI slice: glioma, meningioma, pituitary tumour or no tumour"
+CHEST_DESC="Chest radiograph: pneumonia or normal"
+mkdir -p runs
+run() { local name=$1; shift; echo "== $name"; "$PY" -m medcls --log "runs/$name.log" train "$@"; }
+for which in "${@:-mobilenet compact seed chest}"; do
+  for w in $which; do
+    case $w in
+      mobilenet) run brain-mri-mobilenet-tl $BRAIN --task-description "$BRAIN_DESC" --arch mobilenet-tl \
+                   --out models/brain-mri-mobilenet-tl --epochs 15 --fine-tune-epochs 15 --patience 5 --weights "$W" ;;
+      compact)   run brain-mri-compact-cnn $BRAIN --task-description "$BRAIN_DESC" --arch compact-cnn \
+                   --out models/brain-mri-compact-cnn --epochs 40 --patience 8 --lr 2e-3 ;;
+      seed)      run brain-mri-seed-cnn $BRAIN --task-description "$BRAIN_DESC" --arch seed-cnn \
+                   --out models/brain-mri-seed-cnn --epochs 30 --patience 6 --lr 5e-4 ;;
+      chest)     run chest-xray-default --data "$DATA/chest-xray" --task chest-xray --task-description "$CHEST_DESC" \
+                   --limits configs/chest-xray.limits.json --arch mobilenet-tl --out models/chest-xray-default \
+                   --epochs 12 --fine-tune-epochs 12 --patience 4 --weights "$W" ;;
+      *) echo "unknown model $w" >&2; exit 2 ;;
+    esac
+  done
+done

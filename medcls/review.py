@@ -1,0 +1,292 @@
+"""Batch review: a worklist of many scans, shared by the batch page and ``medcls review``.
+
+Sources are files in a folder under an allowed root (no ``..``, no symlinks out, no other
+absolute paths), uploaded files, or the members of a ``.zip`` read in memory with bounds on
+member count, total declared size and compression ratio (a zip bomb is refused before
+anything is expanded). Every file becomes one row; a file that cannot be read is a row with
+its error and the run goes on. Rows stream out as batches finish, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterable, Iterator, Sequence
+
+from .errors import MedclsError, PathNotAllowedError
+from .inference import Predictor, StreamItem
+from .scan import load_scan
+
+SKIP_NAMES = {"DICOMDIR", "labels.csv", "Thumbs.db", ".DS_Store"}
+ZIP_MAX_MEMBERS = 20_000
+ZIP_MAX_TOTAL_BYTES = 4 << 30  # declared uncompressed size of all members
+ZIP_MAX_RATIO = 200  # uncompressed / compressed size of one member
+
+
+class ArchiveRejectedError(MedclsError):
+    """A .zip that medcls refuses to expand (unsafe names, too large, a zip bomb)."""
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a review: a display name and how to get its bytes."""
+
+    name: str
+    read: Callable[[], bytes | str | os.PathLike] = field(repr=False)
+
+
+def resolve_inside(root: str | Path, user_path: str | Path) -> Path:
+    """``user_path`` (relative to ``root``, or absolute) resolved with symlinks; refused with
+    :class:`PathNotAllowedError` unless it lies inside ``root``."""
+    root_r = Path(root).resolve()
+    raw = Path(user_path)
+    candidate = raw if raw.is_absolute() else root_r / raw
+    try:
+        resolved = candidate.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError, OSError):
+        raise PathNotAllowedError("That folder does not exist inside the allowed scan folder.") from None
+    if resolved != root_r and root_r not in resolved.parents:
+        raise PathNotAllowedError("That path is outside the allowed scan folder; only folders "
+                                  "inside it can be reviewed.")
+    return resolved
+
+
+def folder_sources(root: str | Path, folder: str | Path = ".") -> list[Source]:
+    """Files under ``folder`` (inside ``root``), sorted, recursing into subfolders (DICOM series
+    folders give one row per file). Symlinks that point outside ``root`` are refused."""
+    root_r = Path(root).resolve()
+    base = resolve_inside(root_r, folder)
+    if not base.is_dir():
+        raise PathNotAllowedError("That path is not a folder.")
+    out: list[Source] = []
+    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith(".") or fn in SKIP_NAMES:
+                continue
+            path = Path(dirpath) / fn
+            rel = str(path.relative_to(base))
+            try:
+                real = resolve_inside(root_r, path)
+            except PathNotAllowedError as exc:
+                out.append(Source(rel, _raiser(exc)))
+                continue
+            out.append(Source(rel, lambda p=real: p))
+    return out
+
+
+def _raiser(exc: Exception):
+    def read():
+        raise exc
+    return read
+
+
+def upload_sources(files: Iterable) -> list[Source]:
+    """Uploaded files (objects with ``name`` and ``getvalue()``); a ``.zip`` is expanded in memory."""
+    out: list[Source] = []
+    for f in files:
+        data = f.getvalue()
+        if f.name.lower().endswith(".zip") or data[:4] == b"PK\x03\x04":
+            out.extend(zip_sources(data, prefix=f"{f.name}/"))
+        else:
+            out.append(Source(f.name, lambda d=data: d))
+    return out
+
+
+def zip_sources(data: bytes, prefix: str = "", max_members: int = ZIP_MAX_MEMBERS,
+                max_total: int = ZIP_MAX_TOTAL_BYTES, max_ratio: int = ZIP_MAX_RATIO) -> list[Source]:
+    """The members of a zip archive, checked before anything is expanded."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise ArchiveRejectedError("The .zip file is damaged and cannot be opened.") from None
+    if len(infos) > max_members:
+        raise ArchiveRejectedError(f"The .zip holds {len(infos)} files; at most {max_members} are "
+                                   "accepted.")
+    total = 0
+    for info in infos:
+        name = info.filename.replace("\\", "/")
+        parts = PurePosixPath(name).parts
+        if name.startswith("/") or ".." in parts or (len(name) > 1 and name[1] == ":"):
+            raise ArchiveRejectedError("The .zip contains a file name that points outside the "
+                                       "archive (absolute or '..'); it was refused.")
+        total += info.file_size
+        if info.file_size > max_ratio * max(info.compress_size, 1) and info.file_size > (1 << 20):
+            raise ArchiveRejectedError("The .zip looks like a zip bomb (a member expands more than "
+                                       f"{max_ratio}x); it was refused without being expanded.")
+    if total > max_total:
+        raise ArchiveRejectedError(f"The .zip expands to {total / 2**30:.1f} GB, more than the "
+                                   f"{max_total / 2**30:.0f} GB accepted; it was refused.")
+
+    def reader(info: zipfile.ZipInfo):
+        def read() -> bytes:
+            with zf.open(info) as fh:
+                content = fh.read(info.file_size + 1)
+            if len(content) > info.file_size:
+                raise ArchiveRejectedError("A .zip member is larger than it declares.")
+            return content
+        return read
+
+    return [Source(prefix + i.filename, reader(i)) for i in infos
+            if not PurePosixPath(i.filename).name.startswith(".")
+            and "__MACOSX" not in i.filename and PurePosixPath(i.filename).name not in SKIP_NAMES]
+
+
+# ----------------------------------------------------------------------------- run
+
+@dataclass
+class ReviewRow:
+    file: str
+    predicted: str | None
+    confidence: float | None
+    probabilities: dict[str, float]
+    low_confidence: bool
+    outside_distribution: bool
+    gate_score: float | None
+    error: str | None
+    modality: str | None = None
+    series_number: int | None = None
+    instance_number: int | None = None
+
+    @property
+    def needs_attention(self) -> bool:
+        return bool(self.error or self.low_confidence or self.outside_distribution)
+
+    @property
+    def flags(self) -> str:
+        return ", ".join(f for f, on in (("unreadable", self.error is not None),
+                                         ("outside training distribution", self.outside_distribution),
+                                         ("low confidence", self.low_confidence)) if on)
+
+    def as_record(self, classes: Sequence[str]) -> dict:
+        rec = {"file": self.file, "predicted": self.predicted, "confidence": self.confidence}
+        for c in classes:
+            rec[f"p_{c}"] = self.probabilities.get(c)
+        rec.update({"low_confidence": self.low_confidence,
+                    "outside_distribution": self.outside_distribution,
+                    "gate_score": self.gate_score, "needs_attention": self.needs_attention,
+                    "flags": self.flags, "error": self.error, "modality": self.modality,
+                    "series_number": self.series_number, "instance_number": self.instance_number})
+        return rec
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    elapsed_s: float
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def remaining_s(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+
+def _load(source: Source):
+    target = source.read()
+    return load_scan(target)
+
+
+def _row(item: StreamItem) -> ReviewRow:
+    src: Source = item.source
+    p = item.prediction
+    info = item.info or {}
+    if p is None:
+        return ReviewRow(src.name, None, None, {}, False, False, None, item.error or "unreadable",
+                         info.get("modality"))
+    return ReviewRow(src.name, p.label, p.confidence,
+                     dict(zip(p.classes, map(float, p.probabilities))), p.low_confidence,
+                     p.outside_training_distribution, p.gate_score, None, info.get("modality"),
+                     info.get("series_number"), info.get("instance_number"))
+
+
+def run_review(predictor: Predictor, sources: Sequence[Source], batch_size: int = 32,
+               workers: int = 2, stop: threading.Event | None = None,
+               on_progress: Callable[[Progress], None] | None = None) -> Iterator[ReviewRow]:
+    """Rows for ``sources`` in order, as batches finish. Set ``stop`` to end early."""
+    t0 = time.perf_counter()
+    total = len(sources)
+
+    def gen():
+        for s in sources:
+            if stop is not None and stop.is_set():
+                return
+            yield s
+
+    done = 0
+    for item in predictor.predict_stream(gen(), batch_size=batch_size, workers=workers, loader=_load):
+        done += 1
+        yield _row(item)
+        if on_progress is not None and (done % batch_size == 0 or done == total):
+            on_progress(Progress(done, total, time.perf_counter() - t0))
+
+
+def summary(rows: Sequence[ReviewRow], classes: Sequence[str]) -> dict:
+    return {
+        "total": len(rows),
+        "per_class": {c: sum(r.predicted == c for r in rows) for c in classes},
+        "unreadable": sum(r.error is not None for r in rows),
+        "low_confidence": sum(r.low_confidence for r in rows),
+        "outside_distribution": sum(r.outside_distribution for r in rows),
+        "needs_attention": sum(r.needs_attention for r in rows),
+    }
+
+
+def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out) -> None:
+    """The worklist as CSV (a path or a text stream). Holds no DICOM tag values: file names,
+    predictions, flags and series/instance numbers only."""
+    fields = list(rows[0].as_record(classes)) if rows else list(
+        ReviewRow("", None, None, {}, False, False, None, None).as_record(classes))
+    own = isinstance(out, (str, Path))
+    fh = open(out, "w", newline="") if own else out
+    try:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.as_record(classes))
+    finally:
+        if own:
+            fh.close()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_review_parser(sub) -> None:
+    r = sub.add_parser("review", help="classify every scan in a folder into a CSV worklist")
+    r.add_argument("folder")
+    r.add_argument("--model", required=True, help="model package folder")
+    r.add_argument("--out", required=True, help="CSV file to write")
+    r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--workers", type=int, default=2)
+    r.set_defaults(func=_cmd_review)
+
+
+def _cmd_review(args) -> int:
+    from tqdm import tqdm
+
+    folder = Path(args.folder)
+    sources = folder_sources(folder.resolve(), ".")
+    predictor = Predictor.from_path(args.model)
+    rows: list[ReviewRow] = []
+    with tqdm(total=len(sources), unit="scan", desc="review") as bar:
+        for row in run_review(predictor, sources, args.batch_size, args.workers):
+            rows.append(row)
+            bar.update(1)
+    write_csv(rows, predictor.classes, args.out)
+    s = summary(rows, predictor.classes)
+    print(f"{s['total']} scans -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in s["per_class"].items())
+          + f"; unreadable {s['unreadable']}, low confidence {s['low_confidence']}, "
+            f"outside distribution {s['outside_distribution']}")
+    return 0
