@@ -30,6 +30,7 @@ def cmd_train(args) -> int:
                       patience=args.patience, seed=args.seed, input_size=args.input_size,
                       weights=args.weights, cache_dir=args.cache_dir, max_train=args.max_train,
                       task_description=args.task_description,
+                      preprocess=json.loads(args.preprocess) if args.preprocess else {},
                       limits=json.loads(Path(args.limits).read_text()) if args.limits else [])
     if cfg.arch == "mobilenet-tl" and not cfg.weights:
         logging.getLogger(__name__).warning("no --weights given: mobilenet-tl starts from random "
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--cache-dir", default=".cache/medcls")
     t.add_argument("--max-train", type=int, help="use only this many training images (smoke runs)")
     t.add_argument("--limits", help="JSON file with the card's list of limits")
+    t.add_argument("--preprocess", help='JSON overrides of the preprocessing spec, e.g. \'{"crop": false}\'')
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a model package on labelled scans")

@@ -68,6 +68,7 @@ class TrainConfig:
     task_description: str | None = None
     version: str = "1.0.0"
     max_train: int | None = None  # smoke runs only
+    preprocess: dict = field(default_factory=dict)  # PreprocessSpec overrides, e.g. {"crop": False}
 
 
 class MacroF1Checkpoint:
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     if not dataset.has_splits:
         raise DatasetError("Training needs a labels.csv with a 'split' column (train/val/test).")
     size = cfg.input_size or arch.input_size
-    spec = PreprocessSpec(input_size=size, channels=3)
+    spec = PreprocessSpec(**{"input_size": size, "channels": 3, **cfg.preprocess})
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     name = cfg.name or out.name

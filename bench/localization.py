@@ -1,0 +1,128 @@
+"""Heatmap localisation and faithfulness on the brain MRI test split.
+
+For every brain model and saliency method, on all test tumour images (boxes from labels.csv):
+pointing game (peak inside the box, 2% margin), energy inside the box, IoU of medcls' region box
+with the tumour box; deletion / insertion AUC on a fixed subset (every 4th image) against a
+random-heatmap baseline. Ablations for the default model: heatmap layer and head masking.
+
+    python -m bench.localization [--data ../shared/data] [--quick]
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from bench.common import command, machine, parser, table, write
+
+MARGIN = 0.02
+FAITHFULNESS_EVERY = 4
+STEPS = 25
+
+
+def tumour_rows(data_dir, split="test"):
+    import csv
+
+    with open(data_dir / "brain-mri" / "labels.csv", newline="") as fh:
+        return [r for r in csv.DictReader(fh) if r["split"] == split and r["box_w"]]
+
+
+def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, layer=None,
+            seed=0):
+    from medcls.calibration import probabilities
+    from medcls.localization import (box_iou, deletion_insertion, energy_in_box,
+                                     normalised_box_to_pixels, pointing_hit)
+    from medcls.saliency import CamEngine, explain
+    from medcls.scan import load_scan
+
+    if layer is not None:  # ablation: another CAM layer through the same mechanism
+        engine = CamEngine(predictor.model, layer, predictor.spec.input_size, predictor.spec.channels)
+        predictor._explainers["engine"], saved = engine, predictor.cam_engine()
+    rng = np.random.default_rng(seed)
+    hits, energy, iou, dels, ins, rdels, rins = [], [], [], [], [], [], []
+    t0 = time.perf_counter()
+
+    def proba(batch):
+        logits, _ = predictor.forward(batch)
+        return probabilities(logits, predictor.package.temperature)
+
+    try:
+        for i, r in enumerate(rows):
+            scan = load_scan(data_dir / "brain-mri" / r["file"])
+            pre = predictor.preprocess(scan)
+            e = explain(predictor, scan, method, pre=pre, mask_to_foreground=mask)
+            box = normalised_box_to_pixels(*(float(r[k]) for k in ("box_xc", "box_yc", "box_w", "box_h")),
+                                           scan.shape)
+            hits.append(pointing_hit(e.heatmap, box, MARGIN))
+            energy.append(energy_in_box(e.heatmap, box))
+            iou.append(box_iou(e.region.box, box) if e.region is not None else 0.0)
+            if faithfulness and i % FAITHFULNESS_EVERY == 0:
+                d, n, _, _ = deletion_insertion(proba, pre.array, e.grid, e.class_index, STEPS)
+                dels.append(d)
+                ins.append(n)
+                rand = rng.random(e.grid.shape)
+                d, n, _, _ = deletion_insertion(proba, pre.array, rand, e.class_index, STEPS)
+                rdels.append(d)
+                rins.append(n)
+    finally:
+        if layer is not None:
+            predictor._explainers["engine"] = saved
+    out = {"n": len(rows), "pointing_game": float(np.mean(hits)), "energy_in_box": float(np.mean(energy)),
+           "box_iou": float(np.mean(iou)), "ms_per_image": (time.perf_counter() - t0) * 1000 / max(1, len(rows))}
+    if dels:
+        out.update({"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins)),
+                    "random_deletion_auc": float(np.mean(rdels)), "random_insertion_auc": float(np.mean(rins)),
+                    "faithfulness_n": len(dels)})
+    return out
+
+
+def main(argv=None):
+    from medcls.inference import Predictor
+    from medcls.package import list_packages
+    from medcls.saliency import METHODS
+
+    args = parser(__doc__).parse_args(argv)
+    rows = tumour_rows(args.data)
+    if args.quick:
+        rows = rows[:8]
+    result = {"margin": MARGIN, "steps": STEPS, "split": "test", "images": len(rows),
+              "command": command(), "machine": machine(), "models": {}, "ablations": {}}
+    md_rows = []
+    for folder, card in list_packages(args.models):
+        if card["task"] != "brain-mri":
+            continue
+        predictor = Predictor.from_path(folder)
+        per = {}
+        for method in METHODS:
+            per[method] = measure(predictor, rows, args.data, method)
+            m = per[method]
+            md_rows.append([card["name"], method, m["pointing_game"], m["energy_in_box"], m["box_iou"],
+                            m.get("deletion_auc"), m.get("random_deletion_auc"), m.get("insertion_auc"),
+                            m.get("random_insertion_auc"), m["ms_per_image"]])
+            print(card["name"], method, {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}, flush=True)
+        result["models"][card["name"]] = per
+        if card["name"].endswith("-default"):
+            layers = [card["cam_layer"]] + [n for n in ("out_relu",) if n in {l.name for l in predictor.model.layers}]
+            for layer in layers:
+                for mask in (True, False):
+                    key = f"gradcam layer={layer} mask={'head' if mask else 'none'}"
+                    result["ablations"][key] = measure(predictor, rows, args.data, "gradcam",
+                                                       faithfulness=False, mask=mask, layer=layer)
+                    print(key, result["ablations"][key], flush=True)
+    md = [f"# Heatmap localisation and faithfulness (brain MRI test split, {len(rows)} tumour images)", "",
+          f"Pointing game: peak inside the tumour box grown by {MARGIN:.0%} of the image size. "
+          f"Energy: share of heatmap mass in the box. IoU: medcls' region box vs the tumour box. "
+          f"Deletion/insertion AUC over {STEPS} steps on every {FAITHFULNESS_EVERY}th image "
+          "(deletion lower is better, insertion higher), with a random heatmap for comparison.", "",
+          table(["model", "method", "pointing", "energy", "box IoU", "deletion", "del. random",
+                 "insertion", "ins. random", "ms/image"], md_rows), "",
+          "Ablations (default model, Grad-CAM, no faithfulness):", "",
+          table(["variant", "pointing", "energy", "box IoU"],
+                [[k, v["pointing_game"], v["energy_in_box"], v["box_iou"]] for k, v in result["ablations"].items()]),
+          "", f"Command: `{result['command']}`; CPU: {result['machine']['cpu_model']}"]
+    write("localization", result, "\n".join(md), args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Speed on this CPU: one scan warm (decode + preprocess + predict + Grad-CAM) for DICOM and JPEG,
+batch review throughput against a naive per-file ``model.predict`` loop, cold start, model size
+and FLOPs, and the fraction of the CPU's measured matmul peak that batch inference reaches.
+
+    python -m bench.speed [--data ../shared/data] [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from bench.common import ROOT, command, machine, parser, table, write
+
+RUNS = 60
+
+
+def flops_per_image(model) -> float:
+    """Forward FLOPs of one image, counted by TensorFlow's profiler on the traced graph."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    from tensorflow.python.profiler import model_analyzer, option_builder
+
+    shape = [1, *model.input_shape[1:]]
+    fn = tf.function(lambda x: model(x, training=False)).get_concrete_function(tf.TensorSpec(shape, tf.float32))
+    frozen = convert_variables_to_constants_v2(fn)
+    opts = option_builder.ProfileOptionBuilder.float_operation()
+    opts["output"] = "none"
+    info = model_analyzer.profile(frozen.graph, options=opts)
+    return float(info.total_float_ops)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    f = tf.function(lambda a, b: tf.matmul(a, b))
+    f(a, b).numpy()
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).numpy()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best / 1e9
+
+
+def single_scan(predictor, data: bytes, runs: int) -> dict:
+    from medcls.scan import load_scan
+
+    for _ in range(3):
+        predictor.explain(load_scan(data), "gradcam")
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        predictor.explain(load_scan(data), "gradcam")
+        times.append((time.perf_counter() - t) * 1000)
+    return {"median_ms": float(np.median(times)), "p95_ms": float(np.percentile(times, 95)), "runs": runs}
+
+
+def batch_throughput(predictor, files) -> float:
+    from medcls.review import Source, run_review
+
+    sources = [Source(str(f), lambda f=f: f) for f in files]
+    list(run_review(predictor, sources[:64]))  # warm
+    t = time.perf_counter()
+    n = sum(1 for _ in run_review(predictor, sources, batch_size=32, workers=2))
+    return n / (time.perf_counter() - t)
+
+
+def naive_throughput(predictor, files) -> float:
+    """The loop a first script would write: load, preprocess, model.predict per file."""
+    from medcls.preprocess import preprocess
+    from medcls.scan import load_scan
+
+    model = predictor.model
+    model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0)
+    t = time.perf_counter()
+    for f in files:
+        x = preprocess(load_scan(f), predictor.spec).array[None]
+        model.predict(x, verbose=0)
+    return len(files) / (time.perf_counter() - t)
+
+
+def cold_start(model_dir, file) -> float:
+    code = ("import time; t=time.perf_counter(); from medcls.inference import Predictor; "
+            f"p=Predictor.from_path({str(model_dir)!r}); p.explain(__import__('medcls').load_scan({str(file)!r})); "
+            "print(time.perf_counter()-t)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    import csv
+
+    from medcls.inference import Predictor
+    from medcls.package import list_packages
+
+    args = parser(__doc__).parse_args(argv)
+    runs = 8 if args.quick else RUNS
+    with open(args.data / "brain-mri" / "labels.csv", newline="") as fh:
+        test = [args.data / "brain-mri" / r["file"] for r in csv.DictReader(fh) if r["split"] == "test"]
+    dicom = args.data / "dicom" / "mprage-series" / "100.dcm"
+    jpeg = test[0]
+    if args.quick:
+        test = test[:48]
+    naive_files = test[:120]
+
+    peak = matmul_peak_gflops()
+    result = {"command": command(), "machine": machine(), "cpu_model": machine()["cpu_model"],
+              "matmul_peak_gflops": peak, "models": {}}
+    rows = []
+    for folder, card in list_packages(args.models):
+        predictor = Predictor.from_path(folder).warmup()
+        entry = {"size_mb": (folder / "model.keras").stat().st_size / 2**20,
+                 "parameters": int(predictor.model.count_params()),
+                 "flops_per_image": flops_per_image(predictor.model)}
+        entry["single_scan_ms"] = {"jpeg": single_scan(predictor, jpeg.read_bytes(), runs),
+                                   "dicom": single_scan(predictor, dicom.read_bytes(), runs)}
+        if card["task"] == "brain-mri":
+            entry["batch_scans_per_s"] = batch_throughput(predictor, test)
+            entry["naive_scans_per_s"] = naive_throughput(predictor, naive_files)
+            entry["batch_vs_naive"] = entry["batch_scans_per_s"] / entry["naive_scans_per_s"]
+            achieved = entry["flops_per_image"] * entry["batch_scans_per_s"] / 1e9
+            entry["inference_gflops_in_review"] = achieved
+            entry["fraction_of_peak"] = achieved / peak
+        entry["cold_start_s"] = cold_start(folder, jpeg)
+        result["models"][card["name"]] = entry
+        rows.append([card["name"], entry["size_mb"], entry["flops_per_image"] / 1e9,
+                     entry["single_scan_ms"]["jpeg"]["median_ms"], entry["single_scan_ms"]["jpeg"]["p95_ms"],
+                     entry["single_scan_ms"]["dicom"]["median_ms"], entry["single_scan_ms"]["dicom"]["p95_ms"],
+                     entry.get("batch_scans_per_s"), entry.get("naive_scans_per_s"), entry.get("batch_vs_naive"),
+                     entry.get("fraction_of_peak"), entry["cold_start_s"]])
+        print(card["name"], json.dumps(entry), flush=True)
+    default = result["models"].get("brain-mri-default")
+    if default:  # the headline keys the README quotes
+        result.update({
+            "single_scan_ms_median": {k: v["median_ms"] for k, v in default["single_scan_ms"].items()},
+            "single_scan_ms_p95": {k: v["p95_ms"] for k, v in default["single_scan_ms"].items()},
+            "batch_scans_per_s": default["batch_scans_per_s"], "naive_scans_per_s": default["naive_scans_per_s"],
+            "cold_start_s": default["cold_start_s"],
+        })
+    app = ROOT / "bench" / "results" / "app_start.json"
+    if app.is_file():
+        result["app_first_prediction_s"] = json.loads(app.read_text()).get("first_prediction_s")
+    md = ["# Speed (2-core CPU)", "",
+          f"CPU: {result['cpu_model']}; matmul peak {peak:.1f} GFLOP/s (float32, 2048x2048).", "",
+          "Single scan = decode + preprocess + predict + Grad-CAM, warm, "
+          f"median / p95 over {runs} runs. Batch = `medcls review` engine over the {len(test)} brain "
+          f"test JPEGs; naive = load, preprocess and `model.predict` per file ({len(naive_files)} files).", "",
+          table(["model", "MB", "GFLOPs/img", "JPEG ms", "JPEG p95", "DICOM ms", "DICOM p95",
+                 "batch scans/s", "naive scans/s", "ratio", "peak fraction", "cold start s"], rows)]
+    if "app_first_prediction_s" in result:
+        md += ["", f"App: `streamlit run` to the first prediction in the browser: {result['app_first_prediction_s']:.1f} s."]
+    md += ["", f"Command: `{result['command']}`"]
+    write("speed", result, "\n".join(md), args.out)
+
+
+if __name__ == "__main__":
+    main()
