@@ -245,6 +245,8 @@ def preprocess(scan: Scan, spec: PreprocessSpec) -> Preprocessed:
     img = _normalize(img, mask, spec)
     background = 0.0 if spec.normalize == "minmax" else float(img[~mask].mean()) if (~mask).any() else 0.0
     arr, scaled, pad = _resize_pad(img, spec.input_size, background)
+    if spec.normalize == "minmax":  # area/linear resampling in float32 can round to 1.0000001
+        arr = np.clip(arr, 0.0, 1.0)
     m, _, _ = _resize_pad(mask.astype(np.uint8), spec.input_size, 0, cv2.INTER_NEAREST)
     if spec.channels == 3:
         arr = np.repeat(arr[:, :, None], 3, axis=2)

@@ -369,8 +369,12 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
 
     ds = _read_dataset(data)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if _is_cut_short(ds):
+            raise UnreadableScanError("The DICOM file is incomplete: it ends before its image "
+                                      "data (an interrupted copy or upload?). Copy it again.")
         raise UnreadableScanError("The DICOM file has no pixel data (it may be a report, "
                                   "a directory or a presentation state, not an image).")
+    _infer_transfer_syntax(ds)
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -407,6 +411,8 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
                                   "size it declares (rows, columns, bits).") from None
     if arr.ndim == 3 and n_frames > 1 and arr.shape[0] == n_frames:
         arr = arr[frame]
+    if not arr.dtype.isnative:  # Explicit VR Big Endian decodes to '>u2': same values, native order
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.ndim not in (2, 3) or arr.size == 0 or arr.shape[0] != rows or arr.shape[1] != cols:
         raise UnreadableScanError("The DICOM pixel data does not match the image size it declares.")
     if arr.ndim == 3 and arr.shape[2] not in (3,):
@@ -471,6 +477,46 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
         transfer_syntax=syntax.name if syntax is not None else None,
         window_presets=presets, _voi_lut_display=voi_display,
     )
+
+
+def _is_cut_short(ds) -> bool:
+    """True when the last element read declares more bytes than the file held (a truncated file:
+    pydicom keeps the short value silently)."""
+    try:
+        tags = list(ds.keys())
+        if not tags:
+            return False
+        raw = ds.get_item(tags[-1])
+        length = int(getattr(raw, "length", 0) or 0)
+        value = getattr(raw, "value", None)
+        return (isinstance(value, (bytes, bytearray)) and length != 0xFFFFFFFF
+                and len(value) < length)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _infer_transfer_syntax(ds) -> None:
+    """A data set without file meta information (no preamble, no group 0002) has no Transfer
+    Syntax UID, which pixel decoding needs. Native (uncompressed) pixel data is then in the
+    encoding pydicom detected while parsing; encapsulated pixel data cannot be guessed."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    try:
+        if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+            return
+        if "PixelData" in ds and ds["PixelData"].is_undefined_length:
+            return  # encapsulated (compressed): the codec is unknown
+        implicit, little = ds.original_encoding
+        if implicit is None or little is None:
+            return
+        syntax = (ImplicitVRLittleEndian if implicit else
+                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+        if getattr(ds, "file_meta", None) is None:
+            ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = syntax
+    except Exception:  # noqa: BLE001 - left as is; decoding then reports a typed error
+        return
 
 
 def _is_unsupported_codec(exc: Exception) -> bool:

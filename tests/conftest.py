@@ -1,0 +1,59 @@
+"""Shared fixtures. The read-only data folder is $MEDCLS_DATA, else <project>/../shared/data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("MEDCLS_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
+
+
+def require(path: Path) -> Path:
+    """``path`` if it exists, else skip the calling test (the data set is not on this machine)."""
+    path = Path(path)
+    if not path.exists():
+        pytest.skip(f"test data not found: {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The read-only data folder (never write into it)."""
+    return require(DATA_DIR)
+
+
+# ----------------------------------------------------------------------------- model packages
+
+MODELS_DIR = Path(os.environ.get("MEDCLS_MODELS", PROJECT_ROOT / "models")).resolve()
+
+
+def model_package(task: str) -> Path:
+    """The model package folder for ``task`` under $MEDCLS_MODELS (default <project>/models),
+    preferring a ``*-default`` package; skips the calling test when there is none (models are
+    trained separately and land in models/)."""
+    from medcls.package import MODEL_FILE, list_packages
+
+    found = [(p, c) for p, c in list_packages(MODELS_DIR)
+             if c["task"] == task and (p / MODEL_FILE).is_file()]
+    if not found:
+        pytest.skip(f"no model package with task {task!r} in {MODELS_DIR} (train one, or set "
+                    "MEDCLS_MODELS)")
+    found.sort(key=lambda pc: (not pc[1]["name"].endswith("-default"), pc[1]["name"]))
+    return found[0][0]
+
+
+@pytest.fixture(scope="session")
+def brain_model_dir() -> Path:
+    """Folder of the brain-mri model package (skips without one)."""
+    return model_package("brain-mri")
+
+
+@pytest.fixture(scope="module")
+def brain_predictor(brain_model_dir):
+    """A Predictor of the brain-mri package, loaded once per test module."""
+    from medcls.inference import Predictor
+
+    return Predictor.from_path(brain_model_dir)

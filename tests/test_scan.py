@@ -1,0 +1,439 @@
+"""Acceptance tests of medcls.scan on real DICOM and image files (../shared/data/dicom, brain-mri).
+
+The expected values come from the data sets' own documentation (SOURCE.md: the nine transfer
+syntaxes hold one image; MR1_JPLL is MR1_JPLY losslessly; the mprage series is 1 mm, carries
+Doe^John) or from arrays the tests write themselves, never from medcls's own output.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import shutil
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from conftest import require
+from medcls.errors import MedclsError, ScanTooLargeError, UnreadableScanError
+from medcls.scan import display_image, identifying_attributes, load_scan
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def dicom_dir(data_dir: Path) -> Path:
+    return require(data_dir / "dicom")
+
+
+@pytest.fixture(scope="module")
+def series_files(dicom_dir: Path) -> list[Path]:
+    files = sorted(require(dicom_dir / "mprage-series").glob("*.dcm"))
+    assert len(files) == 24, "SOURCE.md documents 24 slices"
+    return files
+
+
+def _assert_clean_message(exc: BaseException) -> None:
+    """A message for a person: non-empty, one line, no traceback or code locations."""
+    msg = str(exc)
+    assert isinstance(exc, MedclsError)
+    assert msg.strip(), "empty error message"
+    assert "Traceback" not in msg
+    assert 'File "' not in msg
+    assert "\n" not in msg
+    assert not re.search(r"\bline \d+", msg)
+    assert " object at 0x" not in msg
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def _dicom_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _identifying_needles(files: list[Path]) -> set[str]:
+    """Values of the identifying tags of ``files`` worth searching for in text.
+
+    Values under 4 characters (sex "M", study id "1", weight "67") are left out: they occur in
+    any text ("M" in "MR", "1" in every number), so finding them proves nothing. Person names
+    are also searched for by component ("Doe", "John"), since a name may be printed reordered.
+    """
+    needles: set[str] = set()
+    for f in files:
+        for keyword, value in identifying_attributes(f).items():
+            value = value.strip()
+            parts = [value]
+            if keyword.endswith("Name") and "^" in value:
+                parts += [p for p in value.split("^") if p]
+            needles |= {p for p in parts if len(p) >= 4 or (keyword.endswith("Name") and len(p) >= 3)}
+    return needles
+
+
+def _leaks(text: str, needles: set[str]) -> list[str]:
+    return sorted(n for n in needles if n in text)
+
+
+# ----------------------------------------------------------------------------- real DICOM files
+
+def test_nine_transfer_syntaxes_decode_to_the_same_array(dicom_dir: Path) -> None:
+    folder = require(dicom_dir / "transfer-syntaxes")
+    ref = load_scan(folder / "1.dcm")
+    assert ref.pixels.shape == (384, 384)  # 6x6 mosaic of 64x64 slices (SOURCE.md)
+    assert ref.pixels.std() > 0
+    syntaxes = set()
+    for i in range(1, 10):
+        scan = load_scan(folder / f"{i}.dcm")
+        syntaxes.add(pydicom.dcmread(folder / f"{i}.dcm", stop_before_pixels=True)
+                     .file_meta.TransferSyntaxUID)
+        assert scan.pixels.dtype == ref.pixels.dtype, (i, scan.transfer_syntax, scan.pixels.dtype)
+        assert scan.pixels.dtype.isnative
+        assert np.array_equal(scan.pixels, ref.pixels), (i, scan.transfer_syntax)
+    # the files really exercise different decoders (LE, implicit, BE, RLE, JPEG-LL, JPEG-LS, J2K)
+    assert len(syntaxes) >= 7
+
+
+def test_monochrome1_radiographs_show_bone_bright(dicom_dir: Path) -> None:
+    """RG3 is a leg radiograph (computed radiography, MONOCHROME1: the lowest stored value is white).
+
+    Physically, the open field beside the leg (direct exposure, no attenuation) must be dark and
+    the tibia bright. The regions are fractions of the fixed public image, found by looking at it:
+    air strip at x 28-33% of the width, tibia shaft at x 46-50%, both at y 20-50%.
+    """
+    mono2 = load_scan(require(dicom_dir / "wg04" / "MR1_JPLL.dcm"))
+    for name in ("RG3_J2KI", "RG3_JLSN"):
+        scan = load_scan(require(dicom_dir / "wg04" / f"{name}.dcm"))
+        assert scan.photometric == "MONOCHROME1"
+        disp = display_image(scan)
+        assert disp.dtype == np.float32 and disp.min() >= 0 and disp.max() <= 1
+        h, w = disp.shape
+        rows = slice(int(0.20 * h), int(0.50 * h))
+        air = (rows, slice(int(0.28 * w), int(0.33 * w)))
+        bone = (rows, slice(int(0.46 * w), int(0.50 * w)))
+        stored = scan.pixels.astype(np.float64)
+        # the file itself: MONOCHROME1 stores the exposed air with high values, the bone low
+        assert stored[air].mean() > stored[bone].mean() + 200
+        assert disp[air].mean() < 0.25, (name, float(disp[air].mean()))
+        assert disp[bone].mean() > 0.6, (name, float(disp[bone].mean()))
+        # display is inversely related to the stored values over the whole image
+        r = np.corrcoef(disp[::4, ::4].ravel(), stored[::4, ::4].ravel())[0, 1]
+        assert r < -0.9, (name, r)
+    # control: a MONOCHROME2 image is displayed in the same direction as it is stored
+    d2 = display_image(mono2)
+    r2 = np.corrcoef(d2[::4, ::4].ravel(), mono2.pixels[::4, ::4].astype(np.float64).ravel())[0, 1]
+    assert r2 > 0.9
+
+
+def test_12bit_lossy_jpeg_decodes_right_or_fails_clearly(dicom_dir: Path) -> None:
+    lossless = load_scan(require(dicom_dir / "wg04" / "MR1_JPLL.dcm"))
+    try:
+        lossy = load_scan(require(dicom_dir / "wg04" / "MR1_JPLY.dcm"))
+    except UnreadableScanError as exc:
+        _assert_clean_message(exc)
+        msg = str(exc).lower()
+        assert "12-bit" in msg and "lossy jpeg" in msg, msg
+        return
+    # decoded: it must be the same image as the lossless file, up to lossy compression
+    assert lossy.pixels.shape == lossless.pixels.shape
+    assert lossy.pixels.std() > 0, "blank image"
+    a = lossless.pixels.astype(np.float64)
+    b = lossy.pixels.astype(np.float64)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+    assert np.abs(a - b).mean() < 0.02 * (a.max() - a.min())
+
+
+def test_series_spacing_and_no_identifying_values(series_files: list[Path], tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    needles = _identifying_needles(series_files)
+    # the files do carry the sample patient tags, so the checks below can fail
+    assert {"Doe^John", "0123"} <= needles, sorted(needles)
+    assert any(re.fullmatch(r"\d{8}", n) for n in needles)  # a date (birth/study)
+    assert _leaks(str(pydicom.dcmread(series_files[0], stop_before_pixels=True)), needles)
+
+    caplog.set_level(logging.DEBUG)
+    errors: list[str] = []
+    for f in series_files:
+        scan = load_scan(f)
+        assert scan.pixel_spacing == (1.0, 1.0)
+        assert scan.shape == (224, 224)
+        assert scan.modality == "MR"
+        text = str(scan.metadata) + repr(scan) + str(scan)
+        assert not _leaks(text, needles), _leaks(text, needles)
+
+    # failing loads of the same files must not leak either (messages or logs)
+    raw = series_files[0].read_bytes()
+    ds = pydicom.dcmread(series_files[0])
+    del ds.PixelData
+    no_pixels = _dicom_bytes(ds)
+    ds = pydicom.dcmread(series_files[0])
+    ds.Rows = 300
+    bad_rows = _dicom_bytes(ds)
+    for bad in (raw[: int(0.6 * len(raw))], raw[: int(0.95 * len(raw))], no_pixels, bad_rows,
+                raw[:132] + b"\x00" * 200):
+        with pytest.raises(UnreadableScanError) as ei:
+            load_scan(bad)
+        errors.append(str(ei.value))
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(series_files[0], frame=3)
+    errors.append(str(ei.value))
+
+    assert "loaded" in caplog.text  # DEBUG records were captured: the check below is not vacuous
+    assert not _leaks(caplog.text, needles), _leaks(caplog.text, needles)
+    assert not _leaks("\n".join(errors), needles)
+
+
+# ----------------------------------------------------------------------------- unreadable input
+
+def _pdf() -> bytes:
+    return (b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R >>\nendobj\n"
+            b"2 0 obj\n<< /Type /Pages /Kids [] /Count 0 >>\nendobj\ntrailer\n<< /Root 1 0 R >>\n"
+            b"%%EOF\n")
+
+
+BAD_INPUTS = {
+    "empty.dcm": lambda d: b"",
+    "truncated_explicit.dcm": lambda d: (lambda r: r[: int(0.6 * len(r))])(
+        (d / "transfer-syntaxes" / "1.dcm").read_bytes()),
+    "truncated_implicit.dcm": lambda d: (lambda r: r[: int(0.6 * len(r))])(
+        (d / "mprage-series" / "100.dcm").read_bytes()),
+    "truncated_rle.dcm": lambda d: (lambda r: r[: int(0.6 * len(r))])(
+        (d / "wg04" / "MR4_RLE.dcm").read_bytes()),
+    "random.dcm": lambda d: np.random.default_rng(7).integers(0, 256, 8192, np.uint8).tobytes(),
+    "random.png": lambda d: np.random.default_rng(8).integers(0, 256, 8192, np.uint8).tobytes(),
+    "dicm_then_garbage.dcm": lambda d: b"\x00" * 128 + b"DICM"
+        + np.random.default_rng(9).integers(0, 256, 4096, np.uint8).tobytes(),
+    "notes.txt": lambda d: "Patient notes\nline two\n".encode() * 50,
+    "report.dcm": lambda d: _pdf(),
+    "report.png": lambda d: _pdf(),
+    "png_header_only.png": lambda d: b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+    "jpeg_cut.jpg": lambda d: (lambda r: r[: len(r) // 3])(
+        next(iter(sorted((d.parent / "brain-mri" / "glioma").glob("*.jpg")))).read_bytes()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_INPUTS))
+def test_unreadable_files_raise_a_typed_error(name: str, dicom_dir: Path, tmp_path: Path) -> None:
+    if name == "jpeg_cut.jpg":
+        require(dicom_dir.parent / "brain-mri" / "glioma")
+    path = _write(tmp_path, name, BAD_INPUTS[name](dicom_dir))
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(path)
+    _assert_clean_message(ei.value)
+    with pytest.raises(UnreadableScanError):  # the same from bytes
+        load_scan(path.read_bytes())
+
+
+def test_truncated_dicom_is_called_incomplete_not_a_report(series_files: list[Path]) -> None:
+    # 60% of this file ends inside its (large) Siemens header, before the pixel data: the user
+    # must hear that the file is cut short, not that it "may be a report".
+    raw = series_files[0].read_bytes()
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(raw[: int(0.6 * len(raw))])
+    msg = str(ei.value).lower()
+    assert "incomplete" in msg or "truncated" in msg or "damaged" in msg, msg
+    assert "report" not in msg
+
+
+def test_dicom_without_pixel_data(series_files: list[Path], tmp_path: Path) -> None:
+    ds = pydicom.dcmread(series_files[0])
+    del ds.PixelData
+    path = tmp_path / "nopixels.dcm"
+    ds.save_as(path)
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(path)
+    _assert_clean_message(ei.value)
+    assert "no pixel data" in str(ei.value).lower()
+
+
+@pytest.mark.parametrize("rows,cols", [(300, 224), (100, 224), (224, 500), (0, 224)])
+def test_dicom_size_inconsistent_with_pixel_data(series_files: list[Path], tmp_path: Path,
+                                                 rows: int, cols: int) -> None:
+    ds = pydicom.dcmread(series_files[0])
+    ds.Rows, ds.Columns = rows, cols
+    path = tmp_path / "badsize.dcm"
+    ds.save_as(path)
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(path)
+    _assert_clean_message(ei.value)
+
+
+# ----------------------------------------------------------------------------- decompression bombs
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return (struct.pack(">I", len(payload)) + kind + payload
+            + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+
+def test_huge_png_is_refused_before_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ihdr = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
+           + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 30001)) + _png_chunk(b"IEND", b""))
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:  # a valid header, as a decoder would read it
+        assert im.size == (30000, 30000)
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    path = _write(tmp_path, "bomb.png", png)
+    t0 = time.perf_counter()
+    with pytest.raises(ScanTooLargeError) as ei:
+        load_scan(path)
+    assert time.perf_counter() - t0 < 1.0
+    assert isinstance(ei.value, UnreadableScanError)
+    _assert_clean_message(ei.value)
+    assert "30000" in str(ei.value)
+
+
+def test_huge_dicom_is_refused(series_files: list[Path]) -> None:
+    ds = pydicom.dcmread(series_files[0])
+    ds.Rows = ds.Columns = 30000
+    t0 = time.perf_counter()
+    with pytest.raises(ScanTooLargeError):
+        load_scan(_dicom_bytes(ds))
+    assert time.perf_counter() - t0 < 1.0
+
+
+# ----------------------------------------------------------------------------- raster images
+
+@pytest.mark.parametrize("ext", [".png", ".tif"])
+def test_16bit_images_stay_uint16(tmp_path: Path, ext: str) -> None:
+    img = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21 % 65536).astype(np.uint16)
+    assert img.max() > 255
+    path = tmp_path / f"img16{ext}"
+    assert cv2.imwrite(str(path), img)
+    scan = load_scan(path)
+    assert scan.pixels.dtype == np.uint16
+    assert np.array_equal(scan.pixels, img)
+    assert scan.bits_stored == 16
+
+
+def test_rgba_png_loses_alpha(tmp_path: Path) -> None:
+    bgra = np.zeros((20, 30, 4), np.uint8)
+    bgra[..., 0], bgra[..., 1], bgra[..., 2], bgra[..., 3] = 10, 100, 200, 37  # B, G, R, alpha
+    path = tmp_path / "rgba.png"
+    assert cv2.imwrite(str(path), bgra)
+    scan = load_scan(path)
+    assert scan.pixels.shape == (20, 30, 3)
+    assert np.all(scan.pixels == np.array([200, 100, 10], np.uint8))  # RGB order, no alpha
+    # a gray image with alpha comes back as one 2-D channel
+    gray = np.dstack([np.full((20, 30), 90, np.uint8)] * 3 + [np.full((20, 30), 5, np.uint8)])
+    assert cv2.imwrite(str(tmp_path / "graya.png"), gray)
+    g = load_scan(tmp_path / "graya.png")
+    assert g.pixels.shape == (20, 30) and np.all(g.pixels == 90)
+
+
+def test_one_pixel_image(tmp_path: Path) -> None:
+    path = tmp_path / "one.png"
+    assert cv2.imwrite(str(path), np.full((1, 1), 7, np.uint8))
+    scan = load_scan(path)
+    assert scan.pixels.shape == (1, 1) and int(scan.pixels[0, 0]) == 7
+    disp = display_image(scan)
+    assert disp.shape == (1, 1) and np.isfinite(disp).all()
+
+
+def test_gray_stored_as_colour_jpeg_comes_back_2d(data_dir: Path, tmp_path: Path) -> None:
+    src = next(iter(sorted(require(data_dir / "brain-mri" / "glioma").glob("*.jpg"))))
+    gray = cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+    path = tmp_path / "gray_as_colour.jpg"
+    assert cv2.imwrite(str(path), cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR))
+    assert cv2.imread(str(path), cv2.IMREAD_UNCHANGED).ndim == 3  # it is stored with 3 channels
+    scan = load_scan(path)
+    assert scan.pixels.ndim == 2 and scan.photometric == "MONOCHROME2"
+    assert np.abs(scan.pixels.astype(float) - gray).mean() < 2.0  # only JPEG loss
+    # control: a really coloured JPEG stays colour
+    colour = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+    colour[..., 2] = np.clip(colour[..., 2].astype(int) + 80, 0, 255).astype(np.uint8)
+    assert cv2.imwrite(str(tmp_path / "colour.jpg"), colour)
+    assert load_scan(tmp_path / "colour.jpg").pixels.ndim == 3
+
+
+def test_bytes_and_file_objects_load_like_paths(dicom_dir: Path) -> None:
+    path = require(dicom_dir / "transfer-syntaxes" / "1.dcm")
+    ref = load_scan(path)
+    with open(path, "rb") as fh:
+        from_file = load_scan(fh)
+    assert np.array_equal(load_scan(path.read_bytes()).pixels, ref.pixels)
+    assert np.array_equal(from_file.pixels, ref.pixels)
+    assert from_file.sha256 == ref.sha256
+
+
+# ----------------------------------------------------------------------------- DICOM structure
+
+def test_multiframe_dicom_loads_one_frame(tmp_path: Path) -> None:
+    n, size = 200, 64
+    frames = (np.arange(n, dtype=np.uint32)[:, None, None] * 300
+              + np.arange(size * size, dtype=np.uint32).reshape(1, size, size)).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = size, size, n
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = frames.tobytes()
+    path = tmp_path / "multi.dcm"
+    ds.save_as(path, enforce_file_format=True)
+
+    for k in (0, 150, n - 1):
+        scan = load_scan(path, frame=k)
+        assert scan.pixels.shape == (size, size)  # one frame only
+        assert scan.pixels.dtype == np.uint16
+        assert np.array_equal(scan.pixels, frames[k])
+        assert scan.n_frames == n and scan.frame == k
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(path, frame=n)
+    _assert_clean_message(ei.value)
+
+
+@pytest.mark.parametrize("name", ["scan_without_extension", "disguised.png", "disguised.jpg"])
+def test_dicom_recognised_by_content(dicom_dir: Path, tmp_path: Path, name: str) -> None:
+    src = require(dicom_dir / "transfer-syntaxes" / "1.dcm")
+    dst = tmp_path / name
+    shutil.copyfile(src, dst)
+    scan = load_scan(dst)
+    assert scan.source_format == "dicom"
+    assert np.array_equal(scan.pixels, load_scan(src).pixels)
+
+
+def _file_meta_end(raw: bytes) -> int:
+    """Offset just past the file meta group (its length is in (0002,0000), explicit VR LE)."""
+    assert raw[128:132] == b"DICM" and raw[132:136] == b"\x02\x00\x00\x00"
+    return 132 + 12 + int.from_bytes(raw[140:144], "little")
+
+
+@pytest.mark.parametrize("rel", ["transfer-syntaxes/1.dcm", "transfer-syntaxes/2.dcm",
+                                 "mprage-series/100.dcm"])
+def test_dicom_without_preamble(dicom_dir: Path, rel: str) -> None:
+    raw = require(dicom_dir / rel).read_bytes()
+    ref = load_scan(raw)
+    # no preamble and no "DICM", file meta kept
+    no_preamble = raw[132:]
+    # no file meta either: a bare data set (explicit VR LE for 1.dcm, implicit VR LE otherwise)
+    bare = raw[_file_meta_end(raw):]
+    assert bare[:2] == b"\x08\x00"
+    for data in (no_preamble, bare):
+        scan = load_scan(data)
+        assert scan.source_format == "dicom"
+        assert scan.pixels.dtype == ref.pixels.dtype
+        assert np.array_equal(scan.pixels, ref.pixels)
