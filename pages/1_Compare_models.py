@@ -1,0 +1,271 @@
+"""Compare models: one scan, two to four models of one task, side by side."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `streamlit run app.py` puts the project folder on sys.path; running this page on its own
+# (AppTest.from_file, `streamlit run pages/...`) does not, so `ui` and `medcls` would not import.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import plotly.graph_objects as go  # noqa: E402
+import streamlit as st  # noqa: E402
+
+import ui  # noqa: E402
+from medcls.compare import (ModelResult, card_table, check_compatible, run_model,  # noqa: E402
+                            summarize)
+from medcls.saliency import METHODS, overlay  # noqa: E402
+
+MAX_MODELS = 4
+MAX_CACHED_RESULTS = 16  # per session, all for the open scan: models x methods
+RESULTS_KEY = "_compare_results"
+
+st.set_page_config(page_title="Compare models · MedCLS", page_icon="🧠", layout="wide")
+st.title("Compare models")
+st.caption("One scan, two to four models of the same task, side by side: do they agree, how "
+           "sure is each, where does each look, and how did each do on the fixed test split. "
+           "Research tool, not a diagnostic device.")
+
+
+# ----------------------------------------------------------------------------- page helpers
+
+def fmt(value, spec: str = ".3f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def test_line(card: dict) -> str:
+    """The card's test-split figures on one line."""
+    test = card.get("metrics", {}).get("test", {})
+    if not test:
+        return "No test-split figures in this model's card."
+    return (f"Test split (n={test.get('n', '?')}): accuracy **{fmt(test.get('accuracy'))}** · "
+            f"macro-F1 **{fmt(test.get('macro_f1'))}** · ECE {fmt(test.get('ece'))} · "
+            f"ROC AUC {fmt(test.get('roc_auc'))}")
+
+
+def draw_region(image: np.ndarray, region, scan_width: int) -> np.ndarray:
+    """The region's outline (white) and bounding box (green) on an RGB overlay, as on the main
+    page."""
+    import cv2
+
+    if region is None:
+        return image
+    thick = max(1, scan_width // 256)
+    pts = np.array(region.polygon, np.int32).reshape(-1, 1, 2)
+    cv2.polylines(image, [pts], True, (255, 255, 255), thick)
+    x0, y0, x1, y1 = region.box
+    cv2.rectangle(image, (x0, y0), (x1, y1), (0, 255, 0), thick)
+    return image
+
+
+def cached_result(predictor, scan, scan_key: tuple, path: str, method: str) -> ModelResult:
+    """One model's timed explanation, kept per (scan, frame, model, method) in the session so
+    reruns (opacity, toggles, adding a model) do not recompute. Only the open scan's results
+    are kept, at most MAX_CACHED_RESULTS of them."""
+    cache: dict = st.session_state.setdefault(RESULTS_KEY, {})
+    for k in [k for k in cache if k[:2] != scan_key]:  # another scan or frame: drop
+        del cache[k]
+    key = (*scan_key, path, method)
+    if key not in cache:
+        while len(cache) >= MAX_CACHED_RESULTS:
+            cache.pop(next(iter(cache)))
+        cache[key] = run_model(predictor, scan, method)
+    return cache[key]
+
+
+def recall_chart(cards: list[dict]) -> go.Figure:
+    """Grouped bars: per-class test recall, one colour per model."""
+    classes = list(dict.fromkeys(c for card in cards for c in card["classes"]))
+    fig = go.Figure()
+    for card in cards:
+        per_class = card.get("metrics", {}).get("test", {}).get("per_class", {})
+        recall = [(per_class.get(c) or {}).get("recall") for c in classes]
+        fig.add_bar(name=card["name"], x=classes, y=[None if r is None else r * 100 for r in recall],
+                    text=[fmt(r, ".0%", "") for r in recall], textposition="auto")
+    fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=30, b=10),
+                      title="Per-class recall on the test split",
+                      yaxis=dict(range=[0, 100], title="recall (%)"),
+                      legend=dict(orientation="h", y=-0.2))
+    return fig
+
+
+# ----------------------------------------------------------------------------- models
+
+if not ui.available_models():
+    ui.no_models_message()
+    st.stop()
+
+with st.sidebar:
+    st.header("Models")
+    task = ui.task_picker(key="cmp_task")
+    task_models = ui.models_for_task(task)
+    cards_by_path = dict(task_models)
+    if len(task_models) >= 2:
+        chosen = st.multiselect(
+            f"Models to compare (2 to {MAX_MODELS})", list(cards_by_path),
+            default=list(cards_by_path)[:MAX_MODELS], max_selections=MAX_MODELS,
+            key=f"cmp_models_{task}", format_func=lambda p: ui.model_label(cards_by_path[p]))
+    st.header("Heatmap")
+    method = ui.method_picker(key="cmp_method")
+    alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="cmp_alpha")
+    show_region = st.toggle("Region outline and box", value=True, key="cmp_show_region")
+
+if len(task_models) < 2:
+    st.warning(f"Task “{task}” has {len(task_models)} model package in `{ui.models_root()}`; "
+               "a comparison needs two or more models of the same task. Pick another task or "
+               "train another model for this one.")
+    st.stop()
+
+# ----------------------------------------------------------------------------- scan
+
+uploaded = st.file_uploader("Upload a scan (or keep the one open on the main page): DICOM, PNG, "
+                            "JPEG, TIFF or BMP", type=None, key="cmp_upload")
+data = ui.current_scan_bytes(uploaded)
+if data is None:
+    st.info("Upload a scan, or open one on the main page: it is compared here as well.")
+    st.stop()
+
+try:
+    scan = ui.cached_scan(data)
+    frame = 0
+    if scan.n_frames > 1:
+        frame = st.slider("Frame", 1, scan.n_frames, 1, key="cmp_frame") - 1
+        scan = ui.cached_scan(data, frame)
+except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a trace
+    ui.show_error(exc)
+    st.stop()
+
+if len(chosen) < 2:
+    st.info(f"Pick two to {MAX_MODELS} models in the sidebar to compare them.")
+    st.stop()
+
+try:
+    check_compatible([cards_by_path[p] for p in chosen])
+except Exception as exc:  # noqa: BLE001
+    ui.show_error(exc, "These models")
+    st.stop()
+
+# ----------------------------------------------------------------------------- run
+
+results: dict[str, ModelResult] = {}
+failed: dict[str, Exception] = {}
+for path in chosen:
+    name = cards_by_path[path]["name"]
+    try:
+        predictor = ui.load_predictor(path)  # cached per folder: other models are not reloaded
+        with st.spinner(f"{name}: classifying and computing {METHODS[method].label}..."):
+            results[path] = cached_result(predictor, scan, (scan.sha256, frame), path, method)
+    except Exception as exc:  # noqa: BLE001
+        failed[path] = exc
+
+for path, exc in failed.items():
+    ui.show_error(exc, f"Model {cards_by_path[path]['name']}")
+
+comparison = None
+if len(results) >= 2:
+    try:
+        comparison = summarize(list(results.values()), method)
+    except Exception as exc:  # noqa: BLE001
+        ui.show_error(exc, "These models")
+        st.stop()
+else:
+    st.warning("Fewer than two of the chosen models could answer, so there is nothing to compare.")
+
+# ----------------------------------------------------------------------------- summary
+
+if comparison is not None:
+    agr = comparison.agreement
+    n = len(comparison.results)
+    if agr.agree:
+        st.success(f"The {n} models agree: all predict **{agr.label}**. "
+                   f"Largest probability spread {agr.max_spread:.0%} "
+                   f"(on {agr.max_spread_class}).", icon="✅")
+    else:
+        votes = ", ".join(f"{c} ({k})" for c, k in agr.votes.items())
+        st.error(f"**Models disagree** on this scan: {votes}. Largest probability spread "
+                 f"{agr.max_spread:.0%} (on {agr.max_spread_class}). Treat the result as uncertain "
+                 "and review the scan.", icon="⚠️")
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Largest probability spread", f"{agr.max_spread:.0%}",
+              help="For each class, the highest minus the lowest calibrated probability across "
+                   "the models; the largest of these.")
+    c2.metric("Heatmap region overlap (box IoU)", fmt(comparison.mean_box_iou, ".2f"),
+              help="Mean over model pairs of the IoU of the hottest region's bounding boxes.")
+    c3.metric("Heatmap overlap (mask IoU)", fmt(comparison.mean_mask_iou, ".2f"),
+              help="Mean over model pairs of the IoU of the heatmaps thresholded at each model's "
+                   "region threshold.")
+    with st.expander("Probability spread per class and pairwise overlap"):
+        st.dataframe(pd.DataFrame({"class": list(agr.spread),
+                                   "spread (max − min)": list(agr.spread.values()),
+                                   **{r.name: r.prediction.probabilities for r in comparison.results}}),
+                     hide_index=True, width="stretch", key="cmp_spread_table")
+        st.dataframe(pd.DataFrame([{"model A": p.names[0], "model B": p.names[1],
+                                    "box IoU": p.box_iou, "mask IoU": p.mask_iou}
+                                   for p in comparison.pairs]),
+                     hide_index=True, width="stretch", key="cmp_pairs_table")
+
+# ----------------------------------------------------------------------------- panels
+
+center, width = ui.window_controls(scan, key="cmp")
+image = ui.display(scan, center, width)
+gray = image if image.ndim == 2 else image.mean(axis=2)
+
+cols = st.columns(len(chosen))
+for i, (col, path) in enumerate(zip(cols, chosen)):
+    card = cards_by_path[path]
+    with col:
+        st.subheader(card["name"])
+        st.caption(f"{card['architecture']} · v{card['version']}")
+        if path not in results:
+            st.caption("This model could not answer (see the message above).")
+            continue
+        res = results[path]
+        pred, expl = res.prediction, res.explanation
+        st.markdown(f"**Prediction: {pred.label}** ({pred.confidence:.0%})"
+                    if not pred.outside_training_distribution
+                    else "**Prediction withheld:** outside what this model was trained on")
+        kind, text = ui.confidence_statement(pred)
+        if kind != "success":
+            getattr(st, kind)(text)
+        st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities, height=200),
+                        width="stretch", key=f"cmp_probs_{i}")
+        over = overlay(gray, expl.heatmap, alpha)
+        if show_region:
+            over = draw_region(over, expl.region, scan.shape[1])
+        st.image(over, width="stretch",
+                 caption=f"{METHODS[method].label} for “{expl.class_name}”")
+        st.caption(f"{res.ms:.0f} ms for this scan (preprocess, predict and heatmap)")
+        st.markdown(test_line(card))
+
+st.caption(f"Heatmaps: {METHODS[method].label}, same opacity for every model. Red: the regions that "
+           "drove each model's prediction most; white outline: the hottest region, green: its box. "
+           "Probabilities are calibrated on each model's validation split.")
+
+# ----------------------------------------------------------------------------- test split
+
+st.subheader("On the fixed test split")
+chosen_cards = [cards_by_path[p] for p in chosen]
+table = pd.DataFrame(card_table(chosen_cards))
+table.insert(len(table.columns), "ms this scan",
+             [results[p].ms if p in results else None for p in chosen])
+table = table.drop(columns=["architecture"]).rename(columns={
+    "n": "test n", "macro_f1": "macro-F1", "ece": "ECE", "roc_auc": "ROC AUC",
+    "size_mb": "size (MB)", "ms_per_scan": "ms per scan (card)"})
+st.dataframe(table, hide_index=True, width="stretch", key="cmp_card_table",
+             column_config={c: st.column_config.NumberColumn(format="%.3f")
+                            for c in table.columns
+                            if c in ("accuracy", "macro-F1", "ECE", "ROC AUC")
+                            or c.startswith("recall ")}
+             | {"size (MB)": st.column_config.NumberColumn(format="%.1f"),
+                "parameters": st.column_config.NumberColumn(format="localized"),
+                "ms per scan (card)": st.column_config.NumberColumn(format="%.0f"),
+                "ms this scan": st.column_config.NumberColumn(format="%.0f")})
+st.caption("Figures from each model's card (fixed test split, never used in training or "
+           "calibration). “ms per scan (card)” is the benchmark median when the card has one; "
+           "“ms this scan” is the time measured here on this server, for this scan.")
+st.plotly_chart(recall_chart(chosen_cards), width="stretch", key="cmp_recall_chart")
