@@ -10,7 +10,7 @@ import streamlit as st
 import ui
 from medcls import identifying_attributes
 from medcls.report import render_report
-from medcls.saliency import METHODS, overlay
+from medcls.saliency import METHODS, draw_region, overlay
 
 st.set_page_config(page_title="MedCLS", page_icon="🧠", layout="wide")
 st.title("MedCLS · scan classification")
@@ -99,14 +99,8 @@ with right:
     gray = image if image.ndim == 2 else image.mean(axis=2)
     over = overlay(gray, explanation.heatmap, alpha)
     region = explanation.region
-    if show_region and region is not None:
-        import cv2
-
-        pts = np.array(region.polygon, np.int32).reshape(-1, 1, 2)
-        thick = max(1, scan.shape[1] // 256)
-        cv2.polylines(over, [pts], True, (255, 255, 255), thick)
-        x0, y0, x1, y1 = region.box
-        cv2.rectangle(over, (x0, y0), (x1, y1), (0, 255, 0), thick)
+    if show_region:
+        draw_region(over, region)
     st.image(over, width="stretch",
              caption="Red: the image regions that drove the prediction most. White outline: "
                      "hottest region; green: its bounding box.")
@@ -122,7 +116,7 @@ getattr(st, kind)(text)
 st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
                 key="probs")
 st.caption(f"Answered by {card['name']} v{card['version']} in {elapsed_ms:.0f} ms "
-           "(decode, preprocess, predict and heatmap). Probabilities are calibrated "
+           "(preprocess, predict and heatmap). Probabilities are calibrated "
            f"(temperature {predictor.package.temperature:.2f}, fitted on the validation split).")
 
 # ---------------------------------------------------------------- export

@@ -40,10 +40,14 @@ def load_predictor(path: str):
     return Predictor.from_path(path).warmup()
 
 
-@st.cache_data(ttl=60, show_spinner=False)
 def available_models() -> list[tuple[str, dict[str, Any]]]:
     """(folder, card) of every valid model package, sorted by task and name."""
-    return [(str(p), card) for p, card in list_packages(models_root())]
+    return _packages(str(models_root()))
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def _packages(root: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(str(p), card) for p, card in list_packages(root)]
 
 
 def model_label(card: dict) -> str:

@@ -31,6 +31,8 @@ def cmd_train(args) -> int:
                       weights=args.weights, cache_dir=args.cache_dir, max_train=args.max_train,
                       task_description=args.task_description,
                       preprocess=json.loads(args.preprocess) if args.preprocess else {},
+                      label_smoothing=args.label_smoothing, ema=args.ema,
+                      fine_tune_from=args.fine_tune_from,
                       limits=json.loads(Path(args.limits).read_text()) if args.limits else [])
     if cfg.arch == "mobilenet-tl" and not cfg.weights:
         logging.getLogger(__name__).warning("no --weights given: mobilenet-tl starts from random "
@@ -72,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=1234)
     t.add_argument("--input-size", type=int)
     t.add_argument("--weights", help="ImageNet *_no_top.h5 file for mobilenet-tl")
+    t.add_argument("--fine-tune-from", default="block_9_expand",
+                   help="first backbone layer unfrozen in the fine-tuning phase (mobilenet-tl)")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
     t.add_argument("--cache-dir", default=".cache/medcls")
     t.add_argument("--max-train", type=int, help="use only this many training images (smoke runs)")
     t.add_argument("--limits", help="JSON file with the card's list of limits")

@@ -69,6 +69,8 @@ class TrainConfig:
     version: str = "1.0.0"
     max_train: int | None = None  # smoke runs only
     preprocess: dict = field(default_factory=dict)  # PreprocessSpec overrides, e.g. {"crop": False}
+    label_smoothing: float = 0.0
+    ema: bool = False  # exponential moving average of the weights, evaluated each epoch
 
 
 class MacroF1Checkpoint:
@@ -165,7 +167,9 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
 
     cw = compute_class_weight("balanced", classes=np.arange(len(dataset.classes)), y=labels["train"])
     class_weight = {i: float(w) for i, w in enumerate(cw)}
-    train_ds = tf_dataset(arrays["train"], labels["train"], cfg.batch_size, training=True, seed=cfg.seed)
+    n_classes = len(dataset.classes)
+    onehot = {s: np.eye(n_classes, dtype=np.float32)[labels[s]] for s in labels}
+    train_ds = tf_dataset(arrays["train"], onehot["train"], cfg.batch_size, training=True, seed=cfg.seed)
 
     strategy = tf.distribute.get_strategy()
     history: list[dict] = []
@@ -181,14 +185,18 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
                 set_backbone_trainable(model, True, from_layer=cfg.fine_tune_from)
             steps = max(1, int(np.ceil(len(arrays["train"]) / cfg.batch_size))) * epochs
             schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
-            model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),
-                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4,
+                                                           use_ema=cfg.ema, ema_momentum=0.99),
+                          loss=keras.losses.CategoricalCrossentropy(from_logits=True,
+                                                                    label_smoothing=cfg.label_smoothing),
                           metrics=["accuracy"])
             cb = MacroF1Checkpoint(arrays["val"], labels["val"], cfg.patience, cfg.batch_size, history)
+            # with EMA, the averaged weights are swapped in before the macro-F1 checkpoint looks
+            callbacks = ([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []) + [cb]
             log.info("phase %s: %d epochs, lr %g, %d trainable weights", phase, epochs, lr,
                      len(model.trainable_weights))
-            model.fit(train_ds, validation_data=(arrays["val"], labels["val"]), epochs=epochs,
-                      class_weight=class_weight, callbacks=[cb],
+            model.fit(train_ds, validation_data=(arrays["val"], onehot["val"]), epochs=epochs,
+                      class_weight=class_weight, callbacks=callbacks,
                       verbose=1 if sys.stderr.isatty() else 2)
             if cb.best_weights is not None:
                 model.set_weights(cb.best_weights)
@@ -242,6 +250,9 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             "best_val_macro_f1": max(h["val_macro_f1"] for h in history),
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
+            "label_smoothing": cfg.label_smoothing,
+            "weight_ema": cfg.ema,
+            "fine_tune_from": cfg.fine_tune_from if cfg.arch == "mobilenet-tl" else None,
             "augmentation": "horizontal flip, rotation +-15 deg, shift 6%, zoom 10%, contrast 20%, brightness 10%",
             "class_weight": class_weight,
             "date": _dt.date.today().isoformat(),

@@ -19,7 +19,7 @@ import streamlit as st  # noqa: E402
 import ui  # noqa: E402
 from medcls.compare import (ModelResult, card_table, check_compatible, run_model,  # noqa: E402
                             summarize)
-from medcls.saliency import METHODS, overlay  # noqa: E402
+from medcls.saliency import METHODS, draw_region, overlay  # noqa: E402
 
 MAX_MODELS = 4
 MAX_CACHED_RESULTS = 16  # per session, all for the open scan: models x methods
@@ -46,21 +46,6 @@ def test_line(card: dict) -> str:
     return (f"Test split (n={test.get('n', '?')}): accuracy **{fmt(test.get('accuracy'))}** · "
             f"macro-F1 **{fmt(test.get('macro_f1'))}** · ECE {fmt(test.get('ece'))} · "
             f"ROC AUC {fmt(test.get('roc_auc'))}")
-
-
-def draw_region(image: np.ndarray, region, scan_width: int) -> np.ndarray:
-    """The region's outline (white) and bounding box (green) on an RGB overlay, as on the main
-    page."""
-    import cv2
-
-    if region is None:
-        return image
-    thick = max(1, scan_width // 256)
-    pts = np.array(region.polygon, np.int32).reshape(-1, 1, 2)
-    cv2.polylines(image, [pts], True, (255, 255, 255), thick)
-    x0, y0, x1, y1 = region.box
-    cv2.rectangle(image, (x0, y0), (x1, y1), (0, 255, 0), thick)
-    return image
 
 
 def cached_result(predictor, scan, scan_key: tuple, path: str, method: str) -> ModelResult:
@@ -236,7 +221,7 @@ for i, (col, path) in enumerate(zip(cols, chosen)):
                         width="stretch", key=f"cmp_probs_{i}")
         over = overlay(gray, expl.heatmap, alpha)
         if show_region:
-            over = draw_region(over, expl.region, scan.shape[1])
+            over = draw_region(over, expl.region)
         st.image(over, width="stretch",
                  caption=f"{METHODS[method].label} for “{expl.class_name}”")
         st.caption(f"{res.ms:.0f} ms for this scan (preprocess, predict and heatmap)")

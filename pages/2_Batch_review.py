@@ -1,0 +1,408 @@
+"""Batch review: triage a folder of scans (hundreds to thousands) into a worklist: what each
+scan looks like to the model, which are uncertain, which could not be read.
+
+Input is a folder on the server, only inside the allowed scan folder (``MEDCLS_SCAN_ROOT``,
+else ``scan_root`` in ``.streamlit/secrets.toml``, else ``scans/`` next to app.py), or a
+folder, several files or one .zip uploaded through the browser. All the work is done by
+:mod:`medcls.review`; this page is layout.
+
+How a run proceeds and how Stop really stops
+--------------------------------------------
+A review is a *job* kept in ``st.session_state["batch_job"]``: its sources, the
+:func:`medcls.review.run_review` generator, the rows so far and a ``threading.Event``.
+Each script run advances the generator for about ``CHUNK_SECONDS`` (one batch at least),
+updating the progress bar after every batch, then calls ``st.rerun()``. So the script hands
+control back to Streamlit every second or so: the page stays responsive and a click on any
+widget is served between two chunks.
+
+The Stop button's ``on_click`` callback sets the job's Event. Callbacks run before the script
+on the next run, so that run sees the Event and closes the generator (which stops feeding
+files and shuts the decoding threads down); the rows done so far stay as the result. A click
+that arrives in the middle of a chunk interrupts the script at its next Streamlit call, but
+no row is lost: every row is appended to the job before any Streamlit call, and the suspended
+generator simply resumes (or is closed) on the next run.
+
+Memory stays bounded: the job keeps the rows (a few numbers each) and the sources (paths, or
+the bytes the browser uploaded anyway), never decoded images; the stream holds at most two
+batches. The selected row's image and heatmap are recomputed on demand (one kept per
+session).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+import ui
+from medcls import MedclsError, load_scan
+from medcls.review import (ArchiveRejectedError, Progress, folder_sources, run_review, summary,
+                           upload_sources, write_csv)
+from medcls.saliency import METHODS, overlay
+
+BATCH_SIZE = 16
+WORKERS = 2
+CHUNK_SECONDS = 1.0
+HEATMAP_METHOD = "gradcam"
+THUMB_WIDTH = 300
+JOB = "batch_job"
+SELECTED = "_batch_selected"
+
+st.set_page_config(page_title="MedCLS · batch review", page_icon="🗂️", layout="wide")
+st.title("Batch review")
+st.caption("Triage a folder of scans: predicted class, calibrated probabilities and the scans "
+           "that need a look (low confidence, outside what the model was trained on, "
+           "unreadable). Research tool, not a diagnostic device.")
+
+
+# ----------------------------------------------------------------------------- configuration
+
+def scan_root() -> Path:
+    """The allowed scan folder: $MEDCLS_SCAN_ROOT, else secrets' ``scan_root``, else scans/."""
+    value = os.environ.get("MEDCLS_SCAN_ROOT")
+    if not value:
+        try:  # no secrets.toml is normal: st.secrets raises then
+            value = st.secrets["scan_root"] if "scan_root" in st.secrets else None
+        except Exception:  # noqa: BLE001
+            value = None
+    root = Path(str(value)).expanduser() if value else ui.APP_DIR / "scans"
+    return root if root.is_absolute() else ui.APP_DIR / root
+
+
+# ----------------------------------------------------------------------------- job
+
+def start_job(sources, origin: str, model_path: str, predictor) -> None:
+    """Replace this session's review with a new one over ``sources``."""
+    close_job(st.session_state.get(JOB), "stopped")
+    stop = threading.Event()
+    st.session_state[JOB] = {
+        "id": uuid.uuid4().hex[:8], "origin": origin, "model_path": model_path,
+        "card": predictor.card, "classes": tuple(predictor.classes),
+        "sources": sources, "rows": [], "stop": stop, "state": "running", "error": None,
+        "gen": run_review(predictor, sources, batch_size=BATCH_SIZE, workers=WORKERS, stop=stop),
+        "t0": time.perf_counter(), "elapsed": None, "table": None,
+    }
+    st.session_state.pop(SELECTED, None)
+
+
+def close_job(job: dict | None, state: str) -> None:
+    if not job or job.get("gen") is None:
+        return
+    job["stop"].set()
+    try:
+        job["gen"].close()  # ends the stream and its decoding threads
+    except Exception:  # noqa: BLE001 - closing never fails the page
+        pass
+    job["gen"] = None
+    job["state"] = state
+    job["elapsed"] = time.perf_counter() - job["t0"]
+
+
+def request_stop() -> None:
+    """on_click of Stop: runs before the next script run, which then closes the job."""
+    job = st.session_state.get(JOB)
+    if job is not None:
+        job["stop"].set()
+
+
+def progress_text(job: dict) -> tuple[float, str]:
+    done, total = len(job["rows"]), len(job["sources"])
+    p = Progress(done, total, time.perf_counter() - job["t0"])
+    left = p.remaining_s
+    text = (f"{done} / {total} scans · {p.rate:.1f} scans/s · "
+            + (f"about {left:.0f} s left" if left is not None else "estimating time left..."))
+    return (done / total if total else 1.0), text
+
+
+def advance(job: dict, bar) -> None:
+    """Pull rows for about CHUNK_SECONDS; each row is stored before any Streamlit call."""
+    deadline = time.monotonic() + CHUNK_SECONDS
+    rows = job["rows"]
+    while not job["stop"].is_set():
+        try:
+            row = next(job["gen"])
+        except StopIteration:
+            close_job(job, "done")
+            return
+        except Exception as exc:  # noqa: BLE001 - the engine failed: keep what is done
+            close_job(job, "failed")
+            job["error"] = exc
+            return
+        rows.append(row)
+        if len(rows) % BATCH_SIZE == 0:
+            bar.progress(*progress_text(job))
+            if time.monotonic() > deadline:
+                return
+
+
+def table_csv(rows, classes) -> str:
+    """The worklist CSV of ``rows`` (file names, predictions, flags; no DICOM tag values)."""
+    buf = io.StringIO()
+    write_csv(rows, classes, buf)
+    return buf.getvalue()
+
+
+def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
+    from medcls.report import render_report
+
+    return render_report(gray, explanation, pred, card, sha256, fmt=fmt,
+                         method_label=METHODS[HEATMAP_METHOD].label)
+
+
+def job_table(job: dict) -> pd.DataFrame:
+    """The rows as a DataFrame (index = row number), built once per finished job."""
+    if job["table"] is None or len(job["table"]) != len(job["rows"]):
+        records = [r.as_record(job["classes"]) for r in job["rows"]]
+        table = pd.DataFrame.from_records(records) if records else pd.DataFrame(
+            columns=["file", "predicted", "confidence", "needs_attention", "error"])
+        for col in ("series_number", "instance_number"):
+            if col in table:
+                table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
+        job["table"] = table
+    return job["table"]
+
+
+# ----------------------------------------------------------------------------- model
+
+models = ui.available_models()
+if not models:
+    ui.no_models_message()
+    st.stop()
+
+with st.sidebar:
+    st.header("Model")
+    task = ui.task_picker(key="batch_task")
+    task_models = ui.models_for_task(task)
+    model_path = st.selectbox("Model", [p for p, _ in task_models], key="batch_model",
+                              format_func=lambda p: ui.model_label(dict(task_models)[p]))
+    st.caption("Every scan is classified by this model; flags use its low-confidence "
+               "threshold and input gate (see its card).")
+
+job = st.session_state.get(JOB)
+if job is not None and job["state"] == "running" and job["stop"].is_set():
+    close_job(job, "stopped")  # Stop was clicked: its callback ran before this run
+running = bool(job and job["state"] == "running")
+
+
+def begin(make_sources, origin: str) -> None:
+    """Build the sources and start a job; refusals become messages, never traces."""
+    try:
+        sources = make_sources()
+    except (ArchiveRejectedError, MedclsError) as exc:  # PathNotAllowedError is a MedclsError
+        st.error(str(exc), icon="⛔")
+        return
+    except Exception as exc:  # noqa: BLE001
+        ui.show_error(exc, "The input")
+        return
+    if not sources:
+        st.warning("No files were found there (hidden files, DICOMDIR and labels.csv are "
+                   "skipped).")
+        return
+    try:
+        predictor = ui.load_predictor(model_path)
+    except Exception as exc:  # noqa: BLE001
+        ui.show_error(exc, "The model")
+        return
+    start_job(sources, origin, model_path, predictor)
+
+
+# ----------------------------------------------------------------------------- input
+
+server_tab, upload_tab = st.tabs(["Folder on the server", "Upload from this computer"])
+
+with server_tab:
+    root = scan_root()
+    st.caption(f"Allowed scan folder: `{root}`. Only folders inside it can be reviewed; "
+               "subfolders are searched (a DICOM series folder gives one row per file).")
+    folder = st.text_input("Folder (relative to the scan folder)", value=".", key="batch_folder",
+                           help="For example `study-2024/series-3`. `.` reviews the whole scan "
+                                "folder. Paths outside it (`..`, links pointing out, other "
+                                "absolute paths) are refused.")
+    root_ok = root.is_dir()
+    if not root_ok:
+        st.warning("The scan folder does not exist on this server. Set `MEDCLS_SCAN_ROOT` (or "
+                   "`scan_root` in `.streamlit/secrets.toml`) to the folder that holds the scans.")
+    if st.button("Review this folder", key="batch_start_folder", type="primary",
+                 disabled=running or not root_ok):
+        begin(lambda: folder_sources(root, folder.strip() or "."), f"folder `{folder.strip() or '.'}`")
+
+with upload_tab:
+    kind = st.radio("Upload", ["A folder", "Files or one .zip"], horizontal=True,
+                    key="batch_upload_kind")
+    if kind == "A folder":
+        uploads = st.file_uploader("Choose a folder; its subfolders are included",
+                                   accept_multiple_files="directory", key="batch_upload_dir")
+    else:
+        uploads = st.file_uploader("Choose scans (DICOM, PNG, JPEG, TIFF, BMP) or a .zip of them",
+                                   accept_multiple_files=True, key="batch_upload_files")
+    st.caption("Uploads stay in this session's memory; nothing is written to disk. A .zip is "
+               "checked before it is opened (no paths leaving it, no zip bombs).")
+    if st.button("Review the uploaded files", key="batch_start_upload", type="primary",
+                 disabled=running or not uploads):
+        begin(lambda: upload_sources(uploads), f"{len(uploads)} uploaded file(s)")
+
+job = st.session_state.get(JOB)
+
+# ----------------------------------------------------------------------------- progress
+
+if job is not None and job["state"] == "running":
+    bar = st.progress(*progress_text(job))
+    st.button("Stop", key="batch_stop", on_click=request_stop,
+              help="Stops after the batch in progress; the scans done so far are kept.")
+    advance(job, bar)
+    st.rerun()  # the next chunk after serving any click, or the results once finished
+
+if job is None:
+    st.info("Choose a folder on the server or upload scans, then start the review.")
+    st.stop()
+
+# ----------------------------------------------------------------------------- results
+
+rows, classes, card = job["rows"], job["classes"], job["card"]
+n_total = len(job["sources"])
+if job["state"] == "failed":
+    ui.show_error(job["error"], "The review")
+status = {"done": "finished", "stopped": "stopped", "failed": "ended by an error"}[job["state"]]
+st.subheader(f"Results: {job['origin']}")
+st.caption(f"{len(rows)} of {n_total} scans, {status} in {job['elapsed']:.1f} s · model "
+           f"{card['name']} v{card['version']}")
+if job["state"] == "stopped" and len(rows) < n_total:
+    st.warning(f"Stopped: {n_total - len(rows)} scans were not reviewed.")
+if not rows:
+    st.stop()
+
+s = summary(rows, classes)
+cols = st.columns(len(classes) + 1)
+cols[0].metric("Scans", s["total"])
+for col, c in zip(cols[1:], classes):
+    col.metric(c, s["per_class"][c])
+cols = st.columns(4)
+cols[0].metric("Needs attention", s["needs_attention"])
+cols[1].metric("Low confidence", s["low_confidence"])
+cols[2].metric("Outside training distribution", s["outside_distribution"])
+cols[3].metric("Unreadable", s["unreadable"])
+
+table = job_table(job)
+readable = table[table["error"].isna()]
+if len(readable):
+    threshold = float(card["low_confidence_threshold"])
+    fig = px.histogram(readable, x="confidence", color="predicted", nbins=20, range_x=[0, 1],
+                       category_orders={"predicted": list(classes)},
+                       labels={"confidence": "top calibrated probability", "predicted": "class"})
+    fig.add_vline(x=threshold, line_dash="dash", annotation_text="low-confidence threshold")
+    fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05,
+                      title="How sure the model is")
+    st.plotly_chart(fig, width="stretch", key="batch_hist")
+
+# ---------------------------------------------------------------- table
+f1, f2, f3 = st.columns([1, 2, 2])
+attention_only = f1.toggle("Needs attention only", key="batch_attention",
+                           help="Low confidence, outside the training distribution, or unreadable.")
+chosen = f2.multiselect("Predicted class", [*classes, "unreadable"], key="batch_classes",
+                        placeholder="All classes")
+name_filter = f3.text_input("File name contains", key="batch_name").strip()
+
+view = table
+if attention_only:
+    view = view[view["needs_attention"]]
+if chosen:
+    keep = view["predicted"].isin(chosen)
+    if "unreadable" in chosen:
+        keep |= view["error"].notna()
+    view = view[keep]
+if name_filter:
+    view = view[view["file"].str.contains(name_filter, case=False, regex=False)]
+
+prob_cols = [f"p_{c}" for c in classes]
+column_config = {
+    "file": st.column_config.TextColumn("File", width="medium"),
+    "predicted": st.column_config.TextColumn("Predicted"),
+    "confidence": st.column_config.ProgressColumn("Confidence", min_value=0.0, max_value=1.0,
+                                                  format="percent"),
+    **{f"p_{c}": st.column_config.ProgressColumn(f"P({c})", min_value=0.0, max_value=1.0,
+                                                 format="percent") for c in classes},
+    "outside_distribution": st.column_config.CheckboxColumn(
+        "Outside training distribution", help="The input gate says this scan does not look "
+        "like the model's training images."),
+    "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
+    "gate_score": st.column_config.NumberColumn("Gate distance", format="%.1f"),
+    "flags": st.column_config.TextColumn("Flags"),
+    "error": st.column_config.TextColumn("Error", width="medium"),
+    "series_number": st.column_config.NumberColumn("Series", format="%d"),
+    "instance_number": st.column_config.NumberColumn("Instance", format="%d"),
+    "modality": st.column_config.TextColumn("Modality"),
+}
+order = ["file", "predicted", "confidence", *prob_cols, "flags", "outside_distribution",
+         "low_confidence", "gate_score", "error", "modality", "series_number", "instance_number"]
+# the selection is positions in `view`: a new filter gets a new table (and no stale selection)
+view_key = hashlib.sha1(repr((attention_only, chosen, name_filter)).encode()).hexdigest()[:8]
+event = st.dataframe(view, key=f"batch_table_{job['id']}_{view_key}", hide_index=True,
+                     column_order=[c for c in order if c in view.columns],
+                     column_config=column_config, on_select="rerun",
+                     selection_mode="single-row", height=min(420, 38 + 35 * max(len(view), 1)))
+st.caption(f"{len(view)} of {len(table)} rows shown. Click a column header to sort; tick a "
+           "row to see its image and heatmap.")
+
+
+shown = [rows[i] for i in view.index]
+st.download_button(f"Download CSV ({len(shown)} rows shown)",
+                   data=lambda shown=shown, classes=classes: table_csv(shown, classes),
+                   file_name="medcls-review.csv", mime="text/csv", key="batch_csv",
+                   on_click="ignore",
+                   help="File names, predictions, probabilities, flags and series/instance "
+                        "numbers; no patient tags.")
+
+# ---------------------------------------------------------------- selected row
+selected = list(getattr(getattr(event, "selection", None), "rows", None) or [])
+if not selected or selected[0] >= len(view):
+    st.stop()
+index = int(view.index[selected[0]])
+row = rows[index]
+st.subheader(f"Selected: {row.file}")
+if row.error is not None:
+    st.error(f"This file could not be read: {row.error}", icon="⚠️")
+    st.stop()
+
+cache = st.session_state.setdefault(SELECTED, {})
+key = (job["id"], index, HEATMAP_METHOD)
+if key not in cache:
+    try:
+        with st.spinner("Reloading the scan and computing its heatmap..."):
+            scan = load_scan(job["sources"][index].read())
+            predictor = ui.load_predictor(job["model_path"])
+            explanation = predictor.explain(scan, HEATMAP_METHOD)
+    except Exception as exc:  # noqa: BLE001
+        ui.show_error(exc)
+        st.stop()
+    cache.clear()  # one selected scan per session
+    cache[key] = (scan, explanation)
+scan, explanation = cache[key]
+pred = explanation.prediction
+image = ui.display(scan, scan.window_center, scan.window_width)
+gray = image if image.ndim == 2 else image.mean(axis=2)
+
+c1, c2, c3 = st.columns([1, 1, 1.3])
+c1.image(image, width=THUMB_WIDTH, clamp=True,
+         caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px")
+c2.image(overlay(gray, explanation.heatmap, 0.45), width=THUMB_WIDTH,
+         caption=f"{METHODS[HEATMAP_METHOD].label} for “{explanation.class_name}”")
+with c3:
+    kind, text = ui.confidence_statement(pred)
+    getattr(st, kind)(text)
+    st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
+                    key="batch_probs")
+    for fmt in ("pdf", "png"):  # built on click; no file name or patient tag goes in
+        st.download_button(
+            f"Report for this scan ({fmt.upper()})",
+            data=lambda fmt=fmt, args=(gray, explanation, pred, card, scan.sha256):
+                scan_report(*args, fmt=fmt),
+            file_name=f"medcls-report-{scan.short_id}.{fmt}", on_click="ignore",
+            mime="application/pdf" if fmt == "pdf" else "image/png", key=f"batch_report_{fmt}")
