@@ -21,12 +21,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import MedclsError, PathNotAllowedError
 from .inference import Predictor, StreamItem
-from .scan import load_scan
+from .scan import MAX_FILE_BYTES, load_scan
 
 SKIP_NAMES = {"DICOMDIR", "labels.csv", "Thumbs.db", ".DS_Store"}
 ZIP_MAX_MEMBERS = 20_000
 ZIP_MAX_TOTAL_BYTES = 4 << 30  # declared uncompressed size of all members
 ZIP_MAX_RATIO = 200  # uncompressed / compressed size of one member
+ZIP_MAX_MEMBER_BYTES = MAX_FILE_BYTES  # declared size of one member: the limit of a file on disk
 
 
 class ArchiveRejectedError(MedclsError):
@@ -51,8 +52,8 @@ def resolve_inside(root: str | Path, user_path: str | Path) -> Path:
     candidate = raw if raw.is_absolute() else root_r / raw
     try:
         resolved = candidate.resolve(strict=True)
-    except (FileNotFoundError, RuntimeError, OSError):
-        raise PathNotAllowedError("That folder does not exist inside the allowed scan folder.") from None
+    except (FileNotFoundError, RuntimeError, OSError, ValueError):  # ValueError: a NUL byte
+        raise PathNotAllowedError("That path does not exist inside the allowed scan folder.") from None
     if resolved != root_r and root_r not in resolved.parents:
         raise PathNotAllowedError("That path is outside the allowed scan folder; only folders "
                                   "inside it can be reviewed.")
@@ -102,7 +103,8 @@ def upload_sources(files: Iterable) -> list[Source]:
 
 
 def zip_sources(data: bytes, prefix: str = "", max_members: int = ZIP_MAX_MEMBERS,
-                max_total: int = ZIP_MAX_TOTAL_BYTES, max_ratio: int = ZIP_MAX_RATIO) -> list[Source]:
+                max_total: int = ZIP_MAX_TOTAL_BYTES, max_ratio: int = ZIP_MAX_RATIO,
+                max_member: int = ZIP_MAX_MEMBER_BYTES) -> list[Source]:
     """The members of a zip archive, checked before anything is expanded."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
@@ -120,6 +122,10 @@ def zip_sources(data: bytes, prefix: str = "", max_members: int = ZIP_MAX_MEMBER
             raise ArchiveRejectedError("The .zip contains a file name that points outside the "
                                        "archive (absolute or '..'); it was refused.")
         total += info.file_size
+        if info.file_size > max_member:
+            raise ArchiveRejectedError(f"A file in the .zip expands to {info.file_size / 2**20:.0f} MB, "
+                                       f"more than the {max_member / 2**20:.0f} MB accepted for one "
+                                       "file; it was refused.")
         if info.file_size > max_ratio * max(info.compress_size, 1) and info.file_size > (1 << 20):
             raise ArchiveRejectedError("The .zip looks like a zip bomb (a member expands more than "
                                        f"{max_ratio}x); it was refused without being expanded.")

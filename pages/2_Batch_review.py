@@ -11,9 +11,10 @@ How a run proceeds and how Stop really stops
 A review is a *job* kept in ``st.session_state["batch_job"]``: its sources, the
 :func:`medcls.review.run_review` generator, the rows so far and a ``threading.Event``.
 Each script run advances the generator for about ``CHUNK_SECONDS`` (one batch at least),
-updating the progress bar after every batch, then calls ``st.rerun()``. So the script hands
-control back to Streamlit every second or so: the page stays responsive and a click on any
-widget is served between two chunks.
+updating the progress bar after every batch, then calls ``st.rerun()``. A click on any
+widget makes Streamlit interrupt the running chunk at its next Streamlit call (the progress
+update after the batch in progress) and rerun the script, so the page answers within about
+one batch; the new run picks the job up where it was.
 
 The Stop button's ``on_click`` callback sets the job's Event. Callbacks run before the script
 on the next run, so that run sees the Event and closes the generator (which stops feeding
@@ -50,7 +51,7 @@ from medcls.saliency import METHODS, overlay
 
 BATCH_SIZE = 16
 WORKERS = 2
-CHUNK_SECONDS = 1.0
+CHUNK_SECONDS = 3.0
 HEATMAP_METHOD = "gradcam"
 THUMB_WIDTH = 300
 JOB = "batch_job"
