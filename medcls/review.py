@@ -261,10 +261,21 @@ def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out) -> None:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in rows:
-            w.writerow(r.as_record(classes))
+            rec = r.as_record(classes)
+            rec["file"] = _no_formula(rec["file"])
+            rec["error"] = _no_formula(rec["error"])
+            w.writerow(rec)
     finally:
         if own:
             fh.close()
+
+
+def _no_formula(text):
+    """Spreadsheets run cells starting with = + - @ as formulas: quote such text (OWASP CSV
+    injection)."""
+    if isinstance(text, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + text
+    return text
 
 
 # ----------------------------------------------------------------------------- CLI

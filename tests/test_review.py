@@ -391,3 +391,16 @@ def test_outputs_are_numpy_free(review):
         for v in r.probabilities.values():
             assert type(v) is float
         assert not isinstance(r.confidence, np.ndarray)
+
+
+def test_csv_quotes_names_that_spreadsheets_would_run_as_formulas():
+    import io
+
+    from medcls.review import ReviewRow, write_csv
+
+    buf = io.StringIO()
+    write_csv([ReviewRow("=HYPERLINK(\"x\").dcm", None, None, {}, False, False, None, "bad")], ["a", "b"], buf)
+    import csv
+
+    row = next(csv.DictReader(io.StringIO(buf.getvalue())))
+    assert row["file"] == "'=HYPERLINK(\"x\").dcm"
