@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
                       weights=args.weights, cache_dir=args.cache_dir, max_train=args.max_train,
                       task_description=args.task_description,
                       preprocess=json.loads(args.preprocess) if args.preprocess else {},
-                      label_smoothing=args.label_smoothing, ema=args.ema,
+                      label_smoothing=args.label_smoothing, ema=args.ema, box_loss=args.box_loss,
                       fine_tune_from=args.fine_tune_from,
                       limits=json.loads(Path(args.limits).read_text()) if args.limits else [])
     if cfg.arch == "mobilenet-tl" and not cfg.weights:
@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="first backbone layer unfrozen in the fine-tuning phase (mobilenet-tl)")
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
+    t.add_argument("--box-loss", type=float, default=0.0,
+                   help="weight of the tumour-box localisation loss (labels.csv box columns)")
     t.add_argument("--cache-dir", default=".cache/medcls")
     t.add_argument("--max-train", type=int, help="use only this many training images (smoke runs)")
     t.add_argument("--limits", help="JSON file with the card's list of limits")

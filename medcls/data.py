@@ -200,39 +200,104 @@ def cached_arrays(dataset: Dataset, records: Sequence[Record], spec: PreprocessS
 # ----------------------------------------------------------------------------- tf.data
 
 def augmentation(seed: int = 0):
-    """MRI-safe augmentation: small rotations and shifts, zoom, brightness/contrast, horizontal
-    flip (fine for axial slices). Operates on images in [0, 1]."""
+    """MRI-safe augmentation as two stages: geometric (horizontal flip, fine for axial slices;
+    rotation up to about 15 degrees; shifts of 6%; zoom of 10%), applied alike to the image and
+    any extra channels stacked on it (a tumour-box mask), and photometric (contrast 20%,
+    brightness 10%), applied to the image only. Images are in [0, 1]."""
     import keras
 
-    return keras.Sequential([
+    geometric = keras.Sequential([
         keras.layers.RandomFlip("horizontal", seed=seed),
-        keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),  # about +-15 degrees
+        keras.layers.RandomRotation(0.04, fill_mode="constant", seed=seed + 1),
         keras.layers.RandomTranslation(0.06, 0.06, fill_mode="constant", seed=seed + 2),
         keras.layers.RandomZoom((-0.1, 0.1), fill_mode="constant", seed=seed + 3),
+    ], name="augment_geometric")
+    photometric = keras.Sequential([
         keras.layers.RandomContrast(0.2, seed=seed + 4),
         keras.layers.RandomBrightness(0.1, value_range=(0.0, 1.0), seed=seed + 5),
-    ], name="augment")
+    ], name="augment_photometric")
+    return geometric, photometric
 
 
 def tf_dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, training: bool,
-               seed: int = 0):
-    """A tf.data pipeline over preprocessed arrays: shuffle and augment when training, batched,
-    prefetched, map steps in parallel."""
+               seed: int = 0, sample_weight: np.ndarray | None = None,
+               box_masks: np.ndarray | None = None, grid: int | None = None, clip: bool = True):
+    """A tf.data pipeline over preprocessed arrays: shuffled and augmented when training,
+    batched, prefetched, map steps in parallel.
+
+    With ``box_masks`` (N, S, S) the masks are augmented with the image and the labels become
+    ``(y, box_targets)``: per class channel on a ``grid`` x ``grid`` map, +1 inside the tumour box
+    and -1 outside for the true class, 0 elsewhere and for images without a box (see
+    :func:`medcls.train.box_energy_loss`).
+    """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y) if y is not None else x)
+    tensors = [x, y]
+    if box_masks is not None:
+        tensors.append(box_masks.astype(np.float32)[..., None])
+    if sample_weight is not None:
+        tensors.append(sample_weight.astype(np.float32))
+    ds = tf.data.Dataset.from_tensor_slices(tuple(tensors))
     if training:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=False)
-    if training:
-        aug = augmentation(seed)
+    geometric, photometric = augmentation(seed)
+    channels = x.shape[-1]
+    pool = x.shape[1] // grid if grid else 1
 
-        def _aug(img, label):
-            out = tf.clip_by_value(aug(img, training=True), 0.0, 1.0)
-            return out, label
+    def _map(*t):
+        img, label = t[0], t[1]
+        mask = t[2] if box_masks is not None else None
+        sw = t[-1] if sample_weight is not None else None
+        if training:
+            stacked = img if mask is None else tf.concat([img, mask], axis=-1)
+            stacked = geometric(stacked, training=True)
+            img = photometric(stacked[..., :channels], training=True)
+            if clip:
+                img = tf.clip_by_value(img, 0.0, 1.0)
+            if mask is not None:
+                mask = stacked[..., channels:]
+        if mask is not None:
+            cell = tf.nn.max_pool2d(tf.cast(mask > 0.5, tf.float32), pool, pool, "VALID")  # any overlap
+            has_box = tf.cast(tf.reduce_max(cell, axis=[1, 2, 3]) > 0, tf.float32)[:, None, None, None]
+            signed = (2.0 * cell - 1.0) * has_box  # +1 inside, -1 outside, 0 without a box
+            label = (label, signed * label[:, None, None, :])
+        return (img, label) if sw is None else (img, label, sw)
 
-        ds = ds.map(_aug, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def box_masks(dataset: "Dataset", records: Sequence[Record], spec: PreprocessSpec,
+              cache_dir: str | Path | None = None, workers: int = 2) -> np.ndarray:
+    """(N, S, S) uint8 masks of the records' tumour boxes on the model grid (zeros without a
+    box), through the same geometry as the preprocessed images; cached like the arrays."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = hashlib.sha256((dataset.fingerprint(records) + spec.to_json() + "boxes").encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{dataset.name}-{key}-boxes.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        return np.load(path)
+    S = spec.input_size
+
+    def one(rec: Record) -> np.ndarray:
+        m = np.zeros((S, S), np.uint8)
+        if rec.box is None:
+            return m
+        g = preprocess(dataset.scan(rec), spec).geometry
+        H, W = g.original_shape
+        xc, yc, bw, bh = rec.box
+        x0, y0, x1, y1 = g.box_to_grid(((xc - bw / 2) * W, (yc - bh / 2) * H,
+                                        (xc + bw / 2) * W, (yc + bh / 2) * H))
+        m[max(0, int(np.floor(y0))):min(S, int(np.ceil(y1))), max(0, int(np.floor(x0))):min(S, int(np.ceil(x1)))] = 1
+        return m
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        masks = np.stack(list(pool.map(one, records)))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, masks)
+    return masks
 
 
 def iter_scans(dataset: Dataset, records: Iterable[Record]) -> Iterable[tuple[Record, Scan]]:

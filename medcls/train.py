@@ -23,7 +23,7 @@ import numpy as np
 
 from .architectures import get_architecture, set_backbone_trainable
 from .calibration import InputGate, expected_calibration_error, fit_temperature, probabilities
-from .data import Dataset, cached_arrays, load_dataset, tf_dataset
+from .data import Dataset, box_masks, cached_arrays, load_dataset, tf_dataset
 from .errors import DatasetError
 from .evaluate import classification_report, write_report
 from .package import save_package
@@ -71,40 +71,78 @@ class TrainConfig:
     preprocess: dict = field(default_factory=dict)  # PreprocessSpec overrides, e.g. {"crop": False}
     label_smoothing: float = 0.0
     ema: bool = False  # exponential moving average of the weights, evaluated each epoch
+    box_loss: float = 0.0  # weight of the tumour-box localisation loss (needs boxes in labels.csv)
 
 
 class MacroF1Checkpoint:
-    """Keras callback: macro-F1 on the validation arrays after each epoch; keeps the best weights
+    """Keras callback: validation loss, accuracy and macro-F1 of ``eval_model`` after each epoch
+    (after the EMA weights are swapped in, when EMA is on); keeps the best weights by macro-F1
     and stops after ``patience`` epochs without improvement."""
 
     def __new__(cls, *args, **kwargs):  # build the subclass lazily so importing needs no keras
         import keras
-        from sklearn.metrics import f1_score
+        from sklearn.metrics import accuracy_score, f1_score
+
+        from .calibration import nll
 
         class _Cb(keras.callbacks.Callback):
-            def __init__(self, x_val, y_val, patience, batch_size, history):
+            def __init__(self, eval_model, x_val, y_val, patience, batch_size, history):
                 super().__init__()
+                self.eval_model = eval_model
                 self.x_val, self.y_val, self.patience = x_val, y_val, patience
                 self.batch_size, self.history = batch_size, history
                 self.best, self.best_weights, self.wait = -1.0, None, 0
 
             def on_epoch_end(self, epoch, logs=None):
-                logits = self.model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
-                f1 = float(f1_score(self.y_val, logits.argmax(1), average="macro"))
+                logits = self.eval_model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
+                pred = logits.argmax(1)
                 logs = dict(logs or {})
-                logs["val_macro_f1"] = f1
+                logs.update(val_loss=nll(logits, self.y_val), val_accuracy=accuracy_score(self.y_val, pred),
+                            val_macro_f1=float(f1_score(self.y_val, pred, average="macro")))
                 self.history.append({k: float(v) for k, v in logs.items()} | {"epoch": len(self.history) + 1})
                 log.info("epoch %d: %s", len(self.history),
                          ", ".join(f"{k}={v:.4f}" for k, v in logs.items()))
-                if f1 > self.best + 1e-4:
-                    self.best, self.wait = f1, 0
-                    self.best_weights = [w.copy() for w in self.model.get_weights()]
+                if logs["val_macro_f1"] > self.best + 1e-4:
+                    self.best, self.wait = logs["val_macro_f1"], 0
+                    self.best_weights = [w.copy() for w in self.eval_model.get_weights()]
                 else:
                     self.wait += 1
                     if self.wait >= self.patience:
                         self.model.stop_training = True
 
         return _Cb(*args, **kwargs)
+
+
+def box_energy_loss(targets, class_maps):
+    """Localisation loss: the share of the true class's positive evidence (its class activation
+    map, which Grad-CAM reproduces for this head) that falls outside the tumour box.
+
+    ``targets`` (B, h, w, K): +1 inside and -1 outside the box on the true class's channel, 0
+    elsewhere and for images without a box (which then add no loss)."""
+    from keras import ops
+
+    evidence = ops.relu(class_maps)
+    on_true = ops.abs(targets)
+    total = ops.sum(evidence * on_true, axis=(1, 2, 3))
+    outside = ops.sum(evidence * ops.relu(-targets), axis=(1, 2, 3))
+    has_box = ops.cast(ops.sum(on_true, axis=(1, 2, 3)) > 0, "float32")
+    return has_box * outside / (total + 1e-6)
+
+
+def _class_maps_model(model, cam_layer: str):
+    """A training view of ``model`` with a second output: the class activation maps
+    ``last_conv . W_logits + b`` (the same weights as the logits layer)."""
+    import keras
+    from keras import ops
+
+    dense = model.get_layer("logits")
+
+    class ClassMaps(keras.layers.Layer):
+        def call(self, features):
+            return ops.einsum("bhwk,kc->bhwc", features, dense.kernel) + dense.bias
+
+    maps = ClassMaps(name="class_maps")(model.get_layer(cam_layer).output)
+    return keras.Model(model.input, [model.output, maps], name=model.name + "_train")
 
 
 def _plot_history(history: list[dict], path: Path) -> None:
@@ -115,11 +153,11 @@ def _plot_history(history: list[dict], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), dpi=100)
-    axes[0].plot(ep, [h.get("loss") for h in history], label="train loss")
+    axes[0].plot(ep, [h.get("logits_loss", h.get("loss")) for h in history], label="train loss")
     axes[0].plot(ep, [h.get("val_loss") for h in history], label="val loss")
     axes[0].set_xlabel("epoch")
     axes[0].legend()
-    axes[1].plot(ep, [h.get("accuracy") for h in history], label="train accuracy")
+    axes[1].plot(ep, [h.get("accuracy", h.get("logits_accuracy")) for h in history], label="train accuracy")
     axes[1].plot(ep, [h.get("val_accuracy") for h in history], label="val accuracy")
     axes[1].plot(ep, [h.get("val_macro_f1") for h in history], label="val macro-F1")
     axes[1].set_xlabel("epoch")
@@ -168,36 +206,46 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     cw = compute_class_weight("balanced", classes=np.arange(len(dataset.classes)), y=labels["train"])
     class_weight = {i: float(w) for i, w in enumerate(cw)}
     n_classes = len(dataset.classes)
-    onehot = {s: np.eye(n_classes, dtype=np.float32)[labels[s]] for s in labels}
-    train_ds = tf_dataset(arrays["train"], onehot["train"], cfg.batch_size, training=True, seed=cfg.seed)
+    onehot = np.eye(n_classes, dtype=np.float32)[labels["train"]]
+    masks = None
+    if cfg.box_loss:
+        if not any(r.box for r in recs["train"]):
+            raise DatasetError("--box-loss needs tumour boxes (box_xc, box_yc, box_w, box_h) in labels.csv.")
+        masks = box_masks(dataset, recs["train"], spec, cfg.cache_dir, cfg.workers)
 
     strategy = tf.distribute.get_strategy()
     history: list[dict] = []
     with strategy.scope():
         kwargs = {"weights": cfg.weights} if cfg.arch == "mobilenet-tl" else {}
-        model = arch.build(size, len(dataset.classes), channels=3, **kwargs)
+        model = arch.build(size, n_classes, channels=3, **kwargs)
+        train_model = _class_maps_model(model, arch.cam_layer) if cfg.box_loss else model
+        grid = int(model.get_layer(arch.cam_layer).output.shape[1])
+        train_ds = tf_dataset(arrays["train"], onehot, cfg.batch_size, training=True, seed=cfg.seed,
+                              sample_weight=cw[labels["train"]], box_masks=masks, grid=grid,
+                              clip=spec.normalize == "minmax")
         phases = [("train", cfg.epochs, cfg.lr)]
         if cfg.arch == "mobilenet-tl":
             set_backbone_trainable(model, False)
             phases = [("head", max(1, cfg.epochs // 3), cfg.lr), ("fine-tune", cfg.fine_tune_epochs, cfg.fine_tune_lr)]
+        ce = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=cfg.label_smoothing)
         for phase, epochs, lr in phases:
             if phase == "fine-tune":
                 set_backbone_trainable(model, True, from_layer=cfg.fine_tune_from)
             steps = max(1, int(np.ceil(len(arrays["train"]) / cfg.batch_size))) * epochs
             schedule = keras.optimizers.schedules.CosineDecay(lr, decay_steps=steps, alpha=0.05)
-            model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4,
-                                                           use_ema=cfg.ema, ema_momentum=0.99),
-                          loss=keras.losses.CategoricalCrossentropy(from_logits=True,
-                                                                    label_smoothing=cfg.label_smoothing),
-                          metrics=["accuracy"])
-            cb = MacroF1Checkpoint(arrays["val"], labels["val"], cfg.patience, cfg.batch_size, history)
-            # with EMA, the averaged weights are swapped in before the macro-F1 checkpoint looks
+            train_model.compile(
+                optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4,
+                                                 use_ema=cfg.ema, ema_momentum=0.99),
+                loss=[ce, box_energy_loss] if cfg.box_loss else ce,
+                loss_weights=[1.0, cfg.box_loss] if cfg.box_loss else None,
+                metrics=[["accuracy"], []] if cfg.box_loss else ["accuracy"])
+            cb = MacroF1Checkpoint(model, arrays["val"], labels["val"], cfg.patience, cfg.batch_size, history)
+            # with EMA, the averaged weights are swapped in before the checkpoint evaluates
             callbacks = ([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if cfg.ema else []) + [cb]
             log.info("phase %s: %d epochs, lr %g, %d trainable weights", phase, epochs, lr,
                      len(model.trainable_weights))
-            model.fit(train_ds, validation_data=(arrays["val"], onehot["val"]), epochs=epochs,
-                      class_weight=class_weight, callbacks=callbacks,
-                      verbose=1 if sys.stderr.isatty() else 2)
+            train_model.fit(train_ds, epochs=epochs, callbacks=callbacks,
+                            verbose=1 if sys.stderr.isatty() else 2)
             if cb.best_weights is not None:
                 model.set_weights(cb.best_weights)
             for h in history:
@@ -251,6 +299,9 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "label_smoothing": cfg.label_smoothing,
+            "box_loss": cfg.box_loss,
+            "box_supervision": ("auxiliary loss on the share of the true class's activation map "
+                                "outside the tumour box (train-split boxes only)") if cfg.box_loss else None,
             "weight_ema": cfg.ema,
             "fine_tune_from": cfg.fine_tune_from if cfg.arch == "mobilenet-tl" else None,
             "augmentation": "horizontal flip, rotation +-15 deg, shift 6%, zoom 10%, contrast 20%, brightness 10%",
