@@ -17,17 +17,11 @@ st.title("MedCLS · scan classification")
 st.caption("Research tool for clinicians and ML engineers. Not a diagnostic device: every "
            "result needs a clinician's review.")
 
-models = ui.available_models()
-if not models:
-    ui.no_models_message()
-    st.stop()
+ui.require_models()
 
 with st.sidebar:
     st.header("Model")
-    task = ui.task_picker()
-    task_models = ui.models_for_task(task)
-    model_path = st.selectbox("Model", [p for p, _ in task_models], key="model",
-                              format_func=lambda p: ui.model_label(dict(task_models)[p]))
+    model_path = ui.pick_model("model")
     st.header("Heatmap")
     method = ui.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")

@@ -73,9 +73,20 @@ def models_for_task(task: str) -> list[tuple[str, dict]]:
     return sorted(models, key=lambda pc: (not pc[1]["name"].endswith("-default"), pc[1]["name"]))
 
 
-def no_models_message() -> None:
-    st.error(f"No model packages found in `{models_root()}`. Each model is a folder with "
-             "`model.keras` and `card.json` (see the README: `python -m medcls train ...`).")
+def require_models() -> None:
+    """Stop the page with a clear message when no model package is installed."""
+    if not available_models():
+        st.error(f"No model packages found in `{models_root()}`. Each model is a folder with "
+                 "`model.keras` and `card.json` (see the README: `python -m medcls train ...`).")
+        st.stop()
+
+
+def pick_model(key: str) -> str:
+    """Task and model pickers (call inside ``st.sidebar``); returns the chosen model folder."""
+    task = task_picker(key=f"{key}_task")
+    task_models = models_for_task(task)
+    return st.selectbox("Model", [p for p, _ in task_models], key=key,
+                        format_func=lambda p: model_label(dict(task_models)[p]))
 
 
 # ----------------------------------------------------------------------------- scans

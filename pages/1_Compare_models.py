@@ -81,9 +81,7 @@ def recall_chart(cards: list[dict]) -> go.Figure:
 
 # ----------------------------------------------------------------------------- models
 
-if not ui.available_models():
-    ui.no_models_message()
-    st.stop()
+ui.require_models()
 
 with st.sidebar:
     st.header("Models")

@@ -173,17 +173,11 @@ def job_table(job: dict) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- model
 
-models = ui.available_models()
-if not models:
-    ui.no_models_message()
-    st.stop()
+ui.require_models()
 
 with st.sidebar:
     st.header("Model")
-    task = ui.task_picker(key="batch_task")
-    task_models = ui.models_for_task(task)
-    model_path = st.selectbox("Model", [p for p, _ in task_models], key="batch_model",
-                              format_func=lambda p: ui.model_label(dict(task_models)[p]))
+    model_path = ui.pick_model("batch_model")
     st.caption("Every scan is classified by this model; flags use its low-confidence "
                "threshold and input gate (see its card).")
 
