@@ -1,0 +1,114 @@
+"""The upload-and-view page (app.py) through Streamlit's AppTest. AppTest cannot drive the file
+uploader; the page reads the open scan from ``st.session_state["scan_bytes"]`` (where an upload
+lands), so the tests put real files there."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from conftest import PROJECT_ROOT, require
+
+APP = str(PROJECT_ROOT / "app.py")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _models():
+    require(PROJECT_ROOT / "models" / "brain-mri-default")
+
+
+def run(data: bytes | None = None, **state) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=180)
+    if data is not None:
+        at.session_state["scan_bytes"] = data
+    for k, v in state.items():
+        at.session_state[k] = v
+    return at.run()
+
+
+def texts(at) -> str:
+    return " | ".join(str(x.value) for kind in (at.subheader, at.error, at.warning, at.success,
+                                                 at.info, at.caption, at.markdown) for x in kind)
+
+
+def brain_file(data_dir, label="glioma"):
+    with open(data_dir / "brain-mri" / "labels.csv", newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["split"] == "test" and r["label"] == label)
+    return data_dir / "brain-mri" / row["file"]
+
+
+def test_page_without_a_scan_offers_the_upload():
+    at = run()
+    assert not at.exception
+    assert any("Upload a scan" in i.value for i in at.info)
+    labels = [s.label for s in at.selectbox]
+    assert {"Task", "Model", "Heatmap method"} <= set(labels)
+    assert [s.label for s in at.slider] == ["Overlay opacity"]
+    model = next(s for s in at.selectbox if s.label == "Model")
+    assert any("brain-mri-default" in str(o) for o in model.options)
+
+
+def test_brain_jpeg_prediction_heatmap_and_card(data_dir):
+    from medcls.inference import Predictor
+
+    path = brain_file(data_dir)
+    expected = Predictor.from_path(PROJECT_ROOT / "models" / "brain-mri-default").predict_file(path)
+    at = run(path.read_bytes())
+    assert not at.exception, texts(at)
+    heads = [s.value for s in at.subheader]
+    assert f"Prediction: {expected.label}" in heads or expected.outside_training_distribution
+    assert any(h.startswith("Heatmap · Grad-CAM") for h in heads)
+    assert len(at.get("plotly_chart")) == 1
+    assert len(at.get("image")) == 2  # the scan and the heatmap overlay, side by side
+    assert f"{expected.confidence:.0%}" in texts(at)
+    expanders = [e.label for e in at.expander]
+    assert any("Model card" in e for e in expanders) and any("metadata" in e for e in expanders)
+    assert any("Test split" in m.value for m in at.markdown)
+    assert len(at.get("download_button")) == 2
+
+
+def test_method_switch_recomputes_the_heatmap(data_dir):
+    at = run(brain_file(data_dir, "meningioma").read_bytes())
+    at.selectbox(key="method").set_value("gradcam++").run()
+    assert not at.exception
+    assert any(s.value.startswith("Heatmap · Grad-CAM++") for s in at.subheader)
+    at.selectbox(key="method").set_value("scorecam").run()
+    assert any(s.value.startswith("Heatmap · Score-CAM") for s in at.subheader)
+
+
+def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
+    from medcls import identifying_attributes
+
+    path = data_dir / "dicom" / "mprage-series" / "100.dcm"
+    name = identifying_attributes(path)["PatientName"]
+    at = run(path.read_bytes())
+    assert not at.exception, texts(at)
+    assert "Window preset" in [s.label for s in at.selectbox]
+    assert {"Level (centre)", "Window (width)"} <= {s.label for s in at.slider}
+    assert any("mm²" in c.value for c in at.caption)  # pixel spacing known: area in mm²
+    assert name not in str([j.value for j in at.json])
+    at.toggle(key="show_phi").set_value(True).run()
+    assert name in str([j.value for j in at.json])
+    at.toggle(key="show_phi").set_value(False).run()
+    assert name not in str([j.value for j in at.json])
+
+
+def test_chest_radiograph_to_the_brain_model_triggers_the_input_gate(data_dir):
+    with open(require(data_dir / "chest-xray" / "labels.csv"), newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["split"] == "test")
+    at = run((data_dir / "chest-xray" / row["file"]).read_bytes())
+    assert not at.exception
+    assert any("Outside what this model was trained on" in e.value for e in at.error), texts(at)
+    assert any("withheld" in s.value for s in at.subheader)
+
+
+def test_unreadable_file_gives_a_message_and_the_session_goes_on(data_dir):
+    at = run(b"just some text, not a scan")
+    assert not at.exception
+    assert any("not an image or DICOM" in e.value for e in at.error)
+    at.session_state["scan_bytes"] = brain_file(data_dir).read_bytes()
+    at.run()
+    assert not at.exception and not at.error
+    assert any(s.value.startswith("Prediction") for s in at.subheader)
