@@ -145,7 +145,7 @@ def main(argv=None):
             "batch_scans_per_s": default["batch_scans_per_s"], "naive_scans_per_s": default["naive_scans_per_s"],
             "cold_start_s": default["cold_start_s"],
         })
-    app = ROOT / "bench" / "results" / "app_start.json"
+    app = ROOT / "test-output" / "app_start.json"  # written by tests/test_browser.py
     if app.is_file():
         result["app_first_prediction_s"] = json.loads(app.read_text()).get("first_prediction_s")
     md = ["# Speed (2-core CPU)", "",

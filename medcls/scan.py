@@ -184,8 +184,11 @@ def load_scan(src: Source, frame: int = 0) -> Scan:
 
 # ----------------------------------------------------------------------------- raster
 
-def _raster_size(data: bytes) -> tuple[int, int, int]:
-    """Width, height and frame count from the header alone (Pillow reads no pixels here)."""
+def _raster_size(data: bytes, fmt: str | None = None) -> tuple[int, int, int]:
+    """Width, height and frame count from the header alone (Pillow reads no pixels here).
+
+    Pillow cannot open every TIFF OpenCV decodes (float64, or 3-4 samples of int16/float32):
+    for those the first image directory is read directly (:func:`_tiff_size`)."""
     from PIL import Image
 
     try:
@@ -196,13 +199,63 @@ def _raster_size(data: bytes) -> tuple[int, int, int]:
                 return int(im.size[0]), int(im.size[1]), int(getattr(im, "n_frames", 1))
     except Exception as exc:  # noqa: BLE001 - any failure means a damaged header
         log.debug("image header unreadable: %s", type(exc).__name__)
+        size = _tiff_size(data) if fmt == "tiff" else None
+        if size is not None:
+            return size
         raise UnreadableScanError("The image file is damaged: its header cannot be read.") from None
+
+
+_TIFF_TYPES = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}  # SHORT, LONG, LONG8 (BigTIFF)
+
+
+def _tiff_size(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, 1) from the first image directory of a TIFF, or None when it is not
+    readable. Refused (ScanTooLargeError) when the declared samples would decode to more bytes
+    than the largest PNG medcls accepts (MAX_PIXELS of 4 samples of 16 bits)."""
+    import struct
+
+    try:
+        order = {b"II": "<", b"MM": ">"}[data[:2]]
+        magic = struct.unpack(order + "H", data[2:4])[0]
+        if magic == 42:
+            offset = struct.unpack(order + "I", data[4:8])[0]
+            count_fmt, entry_size, value_size = "H", 12, 4
+        elif magic == 43:  # BigTIFF
+            offset = struct.unpack(order + "Q", data[8:16])[0]
+            count_fmt, entry_size, value_size = "Q", 20, 8
+        else:
+            return None
+        n_size = struct.calcsize(count_fmt)
+        n = struct.unpack(order + count_fmt, data[offset:offset + n_size])[0]
+        tags: dict[int, int] = {}
+        for i in range(min(int(n), 4096)):
+            e = offset + n_size + i * entry_size
+            tag, typ = struct.unpack(order + "HH", data[e:e + 4])
+            if tag in (256, 257, 258, 277) and typ in _TIFF_TYPES:
+                code, size = _TIFF_TYPES[typ]
+                count_size = value_size
+                count = struct.unpack(order + ("I" if count_size == 4 else "Q"),
+                                      data[e + 4:e + 4 + count_size])[0]
+                value_at = e + 4 + count_size
+                if count * size > value_size:  # stored elsewhere: the first value is enough
+                    pointer = struct.unpack(order + ("I" if value_size == 4 else "Q"),
+                                            data[value_at:value_at + value_size])[0]
+                    value_at = pointer
+                tags[tag] = struct.unpack(order + code, data[value_at:value_at + size])[0]
+        width, height = int(tags[256]), int(tags[257])
+    except (KeyError, struct.error, IndexError, ValueError, OverflowError):
+        return None
+    bits, samples = int(tags.get(258, 8)), int(tags.get(277, 1))
+    if width * height * max(1, samples) * max(1, bits) > MAX_PIXELS * 4 * 16:
+        raise ScanTooLargeError(f"The image declares {width}x{height} pixels of {samples} "
+                                f"x {bits} bits, more than medcls decodes; it was not opened.")
+    return width, height, 1
 
 
 def _load_raster(data: bytes, fmt: str, digest: str) -> Scan:
     import cv2
 
-    width, height, _ = _raster_size(data)
+    width, height, _ = _raster_size(data, fmt)
     if width * height > MAX_PIXELS:
         raise ScanTooLargeError(
             f"The image declares {width}x{height} pixels, more than medcls decodes "
@@ -226,7 +279,7 @@ def _load_raster(data: bytes, fmt: str, digest: str) -> Scan:
             img = np.ascontiguousarray(img[:, :, 0])
     photometric = "RGB" if img.ndim == 3 else "MONOCHROME2"
     bits = 16 if img.dtype == np.uint16 else 8 if img.dtype == np.uint8 else 32
-    values = img.astype(np.float32)
+    values = _finite_values(img.astype(np.float32))
     center, width_ = _percentile_window(values)
     return Scan(
         pixels=img, values=values, source_format=fmt, modality="OT", photometric=photometric,
@@ -238,9 +291,32 @@ def _load_raster(data: bytes, fmt: str, digest: str) -> Scan:
     )
 
 
+#: Modality values are clamped to +-this: far beyond any real scan, and small enough that
+#: windowing arithmetic in float32 cannot overflow to inf (and inf - inf to NaN).
+_VALUE_LIMIT = 1e30
+
+
+def _finite_values(values: np.ndarray) -> np.ndarray:
+    """``values`` (float32) with NaN/inf replaced by the finite extremes and clamped to
+    +-_VALUE_LIMIT, so windows and model inputs stay finite. A float image (TIFF, DICOM float
+    pixel data) may hold NaN for masked pixels; a broken rescale may give inf. Refused when not
+    one value is finite: there is no image to show."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        if not finite.any():
+            raise UnreadableScanError("The image holds no valid pixel values (all are "
+                                      "not-a-number or infinite).")
+        lo, hi = float(values[finite].min()), float(values[finite].max())
+        values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    if values.size and (float(values.min()) < -_VALUE_LIMIT or float(values.max()) > _VALUE_LIMIT):
+        values = np.clip(values, -_VALUE_LIMIT, _VALUE_LIMIT)
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
 def _is_gray(rgb: np.ndarray) -> bool:
     """True when the three channels are (nearly) equal: a grayscale image stored as colour."""
-    sample = rgb[:: max(1, rgb.shape[0] // 64), :: max(1, rgb.shape[1] // 64)].astype(np.int16)
+    # float64: an int16 cast wrapped uint16 values above 32767 (and NaN of float images)
+    sample = rgb[:: max(1, rgb.shape[0] // 64), :: max(1, rgb.shape[1] // 64)].astype(np.float64)
     return bool(np.abs(sample[..., 0] - sample[..., 1]).max() <= 2
                 and np.abs(sample[..., 1] - sample[..., 2]).max() <= 2)
 
@@ -248,7 +324,7 @@ def _is_gray(rgb: np.ndarray) -> bool:
 def _percentile_window(values: np.ndarray, lo: float = 0.5, hi: float = 99.5) -> tuple[float, float]:
     gray = values if values.ndim == 2 else values.mean(axis=2)
     sample = gray[:: max(1, gray.shape[0] // 256), :: max(1, gray.shape[1] // 256)]
-    p_lo, p_hi = np.percentile(sample, [lo, hi])
+    p_lo, p_hi = (float(p) for p in np.percentile(sample.astype(np.float64), [lo, hi]))
     if p_hi <= p_lo:
         p_lo, p_hi = float(gray.min()), float(gray.max())
     width = max(float(p_hi - p_lo), 1e-6)
@@ -372,6 +448,12 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
         if _is_cut_short(ds):
             raise UnreadableScanError("The DICOM file is incomplete: it ends before its image "
                                       "data (an interrupted copy or upload?). Copy it again.")
+        if b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data:
+            # the Pixel Data tag is there but pydicom could not read the element: compressed
+            # (encapsulated) pixel data cut short, or its item structure damaged
+            raise UnreadableScanError("The DICOM file is incomplete or damaged: its image data is "
+                                      "cut short or unreadable (an interrupted copy or upload?). "
+                                      "Copy it again.")
         raise UnreadableScanError("The DICOM file has no pixel data (it may be a report, "
                                   "a directory or a presentation state, not an image).")
     _infer_transfer_syntax(ds)
@@ -394,6 +476,7 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
         syntax = ds.file_meta.TransferSyntaxUID
     except Exception:  # noqa: BLE001
         pass
+    _check_compressed_pixel_attributes(ds, syntax)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -409,6 +492,14 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
             raise UnreadableScanError(_codec_message(syntax)) from None
         raise UnreadableScanError("The DICOM pixel data is damaged or does not match the image "
                                   "size it declares (rows, columns, bits).") from None
+    except BaseException as exc:
+        # A Rust decoder (pylibjpeg-rle) that panics on damaged data raises pyo3's
+        # PanicException, a BaseException that `except Exception` lets through.
+        if type(exc).__name__ != "PanicException":
+            raise
+        log.debug("DICOM pixel decoder panicked")
+        raise UnreadableScanError("The DICOM pixel data is damaged or does not match the image "
+                                  "size it declares (rows, columns, bits).") from None
     if arr.ndim == 3 and n_frames > 1 and arr.shape[0] == n_frames:
         arr = arr[frame]
     if not arr.dtype.isnative:  # Explicit VR Big Endian decodes to '>u2': same values, native order
@@ -420,16 +511,19 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
                                   "or RGB).")
 
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
-    if arr.ndim == 3:
-        photometric = "RGB"
-        values = arr.astype(np.float32)
-    else:
-        try:
-            values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
-        except Exception:  # noqa: BLE001 - a broken rescale: use stored values
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 data or a rescale beyond float32
+        if arr.ndim == 3:
+            photometric = "RGB"
             values = arr.astype(np.float32)
-    if values.shape[:2] != (rows, cols):
-        values = arr.astype(np.float32)
+        else:
+            try:
+                values = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+            except Exception:  # noqa: BLE001 - a broken rescale: use stored values
+                values = arr.astype(np.float32)
+        if values.shape[:2] != (rows, cols) or (arr.dtype.kind in "iu"
+                                                and not np.isfinite(values).all()):
+            values = arr.astype(np.float32)  # a rescale of NaN/inf: use stored values
+    values = _finite_values(values)
 
     # Default window: the file's own VOI (window tags, or a VOI LUT), else percentiles.
     voi_display = None
@@ -438,10 +532,13 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
     if arr.ndim == 2:
         try:
             wc, ww = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
-            if wc is not None and ww is not None and float(ww) > 0:
+            if (wc is not None and ww is not None and float(ww) > 0
+                    and abs(float(wc)) < _VALUE_LIMIT and float(ww) < _VALUE_LIMIT):
                 center, width, window_source = float(wc), float(ww), "dicom"
             elif "VOILUTSequence" in ds:
-                out = np.asarray(apply_voi_lut(arr, ds), dtype=np.float32)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = np.asarray(apply_voi_lut(arr, ds), dtype=np.float32)
                 lo, hi = float(out.min()), float(out.max())
                 if hi > lo:
                     voi_display = (out - lo) / (hi - lo)
@@ -477,6 +574,43 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
         transfer_syntax=syntax.name if syntax is not None else None,
         window_presets=presets, _voi_lut_display=voi_display,
     )
+
+
+#: RLE Lossless: the one compressed transfer syntax that allows 32 and 64 bits allocated (the
+#: JPEG family, JPEG-LS and JPEG 2000 carry 8 or 16); decoded by pydicom and pylibjpeg-rle only.
+_RLE = "1.2.840.10008.1.2.5"
+
+
+def _check_compressed_pixel_attributes(ds, syntax) -> None:
+    """Refuse compressed pixel data whose image description no codec can honour, before any
+    decoder sees it. GDCM (a fallback decoder) aborts the whole process (C++ terminate, not a
+    Python exception) on, e.g., JPEG data declaring 1 or 32 bits allocated, which would stop
+    the server for every user."""
+    try:
+        encapsulated = "PixelData" in ds and bool(ds["PixelData"].is_undefined_length)
+    except Exception:  # noqa: BLE001
+        encapsulated = False
+    if not encapsulated:
+        return
+
+    def number(keyword: str, default: int | None = None) -> int | None:
+        try:
+            value = ds.get(keyword)
+            return default if value is None or value == "" else int(value)
+        except Exception:  # noqa: BLE001
+            return -1  # present but not a number: invalid
+
+    bits = number("BitsAllocated")
+    stored = number("BitsStored", bits)
+    samples = number("SamplesPerPixel", 1)
+    representation = number("PixelRepresentation", 0)
+    planar = number("PlanarConfiguration", 0)
+    allowed_bits = (8, 16, 32, 64) if str(syntax or "") == _RLE else (8, 16)
+    if (bits not in allowed_bits or stored is None or not 1 <= stored <= bits
+            or samples not in (1, 3) or representation not in (0, 1)
+            or (samples == 3 and planar not in (0, 1))):
+        raise UnreadableScanError("The DICOM image description (bits allocated, bits stored, "
+                                  "samples per pixel) is invalid for its compressed pixel data.")
 
 
 def _is_cut_short(ds) -> bool:
@@ -520,17 +654,38 @@ def _infer_transfer_syntax(ds) -> None:
 
 
 def _is_unsupported_codec(exc: Exception) -> bool:
-    text = str(exc).lower()
-    return any(k in text for k in ("unable to decode", "no pixel data decoders", "not supported",
-                                   "unsupported", "cannot decode", "plugin", "precision"))
+    """True when the decoders refused the compression itself (no codec for it, or not for this
+    precision), False when they tried and found the data damaged. pydicom wraps every plugin's
+    failure in "Unable to decode as exceptions were raised by all available plugins": that
+    preamble says nothing about which case it is, so only the plugins' own reasons count."""
+    text = str(exc).lower().replace("unable to decode as exceptions were raised by all "
+                                    "available plugins", "")
+    return any(k in text for k in ("no pixel data decoders", "not supported", "unsupported",
+                                   "does not support", "cannot decode", "precision",
+                                   "missing dependenc", "no plugin"))
 
 
 def _codec_message(syntax) -> str:
-    name = getattr(syntax, "name", None) or "an unknown compression"
+    """Why the pixel data cannot be decoded. Names only transfer syntaxes of the DICOM standard:
+    an unknown UID is text from the file (never quoted in a message)."""
     if syntax is not None and str(syntax) == "1.2.840.10008.1.2.4.51":
         return ("This DICOM uses 12-bit lossy JPEG compression (JPEG Extended), which cannot be "
                 "decoded here. Export it uncompressed or losslessly compressed and try again.")
-    return f"This DICOM uses {name} compression, which cannot be decoded here."
+    try:
+        known = bool(syntax is not None and syntax.is_transfer_syntax)
+        compressed = known and bool(syntax.is_compressed)
+    except Exception:  # noqa: BLE001 - a private or malformed UID
+        known = compressed = False
+    if compressed:
+        return f"This DICOM is compressed with {syntax.name}, which cannot be decoded here."
+    if syntax is None:  # a bare data set (no file meta) with compressed pixel data
+        return ("This DICOM does not say how its image is compressed (no transfer syntax), so "
+                "it cannot be decoded.")
+    if syntax is not None and not known:
+        return ("This DICOM declares an encoding (transfer syntax) that medcls does not know, so "
+                "its image cannot be decoded.")
+    return ("This DICOM stores its pixels in a layout that cannot be decoded here (bits "
+            "allocated, samples per pixel or photometric interpretation).")
 
 
 # ----------------------------------------------------------------------------- display

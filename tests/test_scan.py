@@ -437,3 +437,261 @@ def test_dicom_without_preamble(dicom_dir: Path, rel: str) -> None:
         assert scan.source_format == "dicom"
         assert scan.pixels.dtype == ref.pixels.dtype
         assert np.array_equal(scan.pixels, ref.pixels)
+
+
+# ----------------------------------------------------------------------------- hardening
+# Regression tests of what tests/test_fuzz.py found; each failed before the fix in medcls/scan.py.
+
+def _synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 16,
+                     frames: int = 1, pixel_data: bytes | None = None, **attrs) -> bytes:
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = rows, cols
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    for k, v in attrs.items():
+        if isinstance(v, str) and k in ("RescaleSlope", "RescaleIntercept", "WindowCenter",
+                                        "WindowWidth"):  # as written in the file, even "nan"
+            raw = v.encode() + b" " * (len(v) % 2)
+            ds[Tag(k)] = RawDataElement(Tag(k), "DS", len(raw), raw, 0, False, True)
+        else:
+            setattr(ds, k, v)
+    if pixel_data is None:
+        n = rows * cols * frames * ds.SamplesPerPixel * (ds.BitsAllocated // 8)
+        pixel_data = np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
+    if syntax.is_compressed:
+        item = b"\xfe\xff\x00\xe0"
+        pixel_data = (item + b"\x00" * 4 + item + len(pixel_data).to_bytes(4, "little")
+                      + pixel_data + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+        ds.PixelData = pixel_data
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = pixel_data
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bits,samples", [(32, 1), (32, 3), (1, 3)])
+def test_compressed_dicom_with_impossible_bits_is_refused_without_crashing(tmp_path: Path,
+                                                                           bits: int,
+                                                                           samples: int) -> None:
+    """JPEG pixel data declaring 32 (or 1) bits allocated made GDCM, pydicom's fallback decoder,
+    abort the whole Python process (an uncaught C++ exception): one upload stopped the server.
+    Run in a child process, so that a regression fails this test instead of killing pytest."""
+    import subprocess
+    import sys
+
+    from pydicom.uid import JPEGBaseline8Bit
+
+    photometric = "RGB" if samples == 3 else "MONOCHROME2"
+    data = _synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=bits, BitsStored=bits,
+                            HighBit=bits - 1, SamplesPerPixel=samples,
+                            PhotometricInterpretation=photometric,
+                            pixel_data=np.random.default_rng(1).integers(0, 256, 64, np.uint8).tobytes())
+    path = _write(tmp_path, "bad.dcm", data)
+    code = ("import sys\nfrom medcls.scan import load_scan\nfrom medcls.errors import UnreadableScanError\n"
+            "try:\n    load_scan(sys.argv[1])\nexcept UnreadableScanError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "invalid" in proc.stdout.lower(), proc.stdout
+
+
+def test_damaged_rle_pixel_data_is_a_typed_error(dicom_dir: Path) -> None:
+    """pylibjpeg-rle (Rust) panics on some damaged RLE streams; pyo3's PanicException is a
+    BaseException, which `except Exception` let through to the page."""
+    raw = bytearray(require(dicom_dir / "transfer-syntaxes" / "4.dcm").read_bytes())
+    pix = raw.rfind(b"\xe0\x7f\x10\x00")
+    rng = np.random.default_rng(0)
+    messages = set()
+    for _ in range(6):
+        bad = bytearray(raw)
+        for i in rng.integers(pix + 40, len(bad), 30):
+            bad[i] = int(rng.integers(0, 256))
+        with pytest.raises(UnreadableScanError) as ei:
+            load_scan(bytes(bad))
+        _assert_clean_message(ei.value)
+        messages.add(str(ei.value))
+    # damaged data of a supported codec is "damaged", not "compression that cannot be decoded"
+    assert all("damaged" in m and "cannot be decoded here" not in m for m in messages), messages
+
+
+@pytest.mark.parametrize("rel", ["transfer-syntaxes/9.dcm", "transfer-syntaxes/7.dcm",
+                                 "wg04/MR4_RLE.dcm"])
+def test_truncated_compressed_dicom_is_called_incomplete(dicom_dir: Path, rel: str) -> None:
+    """Cut inside encapsulated pixel data, pydicom drops the element: the file looked like one
+    "without pixel data (a report?)" instead of an interrupted copy."""
+    raw = require(dicom_dir / rel).read_bytes()
+    for cut in (0.5, 0.9, 0.999):
+        with pytest.raises(UnreadableScanError) as ei:
+            load_scan(raw[: int(cut * len(raw))])
+        msg = str(ei.value).lower()
+        assert "incomplete" in msg and "report" not in msg, msg
+
+
+@pytest.mark.parametrize("attrs", [
+    {"RescaleSlope": "inf"}, {"RescaleSlope": "nan"}, {"RescaleSlope": "1e38"},
+    {"WindowCenter": "-inf", "WindowWidth": "400"}, {"WindowCenter": "40", "WindowWidth": "nan"},
+    {"WindowCenter": "40", "WindowWidth": "1e300"},
+])
+def test_non_finite_rescale_or_window_gives_a_finite_image(attrs: dict) -> None:
+    from medcls.preprocess import PreprocessSpec, preprocess
+
+    scan = load_scan(_synthetic_dicom(**attrs))
+    assert np.isfinite(scan.values).all()
+    assert np.isfinite(scan.window_center) and np.isfinite(scan.window_width)
+    assert np.isfinite(display_image(scan)).all()
+    assert np.isfinite(preprocess(scan, PreprocessSpec()).array).all()
+
+
+def test_float_pixel_data_with_nan_and_inf(tmp_path: Path) -> None:
+    from medcls.preprocess import PreprocessSpec, preprocess
+
+    img = np.linspace(-5, 5, 64 * 64, dtype=np.float32).reshape(64, 64)
+    img[3, 3], img[4, 4], img[5, 5] = np.nan, np.inf, -np.inf
+    for kind, data in (("tiff", None), ("dicom", None)):
+        if kind == "tiff":
+            ok, buf = cv2.imencode(".tiff", img)
+            assert ok
+            data = buf.tobytes()
+        else:
+            meta = FileMetaDataset()
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+            meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds = Dataset()
+            ds.file_meta = meta
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
+            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+            ds.Rows = ds.Columns = 64
+            ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 32
+            ds.FloatPixelData = img.tobytes()
+            data = _dicom_bytes(ds)
+        scan = load_scan(data)
+        assert np.isfinite(scan.values).all(), kind
+        assert scan.values.min() == -5 and scan.values.max() == 5, kind  # NaN/inf -> the extremes
+        assert np.isfinite(preprocess(scan, PreprocessSpec()).array).all(), kind
+    # nothing finite at all: not an image
+    ok, buf = cv2.imencode(".tiff", np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(UnreadableScanError) as ei:
+        load_scan(buf.tobytes())
+    _assert_clean_message(ei.value)
+
+
+@pytest.mark.parametrize("dtype", ["int16", "int32", "float32", "float64"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_tiffs_pillow_cannot_open_still_load(dtype: str, channels: int) -> None:
+    """Pillow (the header check) refuses float64 and multi-sample int16/float32 TIFFs that
+    OpenCV decodes: valid files were called damaged. The header is now read directly."""
+    img = (np.arange(24 * 40 * channels).reshape(24, 40, channels) % 200).astype(dtype)
+    ok, buf = cv2.imencode(".tiff", img if channels > 1 else img[:, :, 0])
+    assert ok
+    scan = load_scan(buf.tobytes())
+    assert scan.shape == (24, 40)
+    assert scan.source_format == "tiff"
+
+
+def test_tiff_declaring_a_huge_image_is_refused_before_decoding(monkeypatch) -> None:
+    """The direct TIFF header read keeps the decompression-bomb limit."""
+    img = np.zeros((8, 8, 3), np.float64)
+    ok, buf = cv2.imencode(".tiff", img)
+    data = bytearray(buf.tobytes())
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    n = struct.unpack(order + "H", data[ifd:ifd + 2])[0]
+    for i in range(n):  # width and height -> 30000
+        e = ifd + 2 + 12 * i
+        tag, typ = struct.unpack(order + "HH", data[e:e + 4])
+        if tag in (256, 257):
+            value = struct.pack(order + ("H" if typ == 3 else "I"), 30000)
+            data[e + 8:e + 8 + len(value)] = value
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("the pixels were decoded")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    with pytest.raises(ScanTooLargeError):
+        load_scan(bytes(data))
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_multiframe_dicom_memory_is_bounded(compressed: bool) -> None:
+    """One frame of a 300-frame file is decoded, never the whole stack: the peak allocation of
+    load_scan stays near the size of the file's pixel data (which pydicom reads once), far below
+    the file plus the decoded stack."""
+    import tracemalloc
+
+    from pydicom.uid import RLELossless
+
+    n, size = 300, 256
+    frames = np.random.default_rng(0).integers(0, 4096, (n, size, size), dtype=np.uint16)
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = n
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = frames.tobytes()
+    if compressed:
+        ds.compress(RLELossless)
+    data = _dicom_bytes(ds)
+    stack_bytes = frames.nbytes
+    load_scan(data, frame=1)  # imports and decoder set-up outside the measurement
+    tracemalloc.start()
+    try:
+        scan = load_scan(data, frame=150)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(scan.pixels, frames[150])
+    assert peak < len(data) + stack_bytes // 4, (peak / 2**20, len(data) / 2**20)
+
+
+def test_unknown_transfer_syntax_is_not_quoted() -> None:
+    """Error messages never quote text from the file: a damaged or made-up transfer syntax UID
+    was repeated as "This DICOM uses <UID> compression" (the fuzz run met "N.N.xN.N..." and
+    mojibake there), and Explicit VR Little Endian was called a compression."""
+    import warnings
+
+    from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless
+
+    from medcls.scan import _codec_message
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid UIDs themselves
+        for text in ("1.2.840.10008.1.2.4.99", "1.2.840.10008.1.2.x.50", "9.8.7.6.5.4.3.2.1",
+                     "1.2.\xe6\xa2.4"):
+            msg = _codec_message(UID(text))
+            assert text not in msg and "does not know" in msg, msg
+    assert "JPEG-LS" in _codec_message(JPEGLSLossless)
+    assert "compress" not in _codec_message(ExplicitVRLittleEndian)
+    assert "compress" in _codec_message(None)  # no transfer syntax at all (a bare data set)
+
+
+def test_uint16_gray_stored_as_rgb_across_32767_stays_gray(tmp_path: Path) -> None:
+    """The gray-as-colour check cast to int16, which wrapped 32768 to -32768: a gray 16-bit
+    image crossing that value was taken for colour."""
+    gray = np.linspace(32700, 32840, 40 * 30).reshape(30, 40).astype(np.uint16)
+    ok, buf = cv2.imencode(".png", np.dstack([gray] * 3))
+    assert ok
+    scan = load_scan(buf.tobytes())
+    assert scan.pixels.ndim == 2 and np.array_equal(scan.pixels, gray)
