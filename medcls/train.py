@@ -114,19 +114,25 @@ class MacroF1Checkpoint:
 
 
 def box_energy_loss(targets, class_maps):
-    """Localisation loss: the share of the true class's positive evidence (its class activation
-    map, which Grad-CAM reproduces for this head) that falls outside the tumour box.
+    """Localisation loss: minus the log of the share of the true class's activation map (which
+    Grad-CAM reproduces for this head) that lies inside the tumour box, with the map turned
+    into a spatial distribution by a softmax. Bounded gradients, whatever the map's scale
+    (a ratio of raw positive evidence diverged when the evidence went to zero).
 
     ``targets`` (B, h, w, K): +1 inside and -1 outside the box on the true class's channel, 0
     elsewhere and for images without a box (which then add no loss)."""
     from keras import ops
 
-    evidence = ops.relu(class_maps)
-    on_true = ops.abs(targets)
-    total = ops.sum(evidence * on_true, axis=(1, 2, 3))
-    outside = ops.sum(evidence * ops.relu(-targets), axis=(1, 2, 3))
+    on_true = ops.abs(targets)  # 1 on the true class's channel where a box exists
     has_box = ops.cast(ops.sum(on_true, axis=(1, 2, 3)) > 0, "float32")
-    return has_box * outside / (total + 1e-6)
+    true_map = ops.sum(class_maps * ops.cast(ops.sum(on_true, axis=(1, 2), keepdims=True) > 0, "float32"),
+                       axis=-1)  # (B, h, w)
+    b = ops.shape(true_map)[0]
+    flat = ops.reshape(true_map, (b, -1))
+    inside = ops.reshape(ops.sum(ops.relu(targets), axis=-1), (b, -1))
+    p = ops.softmax(flat, axis=-1)
+    share_inside = ops.sum(p * inside, axis=-1)
+    return has_box * -ops.log(share_inside + 1e-6)
 
 
 def _class_maps_model(model, cam_layer: str):
