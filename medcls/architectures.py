@@ -73,7 +73,9 @@ def compact_cnn(input_size: int, n_classes: int, channels: int = 3, **_) -> kera
     x = layers.ReLU(name="last_conv")(x)
     x = layers.GlobalAveragePooling2D(name="embedding")(x)
     x = layers.Dropout(0.3, name="dropout")(x)
-    outputs = layers.Dense(n_classes, name="logits")(x)
+    # no bias: the logit is the mean of the class activation map, so the predicted class always
+    # has positive evidence somewhere for Grad-CAM to show
+    outputs = layers.Dense(n_classes, use_bias=False, name="logits")(x)
     return keras.Model(inputs, outputs, name="compact_cnn")
 
 
@@ -112,7 +114,7 @@ def mobilenet_tl(input_size: int, n_classes: int, channels: int = 3,
     feat = layers.ReLU(name="last_conv")(feat)
     y = layers.GlobalAveragePooling2D(name="embedding")(feat)
     y = layers.Dropout(0.3, name="dropout")(y)
-    outputs = layers.Dense(n_classes, name="logits")(y)
+    outputs = layers.Dense(n_classes, use_bias=False, name="logits")(y)  # see compact_cnn
     model = keras.Model(inputs, outputs, name=f"{backbone}_tl")
     freeze_backbone_bn(model)
     return model

@@ -145,7 +145,8 @@ def _class_maps_model(model, cam_layer: str):
 
     class ClassMaps(keras.layers.Layer):
         def call(self, features):
-            return ops.einsum("bhwk,kc->bhwc", features, dense.kernel) + dense.bias
+            maps = ops.einsum("bhwk,kc->bhwc", features, dense.kernel)
+            return maps if dense.bias is None else maps + dense.bias
 
     maps = ClassMaps(name="class_maps")(model.get_layer(cam_layer).output)
     return keras.Model(model.input, [model.output, maps], name=model.name + "_train")
