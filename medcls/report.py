@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import textwrap
 
 import numpy as np
 
@@ -76,8 +77,9 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
         f"Input file SHA-256: {sha256}",
         f"Generated: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
     ]
-    fig.text(0.05, 0.27, "\n".join(lines), fontsize=9.5, va="top", family="monospace", wrap=True)
-    fig.text(0.05, 0.05, DISCLAIMER, fontsize=10, color="#b00000", wrap=True, fontweight="bold")
+    fig.text(0.05, 0.27, "\n".join(textwrap.fill(x, 100, subsequent_indent="  ") for x in lines),
+             fontsize=9.5, va="top", family="monospace")
+    fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000", fontweight="bold")
     buf = io.BytesIO()
     fig.savefig(buf, format=fmt)
     plt.close(fig)
