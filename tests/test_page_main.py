@@ -112,3 +112,23 @@ def test_unreadable_file_gives_a_message_and_the_session_goes_on(data_dir):
     at.run()
     assert not at.exception and not at.error
     assert any(s.value.startswith("Prediction") for s in at.subheader)
+
+
+def test_chest_task_predicts_chest_and_gates_brain_scans(data_dir):
+    """The second task through the same page: the task picker switches to the chest model; a
+    brain MRI sent to it triggers its input gate."""
+    from medcls.inference import Predictor
+
+    chest_model = require(PROJECT_ROOT / "models" / "chest-xray-default")
+    with open(require(data_dir / "chest-xray" / "labels.csv"), newline="") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["split"] == "test" and r["label"] == "pneumonia")
+    path = data_dir / "chest-xray" / row["file"]
+    expected = Predictor.from_path(chest_model).predict_file(path)
+    at = run(path.read_bytes())
+    at.selectbox(key="model_task").set_value("chest-xray").run()
+    assert not at.exception
+    assert "chest-xray-default" in str(at.selectbox(key="model").value)
+    assert f"Prediction: {expected.label}" in [s.value for s in at.subheader], texts(at)
+    at.session_state["scan_bytes"] = brain_file(data_dir).read_bytes()
+    at.run()
+    assert any("Outside what this model was trained on" in e.value for e in at.error), texts(at)
