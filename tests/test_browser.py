@@ -125,23 +125,29 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.wait_for(state="attached", timeout=TIMEOUT)
 
     # a whole folder from "the user's computer" through the folder picker
+    page.get_by_role("tab", name="Upload from this computer").click()
     upload(page, scan_root / "worklist")
+    page.get_by_role("button", name="Review the uploaded files").click()
+    page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
-    page.get_by_text("unreadable").first.wait_for(timeout=TIMEOUT)
     page.screenshot(path=str(OUTPUT / "batch-upload.png"), full_page=True)
 
-    # a server folder inside the allowed root
-    box = page.get_by_label("Folder inside the scan root")
+    # a server folder inside the allowed root, then the CSV export
+    page.get_by_role("tab", name="Folder on the server").click()
+    box = page.get_by_role("textbox", name="Folder (relative to the scan folder)")
     box.fill("worklist")
     box.press("Enter")
-    page.get_by_role("button", name="Review folder").click()
-    page.get_by_text("9 scans").first.wait_for(timeout=TIMEOUT)
+    page.get_by_role("button", name="Review this folder").click()
+    page.get_by_text("Results: ").first.wait_for(timeout=TIMEOUT)
+    page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
     with page.expect_download(timeout=TIMEOUT) as dl:
         page.get_by_role("button", name="Download CSV").click()
     csv_path = tmp_path / "review.csv"
     dl.value.save_as(csv_path)
-    rows = list(csv.DictReader(open(csv_path, newline="")))
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 9
-    assert sum(1 for r in rows if r["error"]) == 1
+    assert sum(1 for r in rows if r["error"]) == 1  # notes.txt
+    assert sum(1 for r in rows if r["series_number"]) == 2  # the DICOM series
     page.screenshot(path=str(OUTPUT / "batch-server.png"), full_page=True)
     page.close()
