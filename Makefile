@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8501
 DATA   ?= ../shared/data
 
-.PHONY: run test test-fast bench fuzz venv clean-data clean
+.PHONY: run test test-fast bench bench-medmnist fuzz venv clean
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-fast: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	MEDCLS_DATA=$(DATA) $(PY) -m bench.all --data $(DATA)
+
+# Trains the MedMNIST benchmark runs (tens of minutes on 2 cores), then writes bench/results/medmnist.json.
+bench-medmnist: $(VENV)/.installed-test
+	$(PY) -m bench.medmnist --data $(DATA)
 
 # The long fuzz run recorded in the README (10,000+ cases).
 fuzz: $(VENV)/.installed-test
