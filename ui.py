@@ -119,12 +119,11 @@ def cached_scan(data: bytes, frame: int = 0) -> Scan:
 def show_error(exc: Exception, what: str = "This file") -> None:
     """A typed medcls error as a clear message; anything else without a stack trace."""
     if isinstance(exc, MedclsError):
-        st.error(f"{what} could not be used: {exc}", icon="⚠️")
+        st.error(f"{what} could not be used: {exc}")
     else:
         log.error("unexpected %s in the page", type(exc).__name__)
         st.error(f"{what} could not be processed because of an unexpected error "
-                 f"({type(exc).__name__}). Please try another file; the app keeps working.",
-                 icon="⚠️")
+                 f"({type(exc).__name__}). Please try another file; the app keeps working.")
 
 
 def window_controls(scan: Scan, key: str) -> tuple[float, float]:

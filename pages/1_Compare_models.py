@@ -167,12 +167,12 @@ if comparison is not None:
     if agr.agree:
         st.success(f"The {n} models agree: all predict **{agr.label}**. "
                    f"Largest probability spread {agr.max_spread:.0%} "
-                   f"(on {agr.max_spread_class}).", icon="✅")
+                   f"(on {agr.max_spread_class}).")
     else:
         votes = ", ".join(f"{c} ({k})" for c, k in agr.votes.items())
         st.error(f"**Models disagree** on this scan: {votes}. Largest probability spread "
                  f"{agr.max_spread:.0%} (on {agr.max_spread_class}). Treat the result as uncertain "
-                 "and review the scan.", icon="⚠️")
+                 "and review the scan.")
     c1, c2, c3 = st.columns(3)
     c1.metric("Largest probability spread", f"{agr.max_spread:.0%}",
               help="For each class, the highest minus the lowest calibrated probability across "

@@ -192,7 +192,7 @@ def begin(make_sources, origin: str) -> None:
     try:
         sources = make_sources()
     except (ArchiveRejectedError, MedclsError) as exc:  # PathNotAllowedError is a MedclsError
-        st.error(str(exc), icon="⛔")
+        st.error(str(exc))
         return
     except Exception as exc:  # noqa: BLE001
         ui.show_error(exc, "The input")
@@ -363,7 +363,7 @@ index = int(view.index[selected[0]])
 row = rows[index]
 st.subheader(f"Selected: {row.file}")
 if row.error is not None:
-    st.error(f"This file could not be read: {row.error}", icon="⚠️")
+    st.error(f"This file could not be read: {row.error}")
     st.stop()
 
 cache = st.session_state.setdefault(SELECTED, {})

@@ -80,6 +80,7 @@ def test_main_page_dicom_jpeg_and_text(server, chromium, data_dir, clear_case, t
     page.get_by_text("Heatmap ·").first.wait_for(timeout=TIMEOUT)
     assert page.locator('[data-testid="stImage"] img').count() >= 2
     page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT)
+    page.wait_for_timeout(1000)
     page.screenshot(path=str(OUTPUT / "main-jpeg.png"), full_page=True)
     (OUTPUT / "app_start.json").write_text(json.dumps({"first_prediction_s": first_prediction_s}))
 
@@ -88,6 +89,7 @@ def test_main_page_dicom_jpeg_and_text(server, chromium, data_dir, clear_case, t
     page.get_by_text("Window preset").wait_for(timeout=TIMEOUT)
     page.get_by_text("Prediction").first.wait_for(timeout=TIMEOUT)
     page.get_by_text("mm²").first.wait_for(timeout=TIMEOUT)  # pixel spacing known: area in mm²
+    page.wait_for_timeout(1000)
     page.screenshot(path=str(OUTPUT / "main-dicom.png"), full_page=True)
 
     # a text file: a clear message, and the session keeps working
@@ -113,6 +115,10 @@ def test_compare_page_shows_one_panel_per_model(server, chromium, clear_case):
     for name in brain:
         page.get_by_role("heading", name=name).first.wait_for(timeout=TIMEOUT)
     page.get_by_text("agree").first.wait_for(timeout=TIMEOUT)
+    page.locator('[data-testid="stImage"] img').nth(len(brain) - 1).wait_for(timeout=TIMEOUT)
+    page.locator(".js-plotly-plot").nth(len(brain)).wait_for(timeout=TIMEOUT)  # panels + recall chart
+    page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
+    page.wait_for_timeout(1500)  # let the canvases paint before the screenshot
     page.screenshot(path=str(OUTPUT / "compare.png"), full_page=True)
     for name in brain:
         assert page.get_by_role("heading", name=name).count() >= 1
@@ -130,6 +136,7 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     page.get_by_role("button", name="Review the uploaded files").click()
     page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
+    page.wait_for_timeout(1500)
     page.screenshot(path=str(OUTPUT / "batch-upload.png"), full_page=True)
 
     # a server folder inside the allowed root, then the CSV export
