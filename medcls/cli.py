@@ -50,6 +50,15 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_fit_region(args) -> int:
+    from .localization import store_region_threshold
+
+    fit = store_region_threshold(args.model, args.data, args.split)
+    print(f"region threshold {fit['threshold']:.2f}: mean box IoU {fit['mean_iou']:.3f} on "
+          f"{fit['n']} {args.split} images")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import MedclsError
 
@@ -93,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--out", required=True)
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")
     e.set_defaults(func=cmd_evaluate)
+
+    f = sub.add_parser("fit-region", help="fit the heatmap-region threshold on the validation split")
+    f.add_argument("--model", required=True)
+    f.add_argument("--data", required=True, help="dataset with tumour boxes in labels.csv")
+    f.add_argument("--split", default="val")
+    f.set_defaults(func=cmd_fit_region)
 
     try:
         from .cleaning import add_clean_parser
