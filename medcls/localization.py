@@ -136,7 +136,7 @@ def fit_region_threshold(predictor, dataset, records, method: str = "gradcam",
             "candidates": scores}
 
 
-def store_region_threshold(model_dir, data, split: str = "val") -> dict:
+def store_region_threshold(model_dir, data, split: str = "val", records=None) -> dict:
     """Fit the region threshold of a model package on ``split`` of ``data`` and write it into the
     package's card (``region_threshold``, with how it was fitted). The model file is unchanged."""
     import json
@@ -148,7 +148,7 @@ def store_region_threshold(model_dir, data, split: str = "val") -> dict:
 
     predictor = Predictor.from_path(model_dir)
     dataset = load_dataset(data, classes=predictor.classes)
-    fit = fit_region_threshold(predictor, dataset, dataset.split(split))
+    fit = fit_region_threshold(predictor, dataset, dataset.split(split) if records is None else records)
     card_path = Path(model_dir) / CARD_FILE
     card = json.loads(card_path.read_text())
     card["region_threshold"] = fit["threshold"]

@@ -326,7 +326,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
     if any(r.box for r in recs["val"]):
         from .localization import store_region_threshold
 
-        fit = store_region_threshold(out, cfg.data, "val")
+        fit = store_region_threshold(out, cfg.data, "val", records=recs["val"])
         log.info("region threshold %.2f (val mean box IoU %.3f)", fit["threshold"], fit["mean_iou"])
     log.info("saved %s in %.0f s: test accuracy %.4f, macro-F1 %.4f", out, time.time() - t0,
              reports["test"]["accuracy"], reports["test"]["macro_f1"])
