@@ -14,8 +14,8 @@ run() { local name=$1; shift; echo "== $name"; "$PY" -m medcls --log "runs/$name
 for which in "${@:-mobilenet compact seed chest}"; do
   for w in $which; do
     case $w in
-      mobilenet) run brain-mri-mobilenet-tl $BRAIN --task-description "$BRAIN_DESC" --arch mobilenet-tl \
-                   --out models/brain-mri-mobilenet-tl --epochs 9 --fine-tune-epochs 20 --patience 7 \
+      mobilenet) run brain-mri-default $BRAIN --task-description "$BRAIN_DESC" --arch mobilenet-tl \
+                   --out models/brain-mri-default --epochs 9 --fine-tune-epochs 20 --patience 7 \
                    --fine-tune-lr 3e-4 --fine-tune-from block_3_expand --label-smoothing 0.1 --ema --box-loss 1.0 --weights "$W" ;;
       compact)   run brain-mri-compact-cnn $BRAIN --task-description "$BRAIN_DESC" --arch compact-cnn \
                    --out models/brain-mri-compact-cnn --epochs 40 --patience 8 --lr 2e-3 --label-smoothing 0.1 --ema --box-loss 1.0 ;;

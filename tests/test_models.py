@@ -13,7 +13,7 @@ import pytest
 from conftest import PROJECT_ROOT, require
 
 MODELS = PROJECT_ROOT / "models"
-BRAIN_MODELS = ["brain-mri-default", "brain-mri-mobilenet-tl", "brain-mri-compact-cnn",
+BRAIN_MODELS = ["brain-mri-default", "brain-mri-compact-cnn",
                 "brain-mri-seed-cnn"]
 SHIPPED = BRAIN_MODELS + ["chest-xray-default"]
 DATA_OF_TASK = {"brain-mri": "brain-mri", "chest-xray": "chest-xray"}
