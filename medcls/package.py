@@ -154,7 +154,10 @@ def save_package(folder: str | Path, model, card: dict[str, Any], gate: InputGat
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / MODEL_FILE
-    model.save(model_path)
+    import keras
+
+    # an uncompiled view of the same layers: the file holds the weights, not the optimizer state
+    keras.Model(model.inputs, model.outputs, name=model.name).save(model_path)
     if gate is not None:
         gate.save(folder / GATE_FILE)
     card = dict(card)
