@@ -18,7 +18,7 @@ for which in "${@:-mobilenet compact seed chest}"; do
                    --out models/brain-mri-default --epochs 9 --fine-tune-epochs 20 --patience 7 \
                    --fine-tune-lr 3e-4 --fine-tune-from block_3_expand --label-smoothing 0.1 --ema --box-loss 1.0 --weights "$W" ;;
       compact)   run brain-mri-compact-cnn $BRAIN --task-description "$BRAIN_DESC" --arch compact-cnn \
-                   --out models/brain-mri-compact-cnn --epochs 40 --patience 8 --lr 2e-3 --label-smoothing 0.1 --ema --box-loss 1.0 ;;
+                   --out models/brain-mri-compact-cnn --epochs 30 --patience 8 --lr 2e-3 --label-smoothing 0.1 --box-loss 1.0 ;;  # no EMA: BN statistics follow the raw weights
       seed)      run brain-mri-seed-cnn $BRAIN --task-description "$BRAIN_DESC" --arch seed-cnn \
                    --out models/brain-mri-seed-cnn --epochs 30 --patience 6 --lr 5e-4 --label-smoothing 0.1 --ema ;;
       chest)     run chest-xray-default --data "$DATA/chest-xray" --task chest-xray --task-description "$CHEST_DESC" \

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--fine-tune-from", default="block_9_expand",
                    help="first backbone layer unfrozen in the fine-tuning phase (mobilenet-tl)")
     t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--ema", action="store_true", help="keep an exponential moving average of the weights")
+    t.add_argument("--ema", action="store_true",
+                   help="keep an exponential moving average of the weights (not for networks trained "
+                        "from scratch with BatchNormalization: their statistics follow the raw weights)")
     t.add_argument("--box-loss", type=float, default=0.0,
                    help="weight of the tumour-box localisation loss (labels.csv box columns)")
     t.add_argument("--cache-dir", default=".cache/medcls")
