@@ -157,7 +157,9 @@ def save_package(folder: str | Path, model, card: dict[str, Any], gate: InputGat
     import keras
 
     # an uncompiled view of the same layers: the file holds the weights, not the optimizer state
-    keras.Model(model.inputs, model.outputs, name=model.name).save(model_path)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelPackageError("A model package holds a network with one input and one output (logits).")
+    keras.Model(model.inputs[0], model.outputs[0], name=model.name).save(model_path)
     if gate is not None:
         gate.save(folder / GATE_FILE)
     card = dict(card)
