@@ -141,7 +141,7 @@ def test_loader_refuses_inconsistent_packages(tmp_path):
     from medcls.errors import ModelPackageError
     from medcls.package import load_package
 
-    src = _package_dir("brain-mri-seed-cnn")
+    src = _package_dir("brain-mri-default")
     bad = tmp_path / "m"
     shutil.copytree(src, bad)
     card = json.loads((bad / "card.json").read_text())
