@@ -118,6 +118,7 @@ def test_compare_page_shows_one_panel_per_model(server, chromium, clear_case):
     page.locator('[data-testid="stImage"] img').nth(len(brain) - 1).wait_for(timeout=TIMEOUT)
     page.locator(".js-plotly-plot").nth(len(brain)).wait_for(timeout=TIMEOUT)  # panels + recall chart
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
+    page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
     page.wait_for_timeout(1500)  # let the canvases paint before the screenshot
     page.screenshot(path=str(OUTPUT / "compare.png"), full_page=True)
     for name in brain:
@@ -136,6 +137,7 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     page.get_by_role("button", name="Review the uploaded files").click()
     page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
+    page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(OUTPUT / "batch-upload.png"), full_page=True)
 
@@ -147,6 +149,7 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     page.get_by_role("button", name="Review this folder").click()
     page.get_by_text("Results: ").first.wait_for(timeout=TIMEOUT)
     page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
+    page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
     with page.expect_download(timeout=TIMEOUT) as dl:
         page.get_by_role("button", name="Download CSV").click()
     csv_path = tmp_path / "review.csv"
