@@ -82,13 +82,22 @@ def main(argv=None):
     from medcls.package import list_packages
     from medcls.saliency import METHODS
 
-    args = parser(__doc__).parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models' results of bench/results/localization.json")
+    args = p.parse_args(argv)
     rows = tumour_rows(args.data)
     if args.quick:
         rows = rows[:8]
     result = {"margin": MARGIN, "steps": STEPS, "split": "test", "images": len(rows),
               "command": command(), "machine": machine(), "models": {}, "ablations": {}}
-    md_rows = []
+    if args.merge and (args.out / "localization.json").is_file():
+        import json
+
+        previous = json.loads((args.out / "localization.json").read_text())
+        result["models"].update(previous.get("models", {}))
+        result["ablations"].update(previous.get("ablations", {}))
+        result["command"] = previous["command"] + f"; {result['command']}"
     for folder, card in list_packages(args.models):
         if card["task"] != "brain-mri":
             continue
@@ -97,9 +106,6 @@ def main(argv=None):
         for method in METHODS:
             per[method] = measure(predictor, rows, args.data, method)
             m = per[method]
-            md_rows.append([card["name"], method, m["pointing_game"], m["energy_in_box"], m["box_iou"],
-                            m.get("deletion_auc"), m.get("random_deletion_auc"), m.get("insertion_auc"),
-                            m.get("random_insertion_auc"), m["ms_per_image"]])
             print(card["name"], method, {k: round(v, 3) for k, v in m.items() if isinstance(v, float)}, flush=True)
         result["models"][card["name"]] = per
         if card["name"].endswith("-default"):
@@ -110,6 +116,10 @@ def main(argv=None):
                     result["ablations"][key] = measure(predictor, rows, args.data, "gradcam",
                                                        faithfulness=False, mask=mask, layer=layer)
                     print(key, result["ablations"][key], flush=True)
+    md_rows = [[name, method, m["pointing_game"], m["energy_in_box"], m["box_iou"], m.get("deletion_auc"),
+                m.get("random_deletion_auc"), m.get("insertion_auc"), m.get("random_insertion_auc"),
+                m["ms_per_image"]]
+               for name, per in sorted(result["models"].items()) for method, m in per.items()]
     md = [f"# Heatmap localisation and faithfulness (brain MRI test split, {len(rows)} tumour images)", "",
           f"Pointing game: peak inside the tumour box grown by {MARGIN:.0%} of the image size. "
           f"Energy: share of heatmap mass in the box. IoU: medcls' region box vs the tumour box. "
