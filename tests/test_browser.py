@@ -135,6 +135,7 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     page.get_by_role("tab", name="Upload from this computer").click()
     upload(page, scan_root / "worklist")
     page.get_by_role("button", name="Review the uploaded files").click()
+    page.get_by_role("heading", name="Results: 9 uploaded file(s)").wait_for(timeout=TIMEOUT)
     page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
     page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
     page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
@@ -147,7 +148,7 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     box.fill("worklist")
     box.press("Enter")
     page.get_by_role("button", name="Review this folder").click()
-    page.get_by_text("Results: ").first.wait_for(timeout=TIMEOUT)
+    page.get_by_role("heading", name="Results: folder worklist").wait_for(timeout=TIMEOUT)
     page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
     page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
     with page.expect_download(timeout=TIMEOUT) as dl:
