@@ -78,6 +78,7 @@ def test_main_page_dicom_jpeg_and_text(server, chromium, data_dir, clear_case, t
     page.get_by_text(f"Prediction: {label}").wait_for(timeout=TIMEOUT)
     first_prediction_s = time.perf_counter() - server.started_at
     page.get_by_text("Heatmap ·").first.wait_for(timeout=TIMEOUT)
+    page.locator('[data-testid="stImage"] img').nth(1).wait_for(timeout=TIMEOUT)  # scan and overlay
     assert page.locator('[data-testid="stImage"] img').count() >= 2
     page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT)
     page.wait_for_timeout(1000)
@@ -117,7 +118,7 @@ def test_compare_page_shows_one_panel_per_model(server, chromium, clear_case):
     page.get_by_text("agree").first.wait_for(timeout=TIMEOUT)
     page.locator('[data-testid="stImage"] img').nth(len(brain) - 1).wait_for(timeout=TIMEOUT)
     page.locator(".js-plotly-plot").nth(len(brain)).wait_for(timeout=TIMEOUT)  # panels + recall chart
-    page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
+    page.locator('[data-testid="stDataFrame"]').first.wait_for(state="attached", timeout=TIMEOUT)
     page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
     page.wait_for_timeout(1500)  # let the canvases paint before the screenshot
     page.screenshot(path=str(OUTPUT / "compare.png"), full_page=True)
@@ -137,7 +138,7 @@ def test_batch_page_folder_upload_and_server_folder(server, chromium, scan_root,
     page.get_by_role("button", name="Review the uploaded files").click()
     page.get_by_role("heading", name="Results: 9 uploaded file(s)").wait_for(timeout=TIMEOUT)
     page.get_by_text("9 of 9 scans, finished").wait_for(timeout=TIMEOUT)
-    page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=TIMEOUT)
+    page.locator('[data-testid="stDataFrame"]').first.wait_for(state="attached", timeout=TIMEOUT)
     page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
     page.wait_for_timeout(1500)
     page.screenshot(path=str(OUTPUT / "batch-upload.png"), full_page=True)
