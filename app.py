@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import streamlit as st
 
 import ui
@@ -12,10 +11,9 @@ from medcls import identifying_attributes
 from medcls.report import render_report
 from medcls.saliency import METHODS, draw_region, overlay
 
-st.set_page_config(page_title="MedCLS", page_icon="🧠", layout="wide")
-st.title("MedCLS · scan classification")
-st.caption("Research tool for clinicians and ML engineers. Not a diagnostic device: every "
-           "result needs a clinician's review.")
+ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibrated class "
+               "probabilities and see where the model looked; every result needs a clinician's "
+               "review.", tab_title="MedCLS")
 
 ui.require_models()
 

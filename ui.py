@@ -26,6 +26,16 @@ APP_DIR = Path(__file__).resolve().parent
 MAX_CACHED_SCANS = 4  # per session: the open scan and a few frames of it
 
 
+NOT_A_DEVICE = "Research tool, not a diagnostic device."
+
+
+def page_header(title: str, caption: str, icon: str = "🧠", tab_title: str | None = None) -> None:
+    """The page configuration, title and caption every page opens with."""
+    st.set_page_config(page_title=tab_title or f"{title} · MedCLS", page_icon=icon, layout="wide")
+    st.title(title)
+    st.caption(f"{caption} {NOT_A_DEVICE}")
+
+
 def models_root() -> Path:
     return Path(os.environ.get("MEDCLS_MODELS", APP_DIR / "models"))
 

@@ -120,9 +120,10 @@ class Predictor:
 
     def predict_arrays(self, x: np.ndarray) -> list[Prediction]:
         logits, emb = self.forward(x)
-        return self._predictions(logits, emb)
+        return self.predictions(logits, emb)
 
-    def _predictions(self, logits: np.ndarray, emb: np.ndarray) -> list[Prediction]:
+    def predictions(self, logits: np.ndarray, emb: np.ndarray) -> list[Prediction]:
+        """Calibrated predictions (temperature, input gate, confidence) from raw model outputs."""
         probs = probabilities(logits, self.package.temperature)
         gate = self.package.gate
         scores = gate.score(emb) if gate is not None else [None] * len(logits)

@@ -255,7 +255,7 @@ def explain(predictor: "Predictor", scan: Scan, method: str = "gradcam",
     thr = region_threshold if region_threshold is not None else float(
         predictor.card.get("region_threshold", 0.5))
     region = heatmap_region(heatmap, thr, scan.pixel_spacing)
-    prediction = predictor._predictions(logits, emb)[0]
+    prediction = predictor.predictions(logits, emb)[0]
     idx = int(target[0])
     return Explanation(method=method, class_index=idx, class_name=predictor.classes[idx],
                        grid=grid.astype(np.float32), heatmap=heatmap, region=region,

@@ -11,7 +11,6 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 import streamlit as st  # noqa: E402
@@ -25,11 +24,9 @@ MAX_MODELS = 4
 MAX_CACHED_RESULTS = 16  # per session, all for the open scan: models x methods
 RESULTS_KEY = "_compare_results"
 
-st.set_page_config(page_title="Compare models · MedCLS", page_icon="🧠", layout="wide")
-st.title("Compare models")
-st.caption("One scan, two to four models of the same task, side by side: do they agree, how "
-           "sure is each, where does each look, and how did each do on the fixed test split. "
-           "Research tool, not a diagnostic device.")
+ui.page_header("Compare models", "One scan, two to four models of the same task, side by "
+               "side: do they agree, how sure is each, where does each look, and how did each do "
+               "on the fixed test split.")
 
 
 # ----------------------------------------------------------------------------- page helpers

@@ -57,11 +57,9 @@ THUMB_WIDTH = 300
 JOB = "batch_job"
 SELECTED = "_batch_selected"
 
-st.set_page_config(page_title="MedCLS · batch review", page_icon="🗂️", layout="wide")
-st.title("Batch review")
-st.caption("Triage a folder of scans: predicted class, calibrated probabilities and the scans "
-           "that need a look (low confidence, outside what the model was trained on, "
-           "unreadable). Research tool, not a diagnostic device.")
+ui.page_header("Batch review", "Triage a folder of scans: predicted class, calibrated "
+               "probabilities and the scans that need a look (low confidence, outside what the "
+               "model was trained on, unreadable).", icon="🗂️")
 
 
 # ----------------------------------------------------------------------------- configuration

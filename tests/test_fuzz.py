@@ -45,15 +45,16 @@ import pydicom.config
 import pytest
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLSLossless,
-                         RLELossless, generate_uid)
+                         RLELossless)
 
 from conftest import DATA_DIR
+from dicom_factory import new_dataset
 from medcls.errors import MedclsError
 from medcls.preprocess import PreprocessSpec, preprocess
 from medcls.scan import load_scan
@@ -352,14 +353,7 @@ def built_dicom(draw):
     syntax = draw(st.sampled_from(NATIVE * 2 + ENCAPSULATED)) if not floating else \
         draw(st.sampled_from(NATIVE))
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = syntax
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = draw(st.sampled_from(["MR", "CT", "CR", "OT", "US", ""]))
+    ds = new_dataset(syntax, modality=draw(st.sampled_from(["MR", "CT", "CR", "OT", "US", ""])))
     ds.Rows, ds.Columns = rows, cols
     if frames > 1 or draw(st.booleans()):
         ds.NumberOfFrames = frames

@@ -23,10 +23,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import PROJECT_ROOT, require
+from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, to_bytes
 from test_compare import brain_test_jpeg
 
 APP = PROJECT_ROOT / "app.py"
@@ -255,21 +254,10 @@ def _multiframe(good_jpeg: bytes) -> bytes:
     """A 300-frame 16-bit DICOM: the brain image, shifted a little in each frame."""
     base = cv2.resize(_brain_gray(good_jpeg), (128, 128), interpolation=cv2.INTER_AREA)
     frames = np.stack([np.roll(base, k % 16, axis=1) for k in range(N_FRAMES)]).astype(np.uint16) * 16
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.Rows, ds.Columns, ds.NumberOfFrames = 128, 128, N_FRAMES
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds = grayscale16(new_dataset(sop_class=MULTIFRAME_WORD_SC, modality="MR"), 128, 128,
+                     frames=N_FRAMES, bits_stored=12)
     ds.PixelData = frames.tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return to_bytes(ds)
 
 
 GOOD = {"png_4_channels": _png_rgba, "tiff_16_bit": _tiff16, "one_pixel": _one_pixel,

@@ -20,10 +20,11 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from conftest import require
+from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset
 from medcls.errors import MedclsError, ScanTooLargeError, UnreadableScanError
 from medcls.scan import display_image, identifying_attributes, load_scan
 
@@ -380,17 +381,7 @@ def test_multiframe_dicom_loads_one_frame(tmp_path: Path) -> None:
     n, size = 200, 64
     frames = (np.arange(n, dtype=np.uint32)[:, None, None] * 300
               + np.arange(size * size, dtype=np.uint32).reshape(1, size, size)).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # multi-frame grayscale word SC
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns, ds.NumberOfFrames = size, size, n
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds = grayscale16(new_dataset(sop_class=MULTIFRAME_WORD_SC), size, size, frames=n)
     ds.PixelData = frames.tobytes()
     path = tmp_path / "multi.dcm"
     ds.save_as(path, enforce_file_format=True)
@@ -447,19 +438,7 @@ def _synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 
     from pydicom.dataelem import RawDataElement
     from pydicom.tag import Tag
 
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = syntax
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows, ds.Columns = rows, cols
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds = grayscale16(new_dataset(syntax), rows, cols, frames)
     for k, v in attrs.items():
         if isinstance(v, str) and k in ("RescaleSlope", "RescaleIntercept", "WindowCenter",
                                         "WindowWidth"):  # as written in the file, even "nan"
@@ -568,14 +547,7 @@ def test_float_pixel_data_with_nan_and_inf(tmp_path: Path) -> None:
             assert ok
             data = buf.tobytes()
         else:
-            meta = FileMetaDataset()
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-            meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds = Dataset()
-            ds.file_meta = meta
-            ds.SOPClassUID = meta.MediaStorageSOPClassUID
-            ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+            ds = new_dataset()
             ds.Rows = ds.Columns = 64
             ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 32
             ds.FloatPixelData = img.tobytes()
@@ -638,18 +610,7 @@ def test_multiframe_dicom_memory_is_bounded(compressed: bool) -> None:
 
     n, size = 300, 256
     frames = np.random.default_rng(0).integers(0, 4096, (n, size, size), dtype=np.uint16)
-    meta = FileMetaDataset()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    ds.Rows = ds.Columns = size
-    ds.NumberOfFrames = n
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds = grayscale16(new_dataset(sop_class=MULTIFRAME_WORD_SC), size, size, frames=n, bits_stored=12)
     ds.PixelData = frames.tobytes()
     if compressed:
         ds.compress(RLELossless)
