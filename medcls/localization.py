@@ -139,20 +139,15 @@ def fit_region_threshold(predictor, dataset, records, method: str = "gradcam",
 def store_region_threshold(model_dir, data, split: str = "val", records=None) -> dict:
     """Fit the region threshold of a model package on ``split`` of ``data`` and write it into the
     package's card (``region_threshold``, with how it was fitted). The model file is unchanged."""
-    import json
-    from pathlib import Path
-
     from .data import load_dataset
     from .inference import Predictor
-    from .package import CARD_FILE
+    from .package import update_card
 
     predictor = Predictor.from_path(model_dir)
     dataset = load_dataset(data, classes=predictor.classes)
     fit = fit_region_threshold(predictor, dataset, dataset.split(split) if records is None else records)
-    card_path = Path(model_dir) / CARD_FILE
-    card = json.loads(card_path.read_text())
-    card["region_threshold"] = fit["threshold"]
-    card["region_threshold_fit"] = {k: fit[k] for k in ("mean_iou", "n", "method")} | {
-        "split": split, "criterion": "mean IoU of the Grad-CAM region box with the tumour box"}
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    update_card(model_dir, {
+        "region_threshold": fit["threshold"],
+        "region_threshold_fit": {k: fit[k] for k in ("mean_iou", "n", "method")} | {
+            "split": split, "criterion": "mean IoU of the Grad-CAM region box with the tumour box"}})
     return fit

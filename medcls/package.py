@@ -149,6 +149,19 @@ def load_package(path: str | Path, verify_hash: bool = True) -> ModelPackage:
     return ModelPackage(path=folder, card=card, model=model, gate=gate)
 
 
+def update_card(folder: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Add or replace measured ``fields`` of a package's card (a region threshold, speed figures)
+    without touching the model file; the result is checked like any card."""
+    folder = Path(folder)
+    card = read_card(folder)
+    protected = set(REQUIRED_KEYS) | {"model_sha256", "size_bytes"}
+    if protected & set(fields):
+        raise ModelPackageError(f"update_card does not rewrite {sorted(protected & set(fields))}.")
+    card.update(fields)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return read_card(folder)
+
+
 def save_package(folder: str | Path, model, card: dict[str, Any], gate: InputGate | None) -> Path:
     """Write model, gate and card (the card last, with the model's hash)."""
     folder = Path(folder)
