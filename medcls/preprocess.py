@@ -34,6 +34,9 @@ from .scan import Scan, display_image, load_scan
 cv2.setNumThreads(1)  # parallelism comes from the data pipeline's workers, not inside OpenCV
 
 
+NORMALIZATIONS = ("minmax", "zscore", "fixed")
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How a model wants its input. Stored in the model card as a dict."""
@@ -45,7 +48,10 @@ class PreprocessSpec:
     crop_margin: float = 0.04
     denoise: str | None = None  # None, "nlmeans" or "bilateral"
     denoise_strength: float = 5.0
-    normalize: str = "minmax"  # "minmax" (foreground percentiles to [0, 1]) or "zscore"
+    # "minmax": per-image foreground percentiles to [0, 1]; "zscore": per-image foreground mean 0,
+    # sd 1; "fixed": one scale for every image (the full 8/16-bit range of a raster, a DICOM file's
+    # own window), so absolute intensity is kept (echogenicity in ultrasound)
+    normalize: str = "minmax"
     clahe: bool = False
     clahe_clip: float = 2.0
     version: int = 1
@@ -57,9 +63,14 @@ class PreprocessSpec:
             raise ValueError("channels must be 1 or 3")
         if self.denoise not in (None, "nlmeans", "bilateral"):
             raise ValueError("denoise must be None, 'nlmeans' or 'bilateral'")
-        if self.normalize not in ("minmax", "zscore"):
-            raise ValueError("normalize must be 'minmax' or 'zscore'")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {', '.join(map(repr, NORMALIZATIONS))}")
         object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
+
+    @property
+    def unit_range(self) -> bool:
+        """Whether model inputs lie in [0, 1] (background 0)."""
+        return self.normalize in ("minmax", "fixed")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -137,9 +148,15 @@ class Preprocessed:
 
 # ----------------------------------------------------------------------------- steps
 
-def to_gray01(scan: Scan) -> np.ndarray:
-    """Steps 1-2: the scan's default display conversion, as one grayscale channel in [0, 1]."""
-    img = display_image(scan)
+def to_gray01(scan: Scan, fixed: bool = False) -> np.ndarray:
+    """Steps 1-2: the scan's default display conversion, as one grayscale channel in [0, 1].
+    ``fixed``: the same scale for every image instead of per-image percentiles (8/16-bit rasters
+    over their full range; a DICOM window stored in the file; percentiles only as the fallback)."""
+    if fixed and scan.source_format != "dicom" and scan.bits_stored in (8, 16):
+        full = float(2 ** scan.bits_stored - 1)
+        img = display_image(scan, center=full / 2, width=full)
+    else:
+        img = display_image(scan)
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
     return np.ascontiguousarray(img, dtype=np.float32)
@@ -199,7 +216,9 @@ def _denoise(img01: np.ndarray, method: str | None, strength: float) -> np.ndarr
 
 def _normalize(img01: np.ndarray, mask: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     fg = img01[mask] if mask.any() else img01.ravel()
-    if spec.normalize == "minmax":
+    if spec.normalize == "fixed":
+        out = np.clip(img01, 0.0, 1.0)
+    elif spec.normalize == "minmax":
         lo = float(np.percentile(img01, spec.clip_percentiles[0]))
         hi = float(np.percentile(fg, spec.clip_percentiles[1]))
         if hi <= lo:
@@ -210,7 +229,7 @@ def _normalize(img01: np.ndarray, mask: np.ndarray, spec: PreprocessSpec) -> np.
         out = (img01 - mean) / max(std, 1e-6)
         out = np.where(mask, out, (0.0 - mean) / max(std, 1e-6))
     out = out.astype(np.float32)
-    if spec.clahe and spec.normalize == "minmax":
+    if spec.clahe and spec.unit_range:
         clahe = cv2.createCLAHE(clipLimit=spec.clahe_clip, tileGridSize=(8, 8))
         out = clahe.apply(np.clip(out * 255.0, 0, 255).astype(np.uint8)).astype(np.float32) / 255.0
     return out
@@ -234,7 +253,7 @@ def _resize_pad(img: np.ndarray, size: int, pad_value: float,
 
 def preprocess(scan: Scan, spec: PreprocessSpec) -> Preprocessed:
     """Apply the spec to one scan: the model input, its geometry and foreground mask."""
-    gray = to_gray01(scan)
+    gray = to_gray01(scan, fixed=spec.normalize == "fixed")
     h, w = gray.shape
     mask_full = foreground_mask(gray) if spec.crop or spec.normalize else np.ones_like(gray, bool)
     box = crop_box(mask_full, spec.crop_margin) if spec.crop else (0, 0, w, h)
@@ -243,9 +262,9 @@ def preprocess(scan: Scan, spec: PreprocessSpec) -> Preprocessed:
     mask = mask_full[y0:y1, x0:x1]
     img = _denoise(img, spec.denoise, spec.denoise_strength)
     img = _normalize(img, mask, spec)
-    background = 0.0 if spec.normalize == "minmax" else float(img[~mask].mean()) if (~mask).any() else 0.0
+    background = 0.0 if spec.unit_range else float(img[~mask].mean()) if (~mask).any() else 0.0
     arr, scaled, pad = _resize_pad(img, spec.input_size, background)
-    if spec.normalize == "minmax":  # area/linear resampling in float32 can round to 1.0000001
+    if spec.unit_range:  # area/linear resampling in float32 can round to 1.0000001
         arr = np.clip(arr, 0.0, 1.0)
     m, _, _ = _resize_pad(mask.astype(np.uint8), spec.input_size, 0, cv2.INTER_NEAREST)
     if spec.channels == 3:

@@ -229,7 +229,7 @@ def train(cfg: TrainConfig, command: str | None = None) -> Path:
         grid = int(model.get_layer(arch.cam_layer).output.shape[1])
         train_ds = tf_dataset(arrays["train"], onehot, cfg.batch_size, training=True, seed=cfg.seed,
                               sample_weight=cw[labels["train"]], box_masks=masks, grid=grid,
-                              clip=spec.normalize == "minmax")
+                              clip=spec.unit_range)
         phases = [("train", cfg.epochs, cfg.lr)]
         if cfg.arch == "mobilenet-tl":
             set_backbone_trainable(model, False)

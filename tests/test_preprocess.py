@@ -81,6 +81,20 @@ def test_spec_rejects_unknown_and_invalid_values() -> None:
         PreprocessSpec.from_dict({**d, "normalize": "histogram"})
 
 
+def test_fixed_normalisation_keeps_absolute_intensity() -> None:
+    """'minmax' stretches each image to [0, 1], so a dark and a bright copy of the same pattern
+    look alike; 'fixed' keeps them (one scale for every 8-bit image) (echogenicity in ultrasound)."""
+    pattern = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (64, 1))
+    dark = scan_from_array((40 + 40 * pattern).astype(np.uint8))
+    bright = scan_from_array((160 + 40 * pattern).astype(np.uint8))
+    common = dict(input_size=64, channels=1, crop=False)
+    mm = [preprocess(s, PreprocessSpec(**common)).array for s in (dark, bright)]
+    assert np.abs(mm[0] - mm[1]).max() < 0.02  # the brightness difference is gone
+    win = [preprocess(s, PreprocessSpec(**common, normalize="fixed")).array for s in (dark, bright)]
+    assert win[0].min() == pytest.approx(40 / 255, abs=0.01) and win[0].max() == pytest.approx(80 / 255, abs=0.01)
+    assert win[1].mean() - win[0].mean() == pytest.approx(120 / 255, abs=0.01)
+
+
 # ----------------------------------------------------------------------------- output contract
 
 @pytest.mark.parametrize("size,channels", [(224, 3), (96, 1)])
