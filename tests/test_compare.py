@@ -205,3 +205,27 @@ def test_compare_two_shipped_models_on_a_real_brain_mri(data_dir):
     assert len(c.pairs) == 1
     for value in (c.pairs[0].box_iou, c.pairs[0].mask_iou, c.mean_box_iou, c.mean_mask_iou):
         assert value is not None and 0.0 <= value <= 1.0
+
+
+def test_shipped_cards_carry_measured_speed_for_the_table(tmp_path):
+    """The comparison table's ms per scan comes from the cards, written by bench.speed; a card
+    update never rewrites the model's identity (hash, size) or the contract."""
+    import shutil
+
+    from medcls.errors import ModelPackageError
+    from medcls.package import list_packages, read_card, update_card
+
+    shipped = list_packages(PROJECT_ROOT / "models")
+    assert len(shipped) >= 4
+    rows = card_table([card for _, card in shipped])
+    for row in rows:
+        assert row["ms_per_scan"] is not None and 1.0 < row["ms_per_scan"] < 1000.0, row["model"]
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    shutil.copy(shipped[0][0] / "card.json", folder / "card.json")
+    card = update_card(folder, {"speed": {"single_scan_ms_median": 12.5}})
+    assert card["speed"]["single_scan_ms_median"] == 12.5 and read_card(folder)["speed"] == card["speed"]
+    for field in ("model_sha256", "classes", "input_size"):
+        with pytest.raises(ModelPackageError):
+            update_card(folder, {field: 1})
+    assert read_card(folder)["model_sha256"] == shipped[0][1]["model_sha256"]
