@@ -23,7 +23,7 @@ for which in "${@:-mobilenet compact seed chest}"; do
                    --out models/brain-mri-seed-cnn --epochs 30 --patience 6 --lr 5e-4 --label-smoothing 0.1 --ema ;;
       chest)     run chest-xray-default --data "$DATA/chest-xray" --task chest-xray --task-description "$CHEST_DESC" \
                    --limits configs/chest-xray.limits.json --arch mobilenet-tl --out models/chest-xray-default \
-                   --epochs 6 --fine-tune-epochs 12 --patience 5 \
+                   --epochs 6 --fine-tune-epochs 24 --patience 8 \
                    --fine-tune-lr 3e-4 --fine-tune-from block_3_expand --label-smoothing 0.1 --ema --weights "$W" ;;
       *) echo "unknown model $w" >&2; exit 2 ;;
     esac
