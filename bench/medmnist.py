@@ -24,7 +24,7 @@ RECIPES = {
     # and lower on test (the official test set is shifted; see bench/results/medmnist.md)
     "pneumoniamnist": {**_TRANSFER, "fine_tune_epochs": 12, "patience": 5, "fine_tune_from": "block_9_expand"},
     # fixed intensity scale (echogenicity is a feature), deeper fine-tuning, label smoothing, EMA
-    "breastmnist": {**_TRANSFER, "fine_tune_epochs": 30, "patience": 10, "fine_tune_from": "block_3_expand",
+    "breastmnist": {**_TRANSFER, "fine_tune_epochs": 60, "patience": 15, "fine_tune_from": "block_3_expand",
                     "fine_tune_lr": 3e-4, "label_smoothing": 0.1, "ema": True,
                     "preprocess": {"crop": False, "normalize": "fixed"}},
 }
