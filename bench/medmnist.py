@@ -77,6 +77,10 @@ def main(argv=None):
                 attempts.append({k: v for k, v in entry.items() if k != "attempts"})
             result[name] = {**run, "attempts": attempts}
         print(name, json.dumps(run), flush=True)
+    write("medmnist", result, markdown(result), args.out)
+
+
+def markdown(result: dict) -> str:
     rows = [[k, v["auc"], v["acc"], v.get("val_auc"), v["n"], v["arch"], v["input_size"]]
             for k, v in result.items() if "auc" in v]
     md = ["# MedMNIST v2 with the MedCLS pipeline (official test splits)", "",
@@ -86,7 +90,8 @@ def main(argv=None):
           table(["dataset", "test AUC", "test ACC", "val AUC", "architecture", "input px", "command"],
                 [[k, a["auc"], a["acc"], a.get("val_auc"), a["arch"], a["input_size"], f"`{a['command']}`"]
                  for k, v in result.items() for a in v.get("attempts", [])])]
-    write("medmnist", result, "\n".join(md), args.out)
+    notes = [a["note"] for v in result.values() for a in [v, *v.get("attempts", [])] if a.get("note")]
+    return "\n".join(md + ([""] + [f"- {n}" for n in notes] if notes else []))
 
 
 if __name__ == "__main__":
