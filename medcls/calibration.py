@@ -24,12 +24,17 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood. ``y`` is class indices (N,), or (N, K) label sets (1 for
+    each allowed class: a partial label's likelihood is its classes' summed probability)."""
     lp = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
+    y = np.asarray(y)
+    if y.ndim == 2:
+        return float(-np.log(np.maximum((np.exp(lp) * y).sum(1), 1e-300)).mean())
     return float(-lp[np.arange(len(y)), y].mean())
 
 
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
-    """The temperature (0.05 to 20) that minimises validation NLL."""
+    """The temperature (0.05 to 20) that minimises validation NLL (``y``: indices or label sets)."""
     res = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))),
                           bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(res.x))

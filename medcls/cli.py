@@ -24,17 +24,24 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
 def cmd_train(args) -> int:
     from .train import TrainConfig, command_line, train
 
+    if not args.arch and not args.init:
+        print("medcls train: give --arch, or --init with a model package to start from", file=sys.stderr)
+        return 2
+
     cfg = TrainConfig(data=args.data, arch=args.arch, out=args.out, name=args.name, task=args.task,
                       epochs=args.epochs, fine_tune_epochs=args.fine_tune_epochs,
                       batch_size=args.batch_size, lr=args.lr, fine_tune_lr=args.fine_tune_lr,
                       patience=args.patience, seed=args.seed, input_size=args.input_size,
                       weights=args.weights, cache_dir=args.cache_dir, max_train=args.max_train,
-                      task_description=args.task_description,
+                      task_description=args.task_description, version=args.version,
                       preprocess=json.loads(args.preprocess) if args.preprocess else {},
                       label_smoothing=args.label_smoothing, ema=args.ema, box_loss=args.box_loss,
                       fine_tune_from=args.fine_tune_from,
-                      limits=json.loads(Path(args.limits).read_text()) if args.limits else [])
-    if cfg.arch == "mobilenet-tl" and not cfg.weights:
+                      limits=json.loads(Path(args.limits).read_text()) if args.limits else [],
+                      init=args.init, source_augment=args.source_augment, balanced=args.balanced,
+                      modality=args.modality,
+                      scope=json.loads(Path(args.scope).read_text()) if args.scope else {})
+    if cfg.arch == "mobilenet-tl" and not cfg.weights and not cfg.init:
         logging.getLogger(__name__).warning("no --weights given: mobilenet-tl starts from random "
                                             "weights (no download is attempted)")
     train(cfg, command=command_line())
@@ -46,7 +53,8 @@ def cmd_evaluate(args) -> int:
 
     report = evaluate_model(args.model, args.data, split=args.split, out_dir=args.out,
                             bootstrap=args.bootstrap)
-    print(report_markdown(report, f"{Path(args.model).name} on {args.data} ({args.split or 'all'})"))
+    print(report_markdown(report, f"{Path(args.model).name} on {', '.join(map(str, args.data))} "
+                                  f"({args.split or 'all'})"))
     return 0
 
 
@@ -68,12 +76,24 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model on a dataset with a fixed split")
-    t.add_argument("--data", required=True, help="folder with labels.csv (file,label,split) or a .npz")
-    t.add_argument("--arch", required=True, help="seed-cnn, compact-cnn or mobilenet-tl")
+    t.add_argument("--data", required=True, nargs="+",
+                   help="folder(s) with labels.csv (file,label,split[,source,group,box_*]) or one "
+                        ".npz; several folders are combined, the first is the task's own (its "
+                        "test split gives the card's figures); label 'tumor' is a partial label "
+                        "(one of the tumour classes)")
+    t.add_argument("--arch", help="seed-cnn, compact-cnn or mobilenet-tl (not with --init)")
+    t.add_argument("--init", help="start from this model package's weights and contract (fine-tuning only)")
+    t.add_argument("--source-augment", action="store_true",
+                   help="per-image source randomisation (intensity curves, blur/sharpen, noise, "
+                        "resampling, JPEG re-encoding)")
+    t.add_argument("--balanced", action="store_true", help="sample batches balanced over (source, label)")
+    t.add_argument("--modality", help="DICOM Modality the model is for (e.g. MR); DICOM of another modality is refused")
+    t.add_argument("--scope", help="JSON file describing the sources (planes, sequences) for the card's scope")
     t.add_argument("--out", required=True, help="model package folder to write (models/<name>)")
     t.add_argument("--name")
     t.add_argument("--task", help="task id shared by models of the same task (e.g. brain-mri)")
     t.add_argument("--task-description")
+    t.add_argument("--version", default="1.0.0", help="the model's version, stated in its card")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--fine-tune-epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=32)
@@ -99,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
 
     e = sub.add_parser("evaluate", help="evaluate a model package on labelled scans")
     e.add_argument("--model", required=True)
-    e.add_argument("--data", required=True, help="folder with labels.csv, or one folder per class")
+    e.add_argument("--data", required=True, nargs="+",
+                   help="folder(s) with labels.csv, or one folder per class; figures are also "
+                        "given per source (the shortcut check)")
     e.add_argument("--split", default="test", help="split to use ('all' for every row)")
     e.add_argument("--out", required=True)
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for 95%% CIs (0: none)")

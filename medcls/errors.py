@@ -29,3 +29,7 @@ class DatasetError(MedclsError):
 
 class PathNotAllowedError(MedclsError):
     """A folder or archive member lies outside the allowed root."""
+
+
+class WrongModalityError(MedclsError):
+    """A DICOM scan of another modality than the model was trained on (a CT given to an MR model)."""

@@ -105,6 +105,15 @@ def report_markdown(report: dict, title: str) -> str:
               "|---" * (len(report["classes"]) + 1) + "|"]
     for c, row in zip(report["classes"], report["confusion_matrix"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    if report.get("by_source"):
+        lines += ["", "By source (partial-label rows count for tumour-vs-none only; answered = "
+                  "confident and inside the input gate):", "",
+                  "| source | n | accuracy | macro-F1 | tumour called no-tumour | no-tumour called tumour "
+                  "| ECE | coverage | answered accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+        for src, r in report["by_source"].items():
+            lines.append(f"| {src} | {r['n']} | {fmt(r.get('accuracy'))} | {fmt(r.get('macro_f1'))} | "
+                         f"{fmt(r.get('called_no_tumor'))} | {fmt(r.get('called_tumour'))} | "
+                         f"{fmt(r.get('ece'))} | {fmt(r.get('coverage'))} | {fmt(r.get('answered_accuracy'))} |")
     if "ci95" in report:
         lines += ["", "95% bootstrap intervals:", ""]
         lines += [f"- {k}: [{v[0]:.4f}, {v[1]:.4f}]" for k, v in report["ci95"].items()]
@@ -135,33 +144,135 @@ def plot_confusion_matrix(report: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
-def evaluate_model(model_dir: str | Path, data: str | Path, split: str | None = "test",
+def source_report(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                  negative: str | None, low_confidence_threshold: float | None = None,
+                  outside: np.ndarray | None = None, probs_uncalibrated: np.ndarray | None = None) -> dict:
+    """Figures of one source (or any set of rows), partial labels included.
+
+    ``targets`` (N, K) are label sets (:meth:`medcls.data.Dataset.targets`). Single-label rows
+    give the K-class accuracy and macro-F1; every row counts for tumour-vs-none (the shortcut
+    check): ``called_negative`` is the share of rows with a finding (tumour) called the negative
+    class, ``called_positive`` the share of negative rows called a finding. A row is *correct*
+    when the predicted class is one its label allows; ECE and selective figures use that."""
+    targets = np.asarray(targets)
+    probs = np.asarray(probs, np.float64)
+    pred = probs.argmax(1)
+    correct = targets[np.arange(len(pred)), pred] > 0
+    single = targets.sum(1) == 1
+    out: dict = {"n": int(len(pred))}
+    if single.any():
+        y = targets[single].argmax(1)
+        labels = list(range(len(classes)))
+        out["n_single_label"] = int(single.sum())
+        out["accuracy"] = float(accuracy_score(y, pred[single]))
+        present = sorted(set(y.tolist()))
+        out["macro_f1"] = (float(f1_score(y, pred[single], labels=present, average="macro", zero_division=0))
+                           if len(present) > 1 else None)
+        out["confusion_matrix"] = confusion_matrix(y, pred[single], labels=labels).tolist()
+    if negative is not None:
+        k = list(classes).index(negative)
+        positive_rows = targets[:, k] == 0
+        called_negative = pred == k
+        out["n_tumour"], out["n_no_tumour"] = int(positive_rows.sum()), int((~positive_rows).sum())
+        out["called_no_tumor"] = float(called_negative[positive_rows].mean()) if positive_rows.any() else None
+        out["called_tumour"] = float((~called_negative)[~positive_rows].mean()) if (~positive_rows).any() else None
+    out["ece"] = _top_label_ece(probs, correct)
+    if probs_uncalibrated is not None:
+        out["ece_uncalibrated"] = _top_label_ece(np.asarray(probs_uncalibrated),
+                                                 targets[np.arange(len(pred)), np.asarray(probs_uncalibrated).argmax(1)] > 0)
+    if low_confidence_threshold is not None:
+        conf = probs.max(1)
+        answered = conf >= low_confidence_threshold
+        if outside is not None:
+            answered &= ~np.asarray(outside, bool)
+        out["coverage"] = float(answered.mean())
+        out["answered_accuracy"] = float(correct[answered].mean()) if answered.any() else None
+        out["flagged_low_confidence"] = float((conf < low_confidence_threshold).mean())
+        if outside is not None:
+            out["flagged_outside"] = float(np.mean(outside))
+        if negative is not None:
+            k = list(classes).index(negative)
+            wrong_tumour = (targets[:, k] > 0) & (pred != k)
+            out["tumour_answers_unflagged"] = int((wrong_tumour & answered).sum())
+    return out
+
+
+def _top_label_ece(probs: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE where correctness is given (a partial label is right when its set holds
+    the prediction)."""
+    conf = np.asarray(probs).max(axis=1)
+    correct = np.asarray(correct, np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def risk_coverage(probs: np.ndarray, correct: np.ndarray, steps: int = 20) -> list[dict]:
+    """Accuracy among the answered scans as the confidence threshold rises (the risk-coverage
+    curve of selective prediction)."""
+    conf = np.asarray(probs).max(1)
+    correct = np.asarray(correct, bool)
+    out = []
+    for q in np.linspace(0.0, 0.95, steps):
+        t = float(np.quantile(conf, q))
+        a = conf >= t
+        out.append({"threshold": t, "coverage": float(a.mean()),
+                    "accuracy": float(correct[a].mean()) if a.any() else None})
+    return out
+
+
+def evaluate_model(model_dir: str | Path, data, split: str | None = "test",
                    out_dir: str | Path | None = None, bootstrap: int = 1000, workers: int = 2,
                    records=None) -> dict:
-    """Run a model package on a labelled dataset (labels.csv or folder-per-class) and report.
+    """Run a model package on labelled data (one folder or several; labels.csv or
+    folder-per-class) and report.
 
     ``split='all'`` (or a dataset without a split column) uses every row. The probabilities
     are the calibrated ones the app shows; ``ece_uncalibrated`` is given beside ``ece``.
+    Single-label rows give the K-class figures; ``by_source`` gives each source's figures,
+    partial labels included (:func:`source_report`: the shortcut check and selective
+    prediction with the card's low-confidence threshold and input gate).
     """
     from .calibration import probabilities
-    from .data import load_dataset, preprocess_records
+    from .data import load_datasets, preprocess_records
     from .inference import Predictor
 
     predictor = Predictor.from_path(model_dir)
-    dataset = load_dataset(data, classes=predictor.classes)
+    folders = [data] if isinstance(data, (str, Path)) else list(data)
+    dataset = load_datasets(folders, classes=list(predictor.classes))
     if records is None:
         records = dataset.split(None if split in (None, "all") else split)
     x, kept = preprocess_records(dataset, records, predictor.spec, workers=workers, on_error="skip")
-    y = dataset.label_index([records[i] for i in kept])
-    logits, _ = predictor.forward(x)
+    kept_records = [records[i] for i in kept]
+    targets = dataset.targets(kept_records)
+    logits, emb = predictor.forward(x)
     probs = probabilities(logits, predictor.package.temperature)
-    report = classification_report(y, probs, predictor.classes)
-    report["ece_uncalibrated"] = expected_calibration_error(probabilities(logits, 1.0), y)
+    raw = probabilities(logits, 1.0)
+    single = targets.sum(1) == 1
+    y = targets[single].argmax(1)
+    report = classification_report(y, probs[single], predictor.classes)
+    report["ece_uncalibrated"] = expected_calibration_error(raw[single], y)
     report["unreadable"] = len(records) - len(kept)
     report["model"] = predictor.name
     report["split"] = split
-    if bootstrap:
-        report["ci95"] = bootstrap_ci(y, probs, predictor.classes, n_boot=bootstrap)
+    gate = predictor.package.gate
+    outside = gate.is_outside(emb) if gate is not None else None
+    low = float(predictor.card["low_confidence_threshold"])
+    negative = predictor.card.get("negative_class") or dataset.negative_class
+    sources = sorted({r.source or "" for r in kept_records})
+    report["by_source"] = {}
+    for src in sources:
+        idx = np.array([i for i, r in enumerate(kept_records) if (r.source or "") == src])
+        report["by_source"][src] = source_report(
+            targets[idx], probs[idx], predictor.classes, negative, low,
+            None if outside is None else outside[idx], raw[idx])
+    report["overall"] = source_report(targets, probs, predictor.classes, negative, low, outside, raw)
+    if bootstrap and single.any():
+        report["ci95"] = bootstrap_ci(y, probs[single], predictor.classes, n_boot=bootstrap)
     if out_dir is not None:
         write_report(report, out_dir, title=f"{predictor.name} ({split or 'all'})")
     return report

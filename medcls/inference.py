@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .calibration import probabilities
-from .errors import MedclsError
+from .errors import MedclsError, WrongModalityError
 from .package import ModelPackage, load_package
 from .preprocess import Preprocessed, preprocess
 from .scan import Scan, load_scan
@@ -133,6 +133,8 @@ class Predictor:
                 for p, lo, s, e in zip(probs, logits, scores, emb)]
 
     def preprocess(self, scan: Scan) -> Preprocessed:
+        """The model's input for ``scan``, after checking the scan is of the card's modality."""
+        check_modality(scan, self.card.get("modality"), self.name)
         return preprocess(scan, self.spec)
 
     def predict(self, scan: Scan | Sequence[Scan]) -> Prediction | list[Prediction]:
@@ -178,7 +180,7 @@ class Predictor:
         def load(src):
             try:
                 scan = loader(src)
-                return StreamItem(src, None, None, scan_info(scan)), preprocess(scan, self.spec)
+                return StreamItem(src, None, None, scan_info(scan)), self.preprocess(scan)
             except MedclsError as exc:
                 return StreamItem(src, None, str(exc), {}), None
             except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
@@ -221,6 +223,24 @@ class StreamItem:
     prediction: Prediction | None
     error: str | None
     info: dict
+
+
+# Standard DICOM modality codes named in messages; any other value is not quoted (it is read
+# from the file and could carry anything).
+_MODALITY_NAMES = {"MR": "an MR scan", "CT": "a CT scan", "CR": "a radiograph (CR)",
+                   "DX": "a radiograph (DX)", "US": "an ultrasound image", "PT": "a PET scan",
+                   "NM": "a nuclear medicine image", "MG": "a mammogram", "XA": "an angiogram",
+                   "SR": "a structured report", "SC": "a secondary capture", "OT": "another kind of image"}
+
+
+def check_modality(scan: Scan, expected: str | None, model_name: str = "this model") -> None:
+    """Refuse a DICOM whose Modality differs from the card's (a CT given to an MR model).
+    Plain images (PNG, JPEG...) carry no modality and pass: the input gate judges them."""
+    if not expected or scan.source_format != "dicom" or scan.modality in (expected, "OT", ""):
+        return
+    what = _MODALITY_NAMES.get(scan.modality, "another modality")
+    raise WrongModalityError(f"This is {what}; {model_name} was trained on {expected} images "
+                             "only, so it gives no answer.")
 
 
 def scan_info(scan: Scan) -> dict:
