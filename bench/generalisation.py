@@ -1,0 +1,137 @@
+"""Does it generalise? Every shipped model on every test set it can be asked about, per source:
+the shortcut check (tumours called no tumour, normals called a tumour), calibration before and
+after temperature scaling, and selective prediction (coverage and accuracy of the answered scans,
+with the card's low-confidence threshold and input gate).
+
+Test sets (fixed splits; nothing here is used for training or choosing):
+- brain-mri: 595 slices, 4 classes (figshare tumours, Br35H normals)
+- br35h-tumour: 217 Br35H slices with a tumour of unknown type (partial label)
+- normal-ixi: 103 healthy subjects' axial T1 slices
+- volunteer-sagittal-t1: a healthy volunteer's 35-slice sagittal T1 DICOM series (test only)
+- chest-xray: the chest model's official test split
+
+    python -m bench.generalisation [--models models] [--attempt NAME --note TEXT]
+
+``--attempt`` records the run under that name in the attempts list (the shipped models' rows
+stay the headline); every attempt keeps the training command from its card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.common import RESULTS, command, machine, parser, table, write
+
+BRAIN_SETS = ("brain-mri", "br35h-tumour", "normal-ixi", "volunteer-sagittal-t1")
+FIELDS = ("n", "accuracy", "macro_f1", "called_no_tumor", "called_tumour", "ece", "ece_uncalibrated",
+          "coverage", "answered_accuracy", "tumour_answers_unflagged")
+
+
+def volunteer_series(data: Path, classes):
+    """The volunteer's sagittal series as a one-source dataset of normal slices."""
+    from medcls.data import Dataset, Record
+
+    folder = data / "dicom" / "volunteer-sagittal-t1"
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in ("LICENSE", "SOURCE.md"))
+    return Dataset(root=folder, classes=list(classes), name="volunteer-sagittal-t1",
+                   records=[Record(ref=p.name, label="no_tumor", split="test", source="volunteer-sagittal-t1",
+                                   root=folder) for p in files])
+
+
+def evaluate_sets(model_dir: Path, card: dict, data: Path) -> dict:
+    from medcls.data import load_datasets
+    from medcls.evaluate import evaluate_model
+
+    sets = {}
+    names = BRAIN_SETS if card["task"] == "brain-mri" else (card["task"],)
+    for name in names:
+        if name == "volunteer-sagittal-t1":
+            ds = volunteer_series(data, card["classes"])
+        else:
+            ds = load_datasets([data / name], classes=card["classes"])
+        rep = evaluate_model(model_dir, ds, split="test", bootstrap=0)
+        overall = rep["overall"]
+        row = {k: overall.get(k) for k in FIELDS}
+        row["accuracy"] = rep["accuracy"] if name in ("brain-mri", "chest-xray") else None
+        row["macro_f1"] = rep["macro_f1"] if name in ("brain-mri", "chest-xray") else None
+        row["by_source"] = {s: {k: r.get(k) for k in FIELDS} for s, r in rep["by_source"].items()}
+        row["risk_coverage"] = rep["risk_coverage"]
+        sets[name] = row
+    return sets
+
+
+def main(argv=None):
+    from medcls.package import list_packages
+
+    p = parser(__doc__)
+    p.add_argument("--attempt", help="record these models as an attempt with this name")
+    p.add_argument("--note", default="", help="what the attempt changed")
+    args = p.parse_args(argv)
+    path = args.out / "generalisation.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    result = {"command": command(), "machine": machine(), "models": old.get("models", {}),
+              "attempts": old.get("attempts", [])}
+    for folder, card in list_packages(args.models):
+        if card["task"] not in ("brain-mri", "chest-xray"):
+            continue
+        sets = evaluate_sets(folder, card, args.data)
+        entry = {"model": card["name"], "version": card.get("version"),
+                 "model_sha256": card.get("model_sha256"),
+                 "training_command": card.get("training", {}).get("command"), "sets": sets}
+        if args.attempt:
+            result["attempts"] = [a for a in result["attempts"]
+                                  if (a["attempt"], a["model"]) != (args.attempt, card["name"])]
+            result["attempts"].append(entry | {"attempt": args.attempt, "note": args.note})
+        else:
+            result["models"][card["name"]] = entry
+        print(card["name"], json.dumps({k: {f: v.get(f) for f in FIELDS} for k, v in sets.items()}), flush=True)
+    write("generalisation", result, markdown(result), args.out)
+
+
+def _rows(entries):
+    rows = []
+    for e in entries:
+        for name, s in e["sets"].items():
+            rows.append([e.get("attempt", e["model"]) if "attempt" in e else e["model"], name, s["n"],
+                         s.get("accuracy"), s.get("macro_f1"), s.get("called_no_tumor"),
+                         s.get("called_tumour"), s.get("ece_uncalibrated"), s.get("ece"),
+                         s.get("coverage"), s.get("answered_accuracy"), s.get("tumour_answers_unflagged")])
+    return rows
+
+
+HEADERS = ["model", "test set", "n", "accuracy", "macro-F1", "tumour called no_tumor",
+           "normal called tumour", "ECE before T", "ECE", "coverage", "answered accuracy",
+           "tumour answers on normals, unflagged"]
+
+
+def markdown(result: dict) -> str:
+    md = ["# Does it generalise? Per test set and source", "",
+          "Tumour called no_tumor: share of slices with a tumour answered `no_tumor` (a missed tumour). "
+          "Normal called tumour: share of normal slices answered with a tumour class. Coverage: share "
+          "answered (confidence at or above the card's low-confidence threshold and inside the input "
+          "gate); answered accuracy: correct among those (a Br35H tumour of unknown type is correct when "
+          "any tumour class is called). ECE before T: before temperature scaling.", "",
+          table(HEADERS, _rows(result["models"].values()))]
+    by_src = []
+    for e in result["models"].values():
+        s = e["sets"].get("brain-mri")
+        if s:
+            for src, r in s["by_source"].items():
+                by_src.append([e["model"], src, r["n"], r.get("accuracy"), r.get("called_no_tumor"),
+                               r.get("called_tumour"), r.get("ece"), r.get("coverage"), r.get("answered_accuracy")])
+    if by_src:
+        md += ["", "brain-mri test split by source:", "",
+               table(["model", "source", "n", "accuracy", "tumour called no_tumor", "normal called tumour",
+                      "ECE", "coverage", "answered accuracy"], by_src)]
+    if result["attempts"]:
+        md += ["", "## Attempts (same test sets; each chosen on validation)", ""]
+        for a in result["attempts"]:
+            md.append(f"- **{a['attempt']}** ({a['model']}): {a['note']}  \n  `{a.get('training_command') or ''}`")
+        md += ["", table(HEADERS, _rows(result["attempts"]))]
+    md += ["", f"Command: `{result['command']}`"]
+    return "\n".join(md)
+
+
+if __name__ == "__main__":
+    main()

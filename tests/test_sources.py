@@ -1,0 +1,255 @@
+"""Training and measuring across sources: several folders, partial labels, source
+randomisation, balanced sampling, per-source evaluation and the shortcut check, modality scope."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import require
+from medcls.data import (Record, label_set, load_dataset, load_datasets, stratum_weights,
+                         tf_dataset)
+from medcls.errors import DatasetError, WrongModalityError
+from medcls.evaluate import source_report
+
+BRAIN_CLASSES = ["glioma", "meningioma", "no_tumor", "pituitary"]
+
+
+@pytest.fixture(scope="module")
+def combined(data_dir):
+    return load_datasets([require(data_dir / "brain-mri"), require(data_dir / "br35h-tumour"),
+                          require(data_dir / "normal-ixi")])
+
+
+# ----------------------------------------------------------------------------- data layer
+
+def test_several_folders_keep_their_root_and_source(combined, data_dir):
+    assert combined.classes == BRAIN_CLASSES  # 'tumor' is a partial label, not a class
+    by_source = {}
+    for r in combined.records:
+        by_source.setdefault(r.source, set()).add(r.root.name)
+    assert by_source == {"figshare": {"brain-mri"}, "br35h": {"brain-mri", "br35h-tumour"},
+                         "ixi": {"normal-ixi"}}
+    tumour = next(r for r in combined.records if r.label == "tumor")
+    assert combined.path(tumour) == data_dir / "br35h-tumour" / tumour.ref
+    assert combined.path(tumour).is_file()
+    assert len(combined.split("test")) == 595 + 217 + 103
+
+
+def test_partial_label_is_the_set_of_tumour_classes(combined):
+    rows = [next(r for r in combined.records if r.label == lab) for lab in ("tumor", "no_tumor", "glioma")]
+    t = combined.targets(rows)
+    assert t.tolist() == [[1, 1, 0, 1], [0, 0, 1, 0], [1, 0, 0, 0]]
+    assert label_set("tumor", BRAIN_CLASSES) == {"glioma", "meningioma", "pituitary"}
+    with pytest.raises(DatasetError, match="partial label"):
+        combined.label_index(rows)  # a partial label has no single class index
+    with pytest.raises(DatasetError, match="negative class"):
+        label_set("tumor", ["cat", "dog"])
+
+
+def test_a_folder_of_partial_labels_needs_a_task_that_can_hold_them(data_dir):
+    with pytest.raises(DatasetError, match="negative class"):
+        load_dataset(require(data_dir / "br35h-tumour"), classes=["cat", "dog"])
+
+
+def test_balanced_sampling_weighs_labels_alike_within_a_source(combined):
+    train = combined.split("train")
+    idx, weight = stratum_weights(train)
+    assert abs(sum(weight.values()) - 1.0) < 1e-9
+    assert weight[("br35h", "tumor")] == pytest.approx(weight[("br35h", "no_tumor")])
+    assert weight[("figshare", "glioma")] == pytest.approx(weight[("figshare", "meningioma")])
+    # sources by the square root of their size
+    n = {s: sum(1 for r in train if r.source == s) for s in ("figshare", "ixi")}
+    fig = sum(w for (s, _), w in weight.items() if s == "figshare")
+    assert fig / weight[("ixi", "no_tumor")] == pytest.approx(np.sqrt(n["figshare"] / n["ixi"]))
+    keys = sorted(weight)
+    assert [keys[i] for i in idx[:3]] == [(r.source, r.label) for r in train[:3]]
+
+
+def test_balanced_pipeline_draws_strata_in_their_proportions():
+    recs = [Record(ref=str(i), label="a" if i < 90 else "b", source="s") for i in range(100)]
+    idx, weight = stratum_weights(recs)
+    x = np.zeros((100, 8, 8, 1), np.float32)
+    x[90:] = 1.0  # 'b' images are white
+    t = np.zeros((100, 2), np.float32)
+    t[:90, 0] = t[90:, 1] = 1
+    seen = []
+    for _ in range(5):
+        for img, lab in tf_dataset(x, t, 50, training=True, strata=(idx, weight), channels=1):
+            seen.append(lab.numpy()[:, 1])
+    share_b = np.concatenate(seen).mean()
+    assert 0.4 < share_b < 0.6  # 10% of the rows, half of the draws
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_partial_label_loss_raises_the_tumour_classes_together():
+    import tensorflow as tf
+
+    from medcls.train import label_set_loss
+
+    loss = label_set_loss(0.0)
+    logits = tf.Variable([[0.5, -0.2, 1.5, 0.1]])
+    target = tf.constant([[1.0, 1.0, 0.0, 1.0]])  # 'tumor'
+    p0 = tf.nn.softmax(logits).numpy()[0]
+    with tf.GradientTape() as tape:
+        value = loss(target, logits)
+    logits.assign_sub(0.5 * tape.gradient(value, logits))
+    p1 = tf.nn.softmax(logits).numpy()[0]
+    assert value.numpy()[0] == pytest.approx(-np.log(p0[[0, 1, 3]].sum()), rel=1e-5)
+    assert all(p1[i] > p0[i] for i in (0, 1, 3)) and p1[2] < p0[2]
+
+
+def test_set_loss_is_keras_cross_entropy_for_one_class_rows():
+    import keras
+
+    from medcls.train import label_set_loss
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(16, 4)).astype(np.float32)
+    onehot = np.eye(4, dtype=np.float32)[rng.integers(0, 4, 16)]
+    for eps in (0.0, 0.1):
+        ours = np.asarray(label_set_loss(eps)(onehot, logits))
+        ref = np.asarray(keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=eps,
+                                                              reduction=None)(onehot, logits))
+        assert np.allclose(ours, ref, atol=1e-5)
+
+
+def test_temperature_fits_on_label_sets():
+    from medcls.calibration import nll
+
+    logits = np.array([[2.0, 0.0, -1.0, 1.0]])
+    p = np.exp(logits) / np.exp(logits).sum()
+    assert nll(logits, np.array([[1, 1, 0, 1]])) == pytest.approx(-np.log(p[0, [0, 1, 3]].sum()))
+    assert nll(logits, np.array([2])) == pytest.approx(-np.log(p[0, 2]))
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+@pytest.fixture(scope="module")
+def real_images(combined):
+    from medcls.preprocess import PreprocessSpec, preprocess
+
+    spec = PreprocessSpec(input_size=128, channels=3)
+    recs = [r for r in combined.split("train") if r.box][:6] + \
+        [r for r in combined.split("train") if r.source == "ixi"][:2]
+    return recs, np.stack([preprocess(combined.scan(r), spec).array for r in recs]).astype(np.float32)
+
+
+def test_source_randomisation_keeps_range_gray_and_positions(real_images):
+    import tensorflow as tf
+
+    from medcls.augment import source_randomise
+
+    tf.random.set_seed(3)
+    _, x = real_images
+    changed = 0
+    for img in x:
+        for _ in range(4):
+            out = source_randomise(tf.constant(img)).numpy()
+            assert out.shape == img.shape and out.dtype == np.float32
+            assert out.min() >= 0.0 and out.max() <= 1.0
+            assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+            # anatomy stays in place: the head's centre of mass moves by less than two pixels
+            m0, m1 = img[..., 0] > 0.2, out[..., 0] > 0.2
+            c0 = np.argwhere(m0).mean(0)
+            c1 = np.argwhere(m1).mean(0) if m1.any() else c0
+            assert np.abs(c0 - c1).max() < 2.0 + 0.05 * img.shape[0]
+            changed += not np.allclose(out, img, atol=1e-3)
+    assert changed >= len(x)  # it does randomise
+
+
+def test_pipeline_keeps_labels_and_boxes(real_images, combined):
+    recs, x = real_images
+    t = combined.targets(recs)
+    masks = np.zeros((len(x), 128, 128), np.uint8)
+    for i, r in enumerate(recs):
+        if r.box:
+            xc, yc, w, h = r.box
+            masks[i, int((yc - h / 2) * 128):int((yc + h / 2) * 128), int((xc - w / 2) * 128):int((xc + w / 2) * 128)] = 1
+    ds = tf_dataset(x[..., :1], t, len(x), training=False, box_masks=masks, grid=8, source_augment=True)
+    img, (lab, box) = next(iter(ds))
+    assert np.array_equal(lab.numpy(), t)  # no shuffling without training: rows in order
+    box = box.numpy()
+    for i, r in enumerate(recs):
+        allowed = t[i] > 0
+        if r.box:  # +1 inside / -1 outside on the allowed classes only
+            assert (box[i][..., allowed] == 1).any() and (box[i][..., allowed] == -1).any()
+            assert (box[i][..., ~allowed] == 0).all()
+        else:
+            assert (box[i] == 0).all()
+    ds = tf_dataset(x[..., :1], t, 4, training=True, box_masks=masks, grid=8, source_augment=True)
+    for img, (lab, _) in ds:
+        assert img.shape[-1] == 3 and float(img.numpy().min()) >= 0.0 and float(img.numpy().max()) <= 1.0
+        assert set(map(tuple, lab.numpy().tolist())) <= set(map(tuple, t.tolist()))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def test_shortcut_check_on_constructed_predictions():
+    classes = BRAIN_CLASSES
+    targets = np.array([[1, 1, 0, 1]] * 4 + [[0, 0, 1, 0]] * 4 + [[1, 0, 0, 0]] * 2, np.float32)
+    probs = np.full((10, 4), 0.02)
+    # tumour (type unknown): 3 called a tumour class, 1 called no_tumor
+    for i, c in enumerate([0, 3, 1, 2]):
+        probs[i, c] = 0.94
+    # normals: 1 of 4 called a tumour
+    for i, c in enumerate([2, 2, 2, 0]):
+        probs[4 + i, c] = 0.94
+    probs[8, 0] = 0.94  # glioma right
+    probs /= probs.sum(1, keepdims=True)
+    probs[9] = [0.30, 0.40, 0.10, 0.20]  # glioma called meningioma, unsure
+    rep = source_report(targets, probs, classes, "no_tumor", low_confidence_threshold=0.8)
+    assert rep["called_no_tumor"] == pytest.approx(1 / 6)  # 1 of the 6 tumour rows
+    assert rep["called_tumour"] == pytest.approx(1 / 4)
+    assert rep["n_single_label"] == 6 and rep["accuracy"] == pytest.approx(4 / 6)
+    assert rep["coverage"] == pytest.approx(9 / 10)
+    assert rep["answered_accuracy"] == pytest.approx(7 / 9)  # wrong: 1 missed tumour, 1 normal
+    assert rep["tumour_answers_unflagged"] == 1
+
+
+def test_shipped_default_per_source_figures_match_a_direct_count(brain_model_dir, brain_predictor, data_dir):
+    """evaluate's by-source figures on Br35H tumours and IXI normals equal a count made directly
+    from the predictor's answers (sample of each test set)."""
+    from medcls.evaluate import evaluate_model
+
+    ds = load_datasets([require(data_dir / "br35h-tumour"), require(data_dir / "normal-ixi")],
+                       classes=list(brain_predictor.classes))
+    recs = ds.split("test")[::6] + ds.split("test")[-20:]
+    rep = evaluate_model(brain_model_dir, ds, records=recs, bootstrap=0)
+    preds = brain_predictor.predict([ds.scan(r) for r in recs])
+    for src in ("br35h", "ixi"):
+        mine = [p for p, r in zip(preds, recs) if r.source == src]
+        calls = np.mean([p.label == "no_tumor" for p in mine])
+        got = rep["by_source"][src]
+        if src == "br35h":
+            assert got["called_no_tumor"] == pytest.approx(calls)
+        else:
+            assert got["called_tumour"] == pytest.approx(1 - calls)
+        answered = [p for p in mine if not p.low_confidence and not p.outside_training_distribution]
+        assert got["coverage"] == pytest.approx(len(answered) / len(mine))
+
+
+# ----------------------------------------------------------------------------- scope
+
+def test_a_ct_dicom_is_refused_by_an_mr_model(brain_predictor, data_dir):
+    from medcls.scan import load_scan
+
+    if brain_predictor.card.get("modality") != "MR":
+        pytest.skip("the shipped brain model's card does not state its modality yet")
+    ct = load_scan(require(data_dir / "dicom" / "wg04" / "CT1_J2KR.dcm"))
+    with pytest.raises(WrongModalityError, match="CT scan.*MR"):
+        brain_predictor.predict(ct)
+    mr = load_scan(require(data_dir / "dicom" / "wg04" / "MR1_JPLL.dcm"))
+    assert brain_predictor.predict(mr).label in brain_predictor.classes
+
+
+def test_card_states_the_scope_each_class_was_trained_on(brain_predictor):
+    card = brain_predictor.card
+    if "scope" not in card:
+        pytest.skip("the shipped brain model predates the scope field")
+    scope = card["scope"]["classes"]
+    assert set(scope) == set(brain_predictor.classes)
+    assert {"br35h", "ixi"} <= set(scope["no_tumor"]["train_images_by_source"])
+    assert "br35h (type unknown)" in scope["glioma"]["train_images_by_source"]
+    assert card["modality"] == "MR"
