@@ -18,6 +18,7 @@ from bench.common import command, machine, parser, table, write
 
 MARGIN = 0.02
 FAITHFULNESS_EVERY = 4
+ROAD_EVERY = 8  # ROAD imputes 2 x 5 images per heatmap: every 8th tumour image
 STEPS = 25
 
 
@@ -32,7 +33,7 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
             seed=0):
     from medcls.calibration import probabilities
     from medcls.localization import (box_iou, deletion_insertion, energy_in_box,
-                                     normalised_box_to_pixels, pointing_hit)
+                                     normalised_box_to_pixels, pointing_hit, road)
     from medcls.saliency import CamEngine, explain
     from medcls.scan import load_scan
 
@@ -41,6 +42,7 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
         predictor._explainers["engine"], saved = engine, predictor.cam_engine()
     rng = np.random.default_rng(seed)
     hits, energy, iou, dels, ins, rdels, rins = [], [], [], [], [], [], []
+    roads, rroads = [], []
     t0 = time.perf_counter()
 
     def proba(batch):
@@ -65,6 +67,9 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
                 d, n, _, _ = deletion_insertion(proba, pre.array, rand, e.class_index, STEPS)
                 rdels.append(d)
                 rins.append(n)
+            if faithfulness and i % ROAD_EVERY == 0:
+                roads.append(road(proba, pre.array, e.grid, e.class_index, seed=i))
+                rroads.append(road(proba, pre.array, rng.random(e.grid.shape), e.class_index, seed=i))
     finally:
         if layer is not None:
             predictor._explainers["engine"] = saved
@@ -74,6 +79,12 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
         out.update({"deletion_auc": float(np.mean(dels)), "insertion_auc": float(np.mean(ins)),
                     "random_deletion_auc": float(np.mean(rdels)), "random_insertion_auc": float(np.mean(rins)),
                     "faithfulness_n": len(dels)})
+    if roads:
+        out.update({"road_morf": float(np.mean([r["morf_mean"] for r in roads])),
+                    "road_lerf": float(np.mean([r["lerf_mean"] for r in roads])),
+                    "random_road_morf": float(np.mean([r["morf_mean"] for r in rroads])),
+                    "random_road_lerf": float(np.mean([r["lerf_mean"] for r in rroads])),
+                    "road_n": len(roads), "road_percentiles": roads[0]["percentiles"]})
     return out
 
 
@@ -118,15 +129,22 @@ def main(argv=None):
                     print(key, result["ablations"][key], flush=True)
     md_rows = [[name, method, m["pointing_game"], m["energy_in_box"], m["box_iou"], m.get("deletion_auc"),
                 m.get("random_deletion_auc"), m.get("insertion_auc"), m.get("random_insertion_auc"),
+                m.get("road_morf"), m.get("random_road_morf"), m.get("road_lerf"), m.get("random_road_lerf"),
                 m["ms_per_image"]]
                for name, per in sorted(result["models"].items()) for method, m in per.items()]
     md = [f"# Heatmap localisation and faithfulness (brain MRI test split, {len(rows)} tumour images)", "",
           f"Pointing game: peak inside the tumour box grown by {MARGIN:.0%} of the image size. "
           f"Energy: share of heatmap mass in the box. IoU: medcls' region box vs the tumour box. "
           f"Deletion/insertion AUC over {STEPS} steps on every {FAITHFULNESS_EVERY}th image "
-          "(deletion lower is better, insertion higher), with a random heatmap for comparison.", "",
+          "(deletion lower is better, insertion higher), with a random heatmap for comparison. "
+          "Zeroing pixels makes out-of-distribution images, so deletion rates every heatmap worse than "
+          f"random; ROAD (Rong et al. 2022) on every {ROAD_EVERY}th image imputes the removed pixels "
+          "from their neighbours (noisy linear imputation) and reads the class probability after "
+          "removing the most relevant (MoRF, lower is better) or least relevant (LeRF, higher is better) "
+          "10/30/50/70/90% of pixels, averaged over the percentiles.", "",
           table(["model", "method", "pointing", "energy", "box IoU", "deletion", "del. random",
-                 "insertion", "ins. random", "ms/image"], md_rows), "",
+                 "insertion", "ins. random", "ROAD MoRF", "MoRF random", "ROAD LeRF", "LeRF random",
+                 "ms/image"], md_rows), "",
           "Ablations (default model, Grad-CAM, no faithfulness):", "",
           table(["variant", "pointing", "energy", "box IoU"],
                 [[k, v["pointing_game"], v["energy_in_box"], v["box_iou"]] for k, v in result["ablations"].items()]),

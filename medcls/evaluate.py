@@ -241,9 +241,14 @@ def evaluate_model(model_dir: str | Path, data, split: str | None = "test",
     from .data import load_datasets, preprocess_records
     from .inference import Predictor
 
+    from .data import Dataset
+
     predictor = Predictor.from_path(model_dir)
-    folders = [data] if isinstance(data, (str, Path)) else list(data)
-    dataset = load_datasets(folders, classes=list(predictor.classes))
+    if isinstance(data, Dataset):
+        dataset = data
+    else:
+        folders = [data] if isinstance(data, (str, Path)) else list(data)
+        dataset = load_datasets(folders, classes=list(predictor.classes))
     if records is None:
         records = dataset.split(None if split in (None, "all") else split)
     x, kept = preprocess_records(dataset, records, predictor.spec, workers=workers, on_error="skip")
@@ -271,6 +276,8 @@ def evaluate_model(model_dir: str | Path, data, split: str | None = "test",
             targets[idx], probs[idx], predictor.classes, negative, low,
             None if outside is None else outside[idx], raw[idx])
     report["overall"] = source_report(targets, probs, predictor.classes, negative, low, outside, raw)
+    correct = targets[np.arange(len(probs)), probs.argmax(1)] > 0
+    report["risk_coverage"] = risk_coverage(probs, correct)
     if bootstrap and single.any():
         report["ci95"] = bootstrap_ci(y, probs[single], predictor.classes, n_boot=bootstrap)
     if out_dir is not None:

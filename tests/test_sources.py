@@ -253,3 +253,51 @@ def test_card_states_the_scope_each_class_was_trained_on(brain_predictor):
     assert {"br35h", "ixi"} <= set(scope["no_tumor"]["train_images_by_source"])
     assert "br35h (type unknown)" in scope["glioma"]["train_images_by_source"]
     assert card["modality"] == "MR"
+
+
+# ----------------------------------------------------------------------------- ROAD
+
+def test_noisy_linear_imputation_solves_the_neighbour_equations():
+    import cv2
+
+    from medcls.localization import noisy_linear_impute
+
+    rng = np.random.default_rng(1)
+    S = 64
+    img = cv2.GaussianBlur(rng.random((S, S)).astype(np.float32), (0, 0), 3)
+    yy, xx = np.mgrid[0:S, 0:S]
+    ramp = (0.3 * yy / S + 0.5 * xx / S).astype(np.float32)
+    hole = np.zeros((S, S), bool)
+    hole[10:40, 15:50] = True
+    # a linear ramp is its own neighbour average: the hole is filled exactly
+    assert np.abs(noisy_linear_impute(ramp, hole, noise=0.0, exact=True) - ramp).max() < 1e-5
+    assert np.abs(noisy_linear_impute(ramp, hole, noise=0.0) - ramp).max() < 2e-3
+    for share in (0.1, 0.5, 0.9):
+        removed = np.zeros(S * S, bool)
+        removed[np.argsort(-cv2.GaussianBlur(rng.random((S, S)), (0, 0), 8).ravel())[:int(share * S * S)]] = True
+        removed = removed.reshape(S, S)
+        fast = noisy_linear_impute(img, removed, noise=0.0)
+        exact = noisy_linear_impute(img, removed, noise=0.0, exact=True)
+        assert np.abs(fast - exact).max() < 0.03 * (img.max() - img.min())
+        assert np.array_equal(fast[~removed], img[~removed])  # known pixels untouched
+    noisy = noisy_linear_impute(np.repeat(img[..., None], 3, -1), hole, noise=0.01)
+    assert noisy.shape == (S, S, 3) and np.array_equal(noisy[..., 0], noisy[..., 2])
+
+
+def test_road_reads_the_class_probability_after_removal():
+    from medcls.localization import road
+
+    S = 32
+    img = np.zeros((S, S, 1), np.float32)
+    img[8:16, 8:16] = 1.0  # the "evidence": a bright square
+
+    def proba(batch):  # probability of class 1 = brightness of the square's area
+        p = batch[:, 8:16, 8:16, 0].mean(axis=(1, 2))
+        return np.stack([1 - p, p], axis=1)
+
+    good = np.zeros((S, S))
+    good[8:16, 8:16] = 1.0
+    r_good = road(proba, img, good, 1, noise=0.0)
+    r_bad = road(proba, img, -good, 1, noise=0.0)
+    assert r_good["morf"][0] < 0.2 < 0.9 < r_good["lerf"][0]  # removing the square first kills it
+    assert r_good["morf_mean"] < r_bad["morf_mean"] and r_good["lerf_mean"] > r_bad["lerf_mean"]
