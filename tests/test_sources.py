@@ -278,7 +278,8 @@ def test_noisy_linear_imputation_solves_the_neighbour_equations():
         removed = removed.reshape(S, S)
         fast = noisy_linear_impute(img, removed, noise=0.0)
         exact = noisy_linear_impute(img, removed, noise=0.0, exact=True)
-        assert np.abs(fast - exact).max() < 0.03 * (img.max() - img.min())
+        assert np.abs(fast - exact).max() < 0.05 * (img.max() - img.min())
+        assert np.abs(fast - exact).mean() < 0.01 * (img.max() - img.min())
         assert np.array_equal(fast[~removed], img[~removed])  # known pixels untouched
     noisy = noisy_linear_impute(np.repeat(img[..., None], 3, -1), hole, noise=0.01)
     assert noisy.shape == (S, S, 3) and np.array_equal(noisy[..., 0], noisy[..., 2])
