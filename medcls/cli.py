@@ -22,6 +22,7 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    from .architectures import get_architecture
     from .train import TrainConfig, command_line, train
 
     cfg = TrainConfig(data=args.data, arch=args.arch, out=args.out, name=args.name, task=args.task,
@@ -34,9 +35,9 @@ def cmd_train(args) -> int:
                       label_smoothing=args.label_smoothing, ema=args.ema, box_loss=args.box_loss,
                       fine_tune_from=args.fine_tune_from,
                       limits=json.loads(Path(args.limits).read_text()) if args.limits else [])
-    if cfg.arch == "mobilenet-tl" and not cfg.weights:
-        logging.getLogger(__name__).warning("no --weights given: mobilenet-tl starts from random "
-                                            "weights (no download is attempted)")
+    if get_architecture(cfg.arch).transfer and not cfg.weights:
+        logging.getLogger(__name__).warning("no --weights given: %s starts from random weights "
+                                            "(no download is attempted)", cfg.arch)
     train(cfg, command=command_line())
     return 0
 
@@ -111,16 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--split", default="val")
     f.set_defaults(func=cmd_fit_region)
 
-    try:
-        from .cleaning import add_clean_parser
-        add_clean_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from .review import add_review_parser
-        add_review_parser(sub)
-    except ImportError:
-        pass
+    # a broken import must fail loudly here, not silently remove a subcommand
+    from .cleaning import add_clean_parser
+    from .review import add_review_parser
+
+    add_clean_parser(sub)
+    add_review_parser(sub)
 
     args = p.parse_args(argv)
     _setup_logging(args.log, args.verbose)
