@@ -9,7 +9,8 @@ import streamlit as st
 import ui
 from medcls import identifying_attributes
 from medcls.report import render_report
-from medcls.saliency import METHODS, draw_region, overlay
+from medcls.render import draw_region, overlay
+from medcls.saliency import METHODS
 
 ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibrated class "
                "probabilities and see where the model looked; every result needs a clinician's "
@@ -103,7 +104,7 @@ with right:
 
 st.subheader(f"Prediction: {pred.label}" if not pred.outside_training_distribution
              else "Prediction withheld: outside what this model was trained on")
-kind, text = ui.confidence_statement(pred)
+kind, text = ui.confidence_statement(pred, card)
 getattr(st, kind)(text)
 st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
                 key="probs")

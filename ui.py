@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from medcls import MedclsError, Scan, display_image, load_scan
+from medcls.card import ModelCard
 from medcls.package import list_packages
 from medcls.saliency import METHODS
+from medcls.settings import Settings, load_settings
 
 log = logging.getLogger("medcls.app")
 
@@ -36,8 +37,22 @@ def page_header(title: str, caption: str, icon: str = "🧠", tab_title: str | N
     st.caption(f"{caption} {NOT_A_DEVICE}")
 
 
+def settings() -> Settings:
+    """The app's settings: environment, then ``st.secrets``, then defaults (see
+    :mod:`medcls.settings`). Read on every run: cheap, and a changed environment is seen."""
+    return load_settings(secrets=_secrets())
+
+
+def _secrets() -> dict:
+    try:  # no secrets.toml is normal: st.secrets raises then
+        return st.secrets.to_dict()
+    except Exception as exc:  # noqa: BLE001 - a missing or unreadable file means "no secrets"
+        log.debug("no secrets.toml used (%s)", type(exc).__name__)
+        return {}
+
+
 def models_root() -> Path:
-    return Path(os.environ.get("MEDCLS_MODELS", APP_DIR / "models"))
+    return settings().models_dir
 
 
 # ----------------------------------------------------------------------------- models
@@ -178,17 +193,21 @@ def probability_chart(classes, probs, title: str = "", highlight: int | None = N
     return fig
 
 
-def confidence_statement(pred) -> tuple[str, str]:
-    """(kind, text): a plain statement of how sure the model is."""
+def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]:
+    """(kind, text): a plain statement of how sure the model is. The validation figure behind
+    the low-confidence threshold is quoted only when the card records it."""
     if pred.outside_training_distribution:
         return "error", ("Outside what this model was trained on: this scan does not look like "
                          "the model's training images, so its prediction is not a finding. "
                          f"(input-gate distance {pred.gate_score:.1f} > threshold "
                          f"{pred.gate_threshold:.1f})")
     if pred.low_confidence:
+        accuracy = card.low_confidence_val_accuracy if card is not None else None
+        basis = ("set on the validation split" if accuracy is None else
+                 f"above which validation predictions were {accuracy:.0%} correct")
         return "warning", (f"Low confidence: the model gives {pred.label} only {pred.confidence:.0%} "
-                           f"(below its {pred.low_confidence_threshold:.0%} threshold, where "
-                           "validation predictions were 99% correct). Treat as uncertain.")
+                           f"(below its {pred.low_confidence_threshold:.0%} threshold, {basis}). "
+                           "Treat as uncertain.")
     return "success", (f"The model is confident: {pred.label} with {pred.confidence:.0%} "
                        "calibrated probability.")
 

@@ -9,11 +9,13 @@ import platform
 import sys
 from pathlib import Path
 
+from medcls.settings import load_settings
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-MODELS = Path(os.environ.get("MEDCLS_MODELS", ROOT / "models"))
+MODELS = load_settings().models_dir
 DEFAULT_DATA = Path(os.environ.get("MEDCLS_DATA", ROOT.parent / "shared" / "data"))
 
 

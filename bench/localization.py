@@ -34,7 +34,7 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
     from medcls.calibration import probabilities
     from medcls.localization import (box_iou, deletion_insertion, energy_in_box,
                                      normalised_box_to_pixels, pointing_hit, road)
-    from medcls.saliency import CamEngine, explain
+    from medcls.saliency import CamEngine
     from medcls.scan import load_scan
 
     if layer is not None:  # ablation: another CAM layer through the same mechanism
@@ -53,12 +53,12 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
         for i, r in enumerate(rows):
             scan = load_scan(data_dir / "brain-mri" / r["file"])
             pre = predictor.preprocess(scan)
-            e = explain(predictor, scan, method, pre=pre, mask_to_foreground=mask)
+            e = predictor.explain(scan, method, pre=pre, mask_to_foreground=mask)
             box = normalised_box_to_pixels(*(float(r[k]) for k in ("box_xc", "box_yc", "box_w", "box_h")),
                                            scan.shape)
             hits.append(pointing_hit(e.heatmap, box, MARGIN))
             energy.append(energy_in_box(e.heatmap, box))
-            iou.append(box_iou(e.region.box, box) if e.region is not None else 0.0)
+            iou.append(box_iou(e.region.box if e.region is not None else None, box) or 0.0)
             if faithfulness and i % FAITHFULNESS_EVERY == 0:
                 d, n, _, _ = deletion_insertion(proba, pre.array, e.grid, e.class_index, STEPS)
                 dels.append(d)

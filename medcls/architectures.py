@@ -4,7 +4,10 @@ image in [0, 1] and whose output is class logits (a Dense layer named ``logits``
 
 Named layers every model has:
 - ``cam_layer`` in :data:`ARCHITECTURES` names the convolution used for Grad-CAM;
-- ``embedding``: the pooled penultimate features, used by the input gate.
+- :data:`~medcls.card.EMBEDDING_LAYER`: the pooled penultimate features, used by the input gate.
+
+An architecture with ``transfer=True`` starts from pretrained (ImageNet) weights: training
+takes a ``weights`` file, freezes the backbone first and fine-tunes it from a named layer.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from typing import Callable
 import keras
 from keras import layers
 
+from .card import EMBEDDING_LAYER, LOGITS_LAYER
+from .errors import UnknownChoiceError
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -24,6 +30,7 @@ class Architecture:
     cam_layer: str
     input_size: int
     description: str
+    transfer: bool = False  # starts from pretrained weights (a backbone to freeze and fine-tune)
 
 
 def seed_cnn(input_size: int, n_classes: int, channels: int = 3, **_) -> keras.Model:
@@ -37,9 +44,9 @@ def seed_cnn(input_size: int, n_classes: int, channels: int = 3, **_) -> keras.M
     x = layers.MaxPooling2D(2, name="pool4")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dropout(0.5, name="dropout1")(x)
-    x = layers.Dense(128, activation="relu", name="embedding")(x)
+    x = layers.Dense(128, activation="relu", name=EMBEDDING_LAYER)(x)
     x = layers.Dropout(0.3, name="dropout2")(x)
-    outputs = layers.Dense(n_classes, name="logits")(x)
+    outputs = layers.Dense(n_classes, name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name="seed_cnn")
 
 
@@ -78,11 +85,11 @@ def compact_cnn(input_size: int, n_classes: int, channels: int = 3, **_) -> kera
     x = layers.Conv2D(256, 1, use_bias=False, name="head_conv")(x)
     x = _norm("head_n")(x)
     x = layers.ReLU(name="last_conv")(x)
-    x = layers.GlobalAveragePooling2D(name="embedding")(x)
+    x = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(x)
     x = layers.Dropout(0.3, name="dropout")(x)
     # no bias: the logit is the mean of the class activation map, so the predicted class always
     # has positive evidence somewhere for Grad-CAM to show
-    outputs = layers.Dense(n_classes, use_bias=False, name="logits")(x)
+    outputs = layers.Dense(n_classes, use_bias=False, name=LOGITS_LAYER)(x)
     return keras.Model(inputs, outputs, name="compact_cnn")
 
 
@@ -119,9 +126,9 @@ def mobilenet_tl(input_size: int, n_classes: int, channels: int = 3,
     feat = layers.Conv2D(128, 3, padding="same", use_bias=False, name="head_fuse")(feat)
     feat = layers.BatchNormalization(name="head_bn")(feat)
     feat = layers.ReLU(name="last_conv")(feat)
-    y = layers.GlobalAveragePooling2D(name="embedding")(feat)
+    y = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(feat)
     y = layers.Dropout(0.3, name="dropout")(y)
-    outputs = layers.Dense(n_classes, use_bias=False, name="logits")(y)  # see compact_cnn
+    outputs = layers.Dense(n_classes, use_bias=False, name=LOGITS_LAYER)(y)  # see compact_cnn
     model = keras.Model(inputs, outputs, name=f"{backbone}_tl")
     freeze_backbone_bn(model)
     return model
@@ -140,7 +147,7 @@ def set_backbone_trainable(model: keras.Model, trainable: bool, from_layer: str 
     names = [layer.name for layer in model.layers]
     start = names.index(from_layer) if from_layer else 0
     for i, layer in enumerate(model.layers):
-        if layer.weights and not layer.name.startswith("head_") and layer.name not in ("logits",):
+        if layer.weights and not layer.name.startswith("head_") and layer.name != LOGITS_LAYER:
             layer.trainable = trainable and i >= start
     freeze_backbone_bn(model)
 
@@ -151,7 +158,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "compact-cnn": Architecture("compact-cnn", compact_cnn, "last_conv", 192,
                                 "residual depthwise-separable CNN from scratch, batch norm, GAP"),
     "mobilenet-tl": Architecture("mobilenet-tl", mobilenet_tl, "last_conv", 224,
-                                 "MobileNetV2 (alpha 0.35) ImageNet transfer learning, fine-tuned"),
+                                 "MobileNetV2 (alpha 0.35) ImageNet transfer learning, fine-tuned",
+                                 transfer=True),
 }
 
 
@@ -159,4 +167,5 @@ def get_architecture(name: str) -> Architecture:
     try:
         return ARCHITECTURES[name]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}") from None
+        raise UnknownChoiceError(f"Unknown architecture {name!r}; choose from "
+                                 f"{', '.join(sorted(ARCHITECTURES))}.") from None

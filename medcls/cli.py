@@ -22,6 +22,7 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
 
 
 def cmd_train(args) -> int:
+    from .architectures import get_architecture
     from .train import TrainConfig, command_line, train
 
     if not args.arch and not args.init:
@@ -41,9 +42,9 @@ def cmd_train(args) -> int:
                       init=args.init, source_augment=args.source_augment, balanced=args.balanced,
                       modality=args.modality,
                       scope=json.loads(Path(args.scope).read_text()) if args.scope else {})
-    if cfg.arch == "mobilenet-tl" and not cfg.weights and not cfg.init:
-        logging.getLogger(__name__).warning("no --weights given: mobilenet-tl starts from random "
-                                            "weights (no download is attempted)")
+    if cfg.arch and get_architecture(cfg.arch).transfer and not cfg.weights and not cfg.init:
+        logging.getLogger(__name__).warning("no --weights given: %s starts from random weights "
+                                            "(no download is attempted)", cfg.arch)
     train(cfg, command=command_line())
     return 0
 
@@ -133,16 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--split", default="val")
     f.set_defaults(func=cmd_fit_region)
 
-    try:
-        from .cleaning import add_clean_parser
-        add_clean_parser(sub)
-    except ImportError:
-        pass
-    try:
-        from .review import add_review_parser
-        add_review_parser(sub)
-    except ImportError:
-        pass
+    # a broken import must fail loudly here, not silently remove a subcommand
+    from .cleaning import add_clean_parser
+    from .review import add_review_parser
+
+    add_clean_parser(sub)
+    add_review_parser(sub)
 
     args = p.parse_args(argv)
     _setup_logging(args.log, args.verbose)

@@ -5,7 +5,7 @@
 - **agreement** (:func:`agreement`, a pure function over probability rows): whether every
   model gives the same top-1 class, and the *probability spread*, i.e. for each class the
   max - min of the calibrated probabilities across the models, and its maximum;
-- **heatmap overlap** (:func:`box_iou`, :func:`mask_iou`): for every pair of models the IoU
+- **heatmap overlap** (:func:`medcls.localization.box_iou`, :func:`mask_iou`): for every pair of models the IoU
   of their heatmap regions' bounding boxes and of their thresholded heatmaps (each heatmap
   thresholded at its own region threshold x its peak, as :func:`medcls.saliency.heatmap_region`
   does), with the mean over the pairs.
@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .errors import MedclsError
+from .card import DEFAULT_REGION_THRESHOLD
+from .errors import IncompatibleModelsError
+from .localization import box_iou
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .inference import Prediction, Predictor
-    from .saliency import Explanation
+    from .inference import Explanation, Prediction, Predictor
     from .scan import Scan
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
     "agreement", "box_iou", "card_table", "check_compatible", "compare", "heatmap_mask",
     "mask_iou", "run_model", "summarize",
 ]
-
-
-class IncompatibleModelsError(MedclsError, ValueError):
-    """The models of one comparison do not share the task or the class list (or are too few)."""
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -139,21 +136,6 @@ def check_compatible(cards: Sequence[dict[str, Any]]) -> tuple[str, tuple[str, .
 
 # ----------------------------------------------------------------------------- overlap
 
-def box_iou(a: Sequence[int] | None, b: Sequence[int] | None) -> float | None:
-    """IoU of two ``(x0, y0, x1, y1)`` boxes with exclusive ends (as ``Region.box``).
-
-    ``None`` when either box is missing or both are empty."""
-    if a is None or b is None:
-        return None
-    ax0, ay0, ax1, ay1 = (float(v) for v in a)
-    bx0, by0, bx1, by1 = (float(v) for v in b)
-    area_a = max(0.0, ax1 - ax0) * max(0.0, ay1 - ay0)
-    area_b = max(0.0, bx1 - bx0) * max(0.0, by1 - by0)
-    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
-    union = area_a + area_b - inter
-    return None if union <= 0 else inter / union
-
-
 def heatmap_mask(heatmap: np.ndarray, threshold: float) -> np.ndarray:
     """Pixels at or above ``threshold`` x the heatmap's peak (all False for an empty heatmap)."""
     hm = np.asarray(heatmap, np.float32)
@@ -201,7 +183,7 @@ class ModelResult:
     def region_threshold(self) -> float:
         region = self.explanation.region
         return float(region.threshold) if region is not None else float(
-            self.card.get("region_threshold", 0.5))
+            self.card.get("region_threshold", DEFAULT_REGION_THRESHOLD))
 
 
 @dataclass(frozen=True)

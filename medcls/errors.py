@@ -31,5 +31,21 @@ class PathNotAllowedError(MedclsError):
     """A folder or archive member lies outside the allowed root."""
 
 
+class ArchiveRejectedError(MedclsError):
+    """A .zip that medcls refuses to expand (unsafe names, too large, a zip bomb)."""
+
+
+class IncompatibleModelsError(MedclsError, ValueError):
+    """The models of one comparison do not share the task or the class list (or are too few)."""
+
+
+class UnknownChoiceError(MedclsError, ValueError):
+    """A name looked up in a registry (architecture, saliency method) is not in it."""
+
+
+class SettingsError(MedclsError):
+    """A setting (environment variable or secrets.toml entry) has a value medcls cannot use."""
+
+
 class WrongModalityError(MedclsError):
     """A DICOM scan of another modality than the model was trained on (a CT given to an MR model)."""

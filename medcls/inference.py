@@ -4,7 +4,9 @@ batch, or a stream of files.
 The model's contract comes from its card (classes, preprocessing spec, temperature, CAM
 layer, input gate); nothing is guessed. The forward pass is one ``tf.function`` with a
 fixed signature returning logits and the penultimate embedding (no ``model.predict`` per
-image); saliency goes through :mod:`medcls.saliency`.
+image). :meth:`Predictor.explain` adds a heatmap: it builds the model's
+:class:`~medcls.saliency.CamEngine` from the card (CAM layer, input geometry) and answers with
+an :class:`Explanation` (prediction, heatmap, region) from one pass.
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .calibration import probabilities
+from .card import EMBEDDING_LAYER
 from .errors import MedclsError, WrongModalityError
 from .package import ModelPackage, load_package
 from .preprocess import Preprocessed, preprocess
+from .saliency import CamEngine, Region, heatmap_region
 from .scan import Scan, load_scan
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,19 @@ class Prediction:
                 "gate_score": self.gate_score}
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """A prediction with the heatmap of one CAM method and its hottest region."""
+
+    method: str
+    class_index: int
+    class_name: str
+    grid: np.ndarray = field(repr=False)  # (S, S) in [0, 1] on the model input, head only
+    heatmap: np.ndarray = field(repr=False)  # (H, W) in [0, 1] on the original image
+    region: Region | None
+    prediction: Prediction | None = None
+
+
 class Predictor:
     """Loads a model package once; predicts and explains scans. Thread-safe for reads: the
     model is shared read-only across sessions."""
@@ -83,7 +100,7 @@ class Predictor:
         self.batch_size = batch_size
         s, c = self.spec.input_size, self.spec.channels
         self._features = keras.Model(self.model.input,
-                                     [self.model.output, self.model.get_layer("embedding").output])
+                                     [self.model.output, self.model.get_layer(EMBEDDING_LAYER).output])
         self._forward = tf.function(lambda x: self._features(x, training=False),
                                     input_signature=[tf.TensorSpec([None, s, s, c], tf.float32)],
                                     reduce_retracing=True)
@@ -103,7 +120,7 @@ class Predictor:
 
     @property
     def name(self) -> str:
-        return self.card["name"]
+        return self.card.name
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -128,7 +145,7 @@ class Predictor:
         gate = self.package.gate
         scores = gate.score(emb) if gate is not None else [None] * len(logits)
         thr = gate.threshold if gate is not None else None
-        low = float(self.card["low_confidence_threshold"])
+        low = self.card.low_confidence_threshold
         return [Prediction(self.classes, p, lo, None if s is None else float(s), thr, low, e)
                 for p, lo, s, e in zip(probs, logits, scores, emb)]
 
@@ -148,23 +165,28 @@ class Predictor:
         return self.predict(load_scan(source))
 
     # ------------------------------------------------------------------ saliency
-    def cam_engine(self):
+    def cam_engine(self) -> CamEngine:
         """The compiled saliency engine for this model (built once, on first use)."""
         with self._lock:
             if "engine" not in self._explainers:
-                from .saliency import CamEngine
-
-                self._explainers["engine"] = CamEngine(self.model, self.card["cam_layer"],
+                self._explainers["engine"] = CamEngine(self.model, self.card.cam_layer,
                                                        self.spec.input_size, self.spec.channels)
             return self._explainers["engine"]
 
     def explain(self, scan: Scan, method: str = "gradcam", class_index: int | None = None,
-                pre: Preprocessed | None = None):
-        """Heatmap of ``method`` for ``class_index`` (default: the predicted class), on both the
-        model grid and the original image geometry. See :mod:`medcls.saliency`."""
-        from .saliency import explain
-
-        return explain(self, scan, method=method, class_index=class_index, pre=pre)
+                pre: Preprocessed | None = None, mask_to_foreground: bool = True,
+                region_threshold: float | None = None) -> Explanation:
+        """Prediction and heatmap of ``method`` for ``class_index`` (default: the predicted
+        class), on both the model grid and the original image geometry, from one pass; the
+        region is cut at the card's ``region_threshold`` unless one is given."""
+        pre = pre or self.preprocess(scan)
+        cam = self.cam_engine().heatmap(pre, method, class_index, mask_to_foreground)
+        threshold = self.card.region_threshold if region_threshold is None else region_threshold
+        region = heatmap_region(cam.heatmap, threshold, scan.pixel_spacing)
+        prediction = self.predictions(cam.logits[None], cam.embedding[None])[0]
+        return Explanation(method=method, class_index=cam.class_index,
+                           class_name=self.classes[cam.class_index], grid=cam.grid,
+                           heatmap=cam.heatmap, region=region, prediction=prediction)
 
     # ------------------------------------------------------------------ streams
     def predict_stream(self, sources: Iterable, batch_size: int | None = None, workers: int = 2,

@@ -65,14 +65,20 @@ def energy_in_box(heatmap: np.ndarray, box: Box) -> float:
     return float(hm[box_mask(hm.shape, box)].sum() / total)
 
 
-def box_iou(a: Box, b: Box) -> float:
-    ax0, ay0, ax1, ay1 = a
-    bx0, by0, bx1, by1 = b
-    iw = max(0.0, min(ax1, bx1) - max(ax0, bx0))
-    ih = max(0.0, min(ay1, by1) - max(ay0, by0))
-    inter = iw * ih
-    union = (ax1 - ax0) * (ay1 - ay0) + (bx1 - bx0) * (by1 - by0) - inter
-    return float(inter / union) if union > 0 else 0.0
+def box_iou(a: Box | None, b: Box | None) -> float | None:
+    """IoU of two ``(x0, y0, x1, y1)`` boxes (ends exclusive, as ``Region.box``).
+
+    ``None`` when it is undefined: either box is missing, or both are empty. A caller that
+    scores a missing region as a miss says so (``box_iou(...) or 0.0``)."""
+    if a is None or b is None:
+        return None
+    ax0, ay0, ax1, ay1 = (float(v) for v in a)
+    bx0, by0, bx1, by1 = (float(v) for v in b)
+    area_a = max(0.0, ax1 - ax0) * max(0.0, ay1 - ay0)
+    area_b = max(0.0, bx1 - bx0) * max(0.0, by1 - by0)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    union = area_a + area_b - inter
+    return None if union <= 0 else inter / union
 
 
 def auc(curve: Sequence[float]) -> float:
@@ -232,14 +238,14 @@ def fit_region_threshold(predictor, dataset, records, method: str = "gradcam",
     """The heatmap-region threshold (fraction of the peak) that maximises the mean IoU of the
     region box with the tumour box on ``records`` (use the validation split). Returns the
     threshold with the mean IoU at every candidate."""
-    from .saliency import explain, heatmap_region
+    from .saliency import heatmap_region
 
     heatmaps, boxes = [], []
     for rec in records:
         if rec.box is None:
             continue
         scan = dataset.scan(rec)
-        heatmaps.append(explain(predictor, scan, method).heatmap)
+        heatmaps.append(predictor.explain(scan, method).heatmap)
         boxes.append(normalised_box_to_pixels(*rec.box, scan.shape))
     if not heatmaps:
         raise ValueError("no records with tumour boxes")
@@ -248,7 +254,7 @@ def fit_region_threshold(predictor, dataset, records, method: str = "gradcam",
         ious = []
         for hm, box in zip(heatmaps, boxes):
             region = heatmap_region(hm, float(t))
-            ious.append(box_iou(region.box, box) if region is not None else 0.0)
+            ious.append(box_iou(region.box if region is not None else None, box) or 0.0)
         scores[float(t)] = float(np.mean(ious))
     best = max(scores, key=scores.get)
     return {"threshold": best, "mean_iou": scores[best], "n": len(heatmaps), "method": method,

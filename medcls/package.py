@@ -2,9 +2,9 @@
 
 The card is the model's contract (classes, input size, preprocessing spec, temperature,
 Grad-CAM layer, input-gate threshold) plus its provenance (training command and data) and
-its figures on the fixed test split. :func:`load_package` validates the card against the
-model and refuses a package whose card is missing or inconsistent, so inference never
-guesses.
+its figures on the fixed test split, read into a typed :class:`~medcls.card.ModelCard`.
+:func:`load_package` validates the card against the model and refuses a package whose card
+is missing or inconsistent, so inference never guesses.
 """
 
 from __future__ import annotations
@@ -14,22 +14,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .calibration import InputGate
+from .card import (CARD_SCHEMA, EMBEDDING_LAYER, PROTECTED_KEYS, REQUIRED_KEYS,  # noqa: F401
+                   ModelCard)
 from .errors import ModelPackageError
 from .preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
-CARD_SCHEMA = "medcls.card/1"
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
 GATE_FILE = "gate.npz"
-REQUIRED_KEYS = ("schema", "name", "version", "task", "classes", "architecture", "input_size",
-                 "channels", "preprocessing", "cam_layer", "temperature", "output",
-                 "low_confidence_threshold", "metrics", "training", "intended_use", "limits",
-                 "model_sha256")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -43,32 +40,32 @@ def file_sha256(path: str | Path) -> str:
 @dataclass
 class ModelPackage:
     path: Path
-    card: dict[str, Any]
+    card: ModelCard
     model: Any  # keras.Model
     gate: InputGate | None
 
     @property
     def name(self) -> str:
-        return self.card["name"]
+        return self.card.name
 
     @property
     def classes(self) -> list[str]:
-        return list(self.card["classes"])
+        return list(self.card.classes)
 
     @property
     def spec(self) -> PreprocessSpec:
-        return PreprocessSpec.from_dict(self.card["preprocessing"])
+        return self.card.preprocessing
 
     @property
     def temperature(self) -> float:
-        return float(self.card["temperature"])
+        return self.card.temperature
 
     @property
     def task(self) -> str:
-        return self.card["task"]
+        return self.card.task
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
+def read_card(path: str | Path) -> ModelCard:
     """Read and check a card without loading the model (cheap: for model pickers)."""
     folder = Path(path)
     card_path = folder / CARD_FILE
@@ -76,32 +73,13 @@ def read_card(path: str | Path) -> dict[str, Any]:
         raise ModelPackageError(f"Model folder {folder.name!r} has no {CARD_FILE}; refusing to "
                                 "load a model without its card.")
     try:
-        card = json.loads(card_path.read_text())
+        data = json.loads(card_path.read_text())
     except (OSError, ValueError):
         raise ModelPackageError(f"The card of model {folder.name!r} is not valid JSON.") from None
-    missing = [k for k in REQUIRED_KEYS if k not in card]
-    if missing:
-        raise ModelPackageError(f"The card of model {folder.name!r} lacks {', '.join(missing)}.")
-    if card["schema"] != CARD_SCHEMA:
-        raise ModelPackageError(f"Model {folder.name!r}: unknown card schema {card['schema']!r}.")
-    try:
-        spec = PreprocessSpec.from_dict(card["preprocessing"])
-    except (TypeError, ValueError) as exc:
-        raise ModelPackageError(f"Model {folder.name!r}: invalid preprocessing spec ({exc}).") from None
-    if spec.input_size != card["input_size"] or spec.channels != card["channels"]:
-        raise ModelPackageError(f"Model {folder.name!r}: the preprocessing spec disagrees with the "
-                                "card's input size or channels.")
-    if not (isinstance(card["classes"], list) and len(card["classes"]) >= 2
-            and len(set(card["classes"])) == len(card["classes"])):
-        raise ModelPackageError(f"Model {folder.name!r}: the card needs two or more distinct classes.")
-    if not float(card["temperature"]) > 0:
-        raise ModelPackageError(f"Model {folder.name!r}: the temperature must be positive.")
-    if card["output"] != "logits":
-        raise ModelPackageError(f"Model {folder.name!r}: only models that output logits are supported.")
-    return card
+    return ModelCard.from_dict(data, where=folder.name)
 
 
-def list_packages(root: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+def list_packages(root: str | Path) -> list[tuple[Path, ModelCard]]:
     """Every valid package under ``root`` with its card, sorted by task then name. Invalid
     folders are skipped (with a log line naming the folder only)."""
     out = []
@@ -113,7 +91,7 @@ def list_packages(root: str | Path) -> list[tuple[Path, dict[str, Any]]]:
             out.append((folder, read_card(folder)))
         except ModelPackageError as exc:
             log.warning("skipping model folder %s: %s", folder.name, exc)
-    return sorted(out, key=lambda fc: (fc[1]["task"], fc[1]["name"]))
+    return sorted(out, key=lambda fc: (fc[1].task, fc[1].name))
 
 
 def load_package(path: str | Path, verify_hash: bool = True) -> ModelPackage:
@@ -125,7 +103,7 @@ def load_package(path: str | Path, verify_hash: bool = True) -> ModelPackage:
     model_path = folder / MODEL_FILE
     if not model_path.is_file():
         raise ModelPackageError(f"Model folder {folder.name!r} has no {MODEL_FILE}.")
-    if verify_hash and file_sha256(model_path) != card["model_sha256"]:
+    if verify_hash and file_sha256(model_path) != card.model_sha256:
         raise ModelPackageError(f"Model {folder.name!r}: {MODEL_FILE} does not match the hash in "
                                 "its card (the card describes another model).")
     try:
@@ -134,14 +112,14 @@ def load_package(path: str | Path, verify_hash: bool = True) -> ModelPackage:
         raise ModelPackageError(f"Model {folder.name!r} could not be loaded "
                                 f"({type(exc).__name__}).") from None
     shape = tuple(model.input_shape[1:])
-    if shape != (card["input_size"], card["input_size"], card["channels"]):
+    if shape != (card.input_size, card.input_size, card.channels):
         raise ModelPackageError(f"Model {folder.name!r}: the network's input {shape} disagrees "
                                 "with the card.")
-    if int(model.output_shape[-1]) != len(card["classes"]):
+    if int(model.output_shape[-1]) != len(card.classes):
         raise ModelPackageError(f"Model {folder.name!r}: the network has {model.output_shape[-1]} "
-                                f"outputs but the card lists {len(card['classes'])} classes.")
+                                f"outputs but the card lists {len(card.classes)} classes.")
     names = {layer.name for layer in model.layers}
-    for layer in (card["cam_layer"], "embedding"):
+    for layer in (card.cam_layer, EMBEDDING_LAYER):
         if layer not in names:
             raise ModelPackageError(f"Model {folder.name!r}: layer {layer!r} named by the card "
                                     "is not in the network.")
@@ -149,20 +127,20 @@ def load_package(path: str | Path, verify_hash: bool = True) -> ModelPackage:
     return ModelPackage(path=folder, card=card, model=model, gate=gate)
 
 
-def update_card(folder: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+def update_card(folder: str | Path, fields: dict[str, Any]) -> ModelCard:
     """Add or replace measured ``fields`` of a package's card (a region threshold, speed figures)
-    without touching the model file; the result is checked like any card."""
+    without touching the model file; every other key is written back as read, and the result
+    is checked like any card (nothing is written when it would not be valid)."""
     folder = Path(folder)
-    card = read_card(folder)
-    protected = set(REQUIRED_KEYS) | {"model_sha256", "size_bytes"}
-    if protected & set(fields):
-        raise ModelPackageError(f"update_card does not rewrite {sorted(protected & set(fields))}.")
-    card.update(fields)
-    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    if PROTECTED_KEYS & set(fields):
+        raise ModelPackageError(f"update_card does not rewrite {sorted(PROTECTED_KEYS & set(fields))}.")
+    data = read_card(folder).to_dict() | dict(fields)
+    ModelCard.from_dict(data, where=folder.name)
+    (folder / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")
     return read_card(folder)
 
 
-def save_package(folder: str | Path, model, card: dict[str, Any], gate: InputGate | None) -> Path:
+def save_package(folder: str | Path, model, card: Mapping[str, Any], gate: InputGate | None) -> Path:
     """Write model, gate and card (the card last, with the model's hash)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +153,7 @@ def save_package(folder: str | Path, model, card: dict[str, Any], gate: InputGat
     keras.Model(model.inputs[0], model.outputs[0], name=model.name).save(model_path)
     if gate is not None:
         gate.save(folder / GATE_FILE)
-    card = dict(card)
+    card = dict(card.to_dict() if isinstance(card, ModelCard) else card)
     card["schema"] = CARD_SCHEMA
     card["model_sha256"] = file_sha256(model_path)
     card["size_bytes"] = model_path.stat().st_size

@@ -12,8 +12,8 @@ import textwrap
 
 import numpy as np
 
-from .inference import Prediction
-from .saliency import Explanation, overlay
+from .inference import Explanation, Prediction
+from .render import overlay
 
 DISCLAIMER = ("Research tool - not a diagnosis. The result must be reviewed by a qualified "
               "clinician; the heatmap shows what drove the model, not a lesion boundary.")

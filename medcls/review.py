@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .errors import MedclsError, PathNotAllowedError
+from .errors import ArchiveRejectedError, PathNotAllowedError
 from .inference import Predictor, StreamItem
 from .scan import MAX_FILE_BYTES, load_scan
 
@@ -28,10 +28,6 @@ ZIP_MAX_MEMBERS = 20_000
 ZIP_MAX_TOTAL_BYTES = 4 << 30  # declared uncompressed size of all members
 ZIP_MAX_RATIO = 200  # uncompressed / compressed size of one member
 ZIP_MAX_MEMBER_BYTES = MAX_FILE_BYTES  # declared size of one member: the limit of a file on disk
-
-
-class ArchiveRejectedError(MedclsError):
-    """A .zip that medcls refuses to expand (unsafe names, too large, a zip bomb)."""
 
 
 # ----------------------------------------------------------------------------- sources

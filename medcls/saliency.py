@@ -1,5 +1,10 @@
 """Saliency: the Grad-CAM family as a small registry over one mechanism, and heatmap -> region.
 
+Saliency knows a network, its CAM layer and its input geometry, nothing of predictors,
+cards or pages: :class:`medcls.inference.Predictor` builds a :class:`CamEngine` from its
+card and turns a :class:`CamResult` into an ``Explanation``. Drawing lives in
+:mod:`medcls.render`.
+
 One compiled pass (:meth:`CamEngine.activations`) gives the logits, the embedding, the CAM
 layer's activations and their gradient for the target class. Each method only says how to
 weight the activation channels (like pytorch-grad-cam's ``get_cam_weights``):
@@ -13,25 +18,26 @@ The CAM is then ReLU'd, upsampled to the input with linear interpolation and min
 normalised, exactly as tf-keras-vis does. tf-keras-vis (:func:`reference_cam`) stays the
 reference implementation: the tests check the compiled path against it.
 
-For display the heatmap is restricted to the foreground (the head: background cannot hold a
-tumour) and mapped back onto the original image geometry; :func:`heatmap_region` turns it into
-an outline, a bounding box and an area in mm^2.
+For display (:meth:`CamEngine.heatmap`) the heatmap is restricted to the foreground (the head:
+background cannot hold a tumour) and mapped back onto the original image geometry;
+:func:`heatmap_region` turns it into an outline, a bounding box and an area in mm^2.
+
+A new method is one entry in :data:`METHODS`: a function that weights the activation channels
+and, for the tests, its tf-keras-vis reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import cv2
 import numpy as np
 from scipy.ndimage import zoom
 
+from .card import EMBEDDING_LAYER
+from .errors import UnknownChoiceError
 from .preprocess import Preprocessed
-from .scan import Scan
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .inference import Prediction, Predictor
 
 EPS = 1e-7  # keras.backend.epsilon(), as tf-keras-vis normalises
 
@@ -104,7 +110,8 @@ def get_method(name: str) -> CamMethod:
     try:
         return METHODS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown saliency method {name!r}; choose from {sorted(METHODS)}") from None
+        raise UnknownChoiceError(f"Unknown saliency method {name!r}; choose from "
+                                 f"{', '.join(sorted(METHODS))}.") from None
 
 
 def reference_cam(model, x: np.ndarray, class_index, layer: str, method: str = "gradcam") -> np.ndarray:
@@ -124,7 +131,7 @@ class CamEngine:
         self.model = model
         self.cam_layer = cam_layer
         self.size = input_size
-        grad_model = keras.Model(model.input, [model.output, model.get_layer("embedding").output,
+        grad_model = keras.Model(model.input, [model.output, model.get_layer(EMBEDDING_LAYER).output,
                                                model.get_layer(cam_layer).output])
         spec = [tf.TensorSpec([None, input_size, input_size, channels], tf.float32),
                 tf.TensorSpec([None], tf.int32)]
@@ -182,6 +189,32 @@ class CamEngine:
         cams = np.stack([_upsample_normalise(c, self.size) for c in raw])
         return cams, logits, emb, target
 
+    def heatmap(self, pre: Preprocessed, method: str = "gradcam", class_index: int | None = None,
+                mask_to_foreground: bool = True) -> "CamResult":
+        """The CAM of one preprocessed scan (target: ``class_index`` or the predicted class), on
+        the model grid and on the original image, with the pass's logits and embedding."""
+        cams, logits, emb, target = self.cam(pre.array[None], method, class_index)
+        grid = cams[0]
+        if mask_to_foreground and pre.mask.any():
+            grid = grid * pre.mask
+            if grid.max() > 0:
+                grid = grid / grid.max()
+        return CamResult(method=method, class_index=int(target[0]), grid=grid.astype(np.float32),
+                         heatmap=pre.geometry.to_original(grid), logits=logits[0],
+                         embedding=emb[0])
+
+
+@dataclass(frozen=True)
+class CamResult:
+    """One scan's CAM and the outputs of the same forward pass."""
+
+    method: str
+    class_index: int  # the class the map explains
+    grid: np.ndarray = field(repr=False)  # (S, S) in [0, 1] on the model input
+    heatmap: np.ndarray = field(repr=False)  # (H, W) in [0, 1] on the original image
+    logits: np.ndarray = field(repr=False)  # (K,)
+    embedding: np.ndarray = field(repr=False)  # (D,)
+
 
 def _upsample_normalise(cam: np.ndarray, size: int) -> np.ndarray:
     """Linear upsampling (scipy zoom, order 1) and min-max normalisation, as tf-keras-vis."""
@@ -224,65 +257,3 @@ def heatmap_region(heatmap: np.ndarray, threshold: float = 0.5,
     mm2 = float(area * pixel_spacing[0] * pixel_spacing[1]) if pixel_spacing else None
     return Region(box=(x, y, x + w, y + h), polygon=polygon, area_px=area, area_mm2=mm2,
                   threshold=threshold)
-
-
-# ----------------------------------------------------------------------------- explain
-
-@dataclass(frozen=True)
-class Explanation:
-    method: str
-    class_index: int
-    class_name: str
-    grid: np.ndarray = field(repr=False)  # (S, S) in [0, 1] on the model input, head only
-    heatmap: np.ndarray = field(repr=False)  # (H, W) in [0, 1] on the original image
-    region: Region | None
-    prediction: "Prediction | None" = None
-
-
-def explain(predictor: "Predictor", scan: Scan, method: str = "gradcam",
-            class_index: int | None = None, pre: Preprocessed | None = None,
-            mask_to_foreground: bool = True, region_threshold: float | None = None) -> Explanation:
-    """Heatmap of ``method`` for one scan (target: ``class_index`` or the predicted class)."""
-    pre = pre or predictor.preprocess(scan)
-    engine = predictor.cam_engine()
-    cams, logits, emb, target = engine.cam(pre.array[None], method, class_index)
-    grid = cams[0]
-    if mask_to_foreground and pre.mask.any():
-        grid = grid * pre.mask
-        if grid.max() > 0:
-            grid = grid / grid.max()
-    heatmap = pre.geometry.to_original(grid)
-    thr = region_threshold if region_threshold is not None else float(
-        predictor.card.get("region_threshold", 0.5))
-    region = heatmap_region(heatmap, thr, scan.pixel_spacing)
-    prediction = predictor.predictions(logits, emb)[0]
-    idx = int(target[0])
-    return Explanation(method=method, class_index=idx, class_name=predictor.classes[idx],
-                       grid=grid.astype(np.float32), heatmap=heatmap, region=region,
-                       prediction=prediction)
-
-
-def overlay(image01: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4,
-            colormap: int = cv2.COLORMAP_JET) -> np.ndarray:
-    """RGB uint8 overlay of a [0, 1] heatmap on a [0, 1] grayscale or RGB image."""
-    img = np.asarray(image01, np.float32)
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    heat = cv2.applyColorMap(np.clip(heatmap * 255, 0, 255).astype(np.uint8), colormap)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
-    weight = alpha * np.clip(heatmap, 0, 1)[..., None]  # transparent where the heatmap is cold
-    out = img * (1 - weight) + heat * weight
-    return np.clip(out * 255 + 0.5, 0, 255).astype(np.uint8)
-
-
-def draw_region(rgb: np.ndarray, region: Region | None, outline=(255, 255, 255),
-                box=(0, 255, 0)) -> np.ndarray:
-    """Draw a region's outline and bounding box on an RGB uint8 image (in place; returned)."""
-    if region is None:
-        return rgb
-    thick = max(1, max(rgb.shape[:2]) // 256)
-    pts = np.array(region.polygon, np.int32).reshape(-1, 1, 2)
-    cv2.polylines(rgb, [pts], True, outline, thick)
-    x0, y0, x1, y1 = region.box
-    cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), box, thick)
-    return rgb

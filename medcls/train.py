@@ -23,6 +23,7 @@ import numpy as np
 
 from .architectures import get_architecture, set_backbone_trainable
 from .calibration import InputGate, expected_calibration_error, fit_temperature, probabilities
+from .card import EMBEDDING_LAYER
 from .data import Dataset, box_masks, cached_arrays, load_datasets, stratum_weights, tf_dataset
 from .errors import DatasetError
 from .evaluate import classification_report, write_report
@@ -234,7 +235,7 @@ def _features(model, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, n
     """Logits and penultimate embeddings of arrays, with one compiled forward pass."""
     import keras
 
-    feat = keras.Model(model.input, [model.output, model.get_layer("embedding").output])
+    feat = keras.Model(model.input, [model.output, model.get_layer(EMBEDDING_LAYER).output])
     logits, emb = feat.predict(x, batch_size=batch_size, verbose=0)
     return np.asarray(logits), np.asarray(emb)
 
@@ -289,7 +290,7 @@ def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
         if parent:
             model = parent.model
         else:
-            kwargs = {"weights": cfg.weights} if arch.name == "mobilenet-tl" else {}
+            kwargs = {"weights": cfg.weights} if arch.transfer else {}
             model = arch.build(size, len(dataset.classes), channels=3, **kwargs)
         train_model = _class_maps_model(model, arch.cam_layer) if cfg.box_loss else model
         grid = int(model.get_layer(arch.cam_layer).output.shape[1])
@@ -298,7 +299,7 @@ def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
                               strata=strata, source_augment=cfg.source_augment)
         loss = label_set_loss(cfg.label_smoothing)
         for phase, epochs, lr in _phases(cfg, arch, parent is not None):
-            if arch.name == "mobilenet-tl":
+            if arch.transfer:
                 set_backbone_trainable(model, phase == "fine-tune",
                                        from_layer=cfg.fine_tune_from if phase == "fine-tune" else None)
             steps = max(1, int(np.ceil(len(gray["train"]) / cfg.batch_size))) * epochs
@@ -375,7 +376,7 @@ def _phases(cfg: TrainConfig, arch, from_parent: bool) -> list[tuple[str, int, f
     0.61 test accuracy). Starting from a package (``init``) goes straight to fine-tuning."""
     if from_parent:
         return [("fine-tune", cfg.fine_tune_epochs, cfg.fine_tune_lr)]
-    if arch.name != "mobilenet-tl":
+    if not arch.transfer:
         return [("train", cfg.epochs, cfg.lr)]
     return [("head", max(1, cfg.epochs // 3), cfg.lr), ("fine-tune", cfg.fine_tune_epochs, cfg.fine_tune_lr)]
 
@@ -428,9 +429,10 @@ def build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_
         "cam_layer": arch.cam_layer,
         "temperature": temperature,
         "low_confidence_threshold": low_conf,
+        "low_confidence_val_accuracy": selective["accuracy_above_threshold"],
         "selective": selective,
         "input_gate": {"method": "mahalanobis-nearest-class (Ledoit-Wolf shared covariance) on "
-                                 "the 'embedding' layer", "threshold": gate.threshold,
+                                 f"the '{EMBEDDING_LAYER}' layer", "threshold": gate.threshold,
                        "calibration": f"{gate.quantile:.0%} quantile of validation-split distances"},
         "scope": training_scope(dataset, recs["train"], cfg.scope),
         "parameters": int(model.count_params()),
@@ -457,7 +459,7 @@ def build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_
             "box_supervision": ("auxiliary loss on the share of the allowed classes' activation "
                                 "map outside the tumour box (train-split boxes only)") if cfg.box_loss else None,
             "weight_ema": cfg.ema,
-            "fine_tune_from": cfg.fine_tune_from if arch.name == "mobilenet-tl" else None,
+            "fine_tune_from": cfg.fine_tune_from if arch.transfer else None,
             "augmentation": augmentation,
             "date": _dt.date.today().isoformat(),
             "duration_s": round(duration_s, 1),

@@ -18,7 +18,8 @@ import streamlit as st  # noqa: E402
 import ui  # noqa: E402
 from medcls.compare import (ModelResult, card_table, check_compatible, run_model,  # noqa: E402
                             summarize)
-from medcls.saliency import METHODS, draw_region, overlay  # noqa: E402
+from medcls.render import draw_region, overlay  # noqa: E402
+from medcls.saliency import METHODS  # noqa: E402
 
 MAX_MODELS = 4
 MAX_CACHED_RESULTS = 16  # per session, all for the open scan: models x methods
@@ -209,7 +210,7 @@ for i, (col, path) in enumerate(zip(cols, chosen)):
         st.markdown(f"**Prediction: {pred.label}** ({pred.confidence:.0%})"
                     if not pred.outside_training_distribution
                     else "**Prediction withheld:** outside what this model was trained on")
-        kind, text = ui.confidence_statement(pred)
+        kind, text = ui.confidence_statement(pred, card)
         if kind != "success":
             getattr(st, kind)(text)
         st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities, height=200),

@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pandas as pd
 import plotly.express as px
@@ -47,7 +45,8 @@ import ui
 from medcls import MedclsError, load_scan
 from medcls.review import (ArchiveRejectedError, Progress, folder_sources, run_review, summary,
                            upload_sources, write_csv)
-from medcls.saliency import METHODS, overlay
+from medcls.render import overlay
+from medcls.saliency import METHODS
 
 BATCH_SIZE = 16
 WORKERS = 2
@@ -60,20 +59,6 @@ SELECTED = "_batch_selected"
 ui.page_header("Batch review", "Triage a folder of scans: predicted class, calibrated "
                "probabilities and the scans that need a look (low confidence, outside what the "
                "model was trained on, unreadable).", icon="🗂️")
-
-
-# ----------------------------------------------------------------------------- configuration
-
-def scan_root() -> Path:
-    """The allowed scan folder: $MEDCLS_SCAN_ROOT, else secrets' ``scan_root``, else scans/."""
-    value = os.environ.get("MEDCLS_SCAN_ROOT")
-    if not value:
-        try:  # no secrets.toml is normal: st.secrets raises then
-            value = st.secrets["scan_root"] if "scan_root" in st.secrets else None
-        except Exception:  # noqa: BLE001
-            value = None
-    root = Path(str(value)).expanduser() if value else ui.APP_DIR / "scans"
-    return root if root.is_absolute() else ui.APP_DIR / root
 
 
 # ----------------------------------------------------------------------------- job
@@ -212,7 +197,7 @@ def begin(make_sources, origin: str) -> None:
 server_tab, upload_tab = st.tabs(["Folder on the server", "Upload from this computer"])
 
 with server_tab:
-    root = scan_root()
+    root = ui.settings().scan_root
     st.caption(f"Allowed scan folder: `{root}`. Only folders inside it can be reviewed; "
                "subfolders are searched (a DICOM series folder gives one row per file).")
     folder = st.text_input("Folder (relative to the scan folder)", value=".", key="batch_folder",
@@ -388,7 +373,7 @@ c1.image(image, width=THUMB_WIDTH, clamp=True,
 c2.image(overlay(gray, explanation.heatmap, 0.45), width=THUMB_WIDTH,
          caption=f"{METHODS[HEATMAP_METHOD].label} for “{explanation.class_name}”")
 with c3:
-    kind, text = ui.confidence_statement(pred)
+    kind, text = ui.confidence_statement(pred, card)
     getattr(st, kind)(text)
     st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
                     key="batch_probs")

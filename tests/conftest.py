@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from medcls.settings import load_settings
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDCLS_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
 
@@ -27,7 +29,7 @@ def data_dir() -> Path:
 
 # ----------------------------------------------------------------------------- model packages
 
-MODELS_DIR = Path(os.environ.get("MEDCLS_MODELS", PROJECT_ROOT / "models")).resolve()
+MODELS_DIR = load_settings().models_dir.resolve()
 
 
 def model_package(task: str) -> Path:

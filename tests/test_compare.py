@@ -9,7 +9,6 @@ holds fewer than two brain-mri packages.
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,15 +16,17 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT_ROOT, require
-from medcls.compare import (IncompatibleModelsError, agreement, box_iou, card_table,
-                            check_compatible, compare, heatmap_mask, mask_iou, summarize)
-from medcls.errors import MedclsError
+from medcls.compare import (agreement, card_table, check_compatible, compare, heatmap_mask,
+                            mask_iou, summarize)
+from medcls.errors import IncompatibleModelsError, MedclsError
+from medcls.localization import box_iou
+from medcls.settings import load_settings
 
 CLASSES = ["glioma", "meningioma", "no_tumor"]
 
 
 def models_root() -> Path:
-    return Path(os.environ.get("MEDCLS_MODELS", PROJECT_ROOT / "models"))
+    return load_settings().models_dir
 
 
 def brain_packages(n: int) -> list[Path]:
