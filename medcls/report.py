@@ -81,6 +81,9 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
              fontsize=9.5, va="top", family="monospace")
     fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000", fontweight="bold")
     buf = io.BytesIO()
-    fig.savefig(buf, format=fmt)
+    # TrueType (Type 42) fonts: the PDF's words are real text a reader can select and search and a
+    # PHI scan can read (matplotlib's default Type 3 fonts draw each glyph as a picture).
+    with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
+        fig.savefig(buf, format=fmt)
     plt.close(fig)
     return buf.getvalue()

@@ -20,13 +20,15 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import ArchiveRejectedError, PathNotAllowedError
+from .export import escape_header, escape_row
 from .inference import Predictor, StreamItem
 from .scan import MAX_FILE_BYTES, load_scan
 
 SKIP_NAMES = {"DICOMDIR", "labels.csv", "Thumbs.db", ".DS_Store"}
 ZIP_MAX_MEMBERS = 20_000
-ZIP_MAX_TOTAL_BYTES = 4 << 30  # declared uncompressed size of all members
-ZIP_MAX_RATIO = 200  # uncompressed / compressed size of one member
+ZIP_MAX_TOTAL_BYTES = 2 << 30  # declared uncompressed size of all members
+ZIP_MAX_RATIO = 200  # uncompressed / compressed size, of one member and of the whole archive
+ZIP_RATIO_FLOOR = 1 << 20  # below this many declared bytes a high ratio is harmless
 ZIP_MAX_MEMBER_BYTES = MAX_FILE_BYTES  # declared size of one member: the limit of a file on disk
 
 
@@ -110,24 +112,29 @@ def zip_sources(data: bytes, prefix: str = "", max_members: int = ZIP_MAX_MEMBER
     if len(infos) > max_members:
         raise ArchiveRejectedError(f"The .zip holds {len(infos)} files; at most {max_members} are "
                                    "accepted.")
-    total = 0
     for info in infos:
         name = info.filename.replace("\\", "/")
         parts = PurePosixPath(name).parts
         if name.startswith("/") or ".." in parts or (len(name) > 1 and name[1] == ":"):
             raise ArchiveRejectedError("The .zip contains a file name that points outside the "
                                        "archive (absolute or '..'); it was refused.")
-        total += info.file_size
         if info.file_size > max_member:
             raise ArchiveRejectedError(f"A file in the .zip expands to {info.file_size / 2**20:.0f} MB, "
                                        f"more than the {max_member / 2**20:.0f} MB accepted for one "
                                        "file; it was refused.")
-        if info.file_size > max_ratio * max(info.compress_size, 1) and info.file_size > (1 << 20):
-            raise ArchiveRejectedError("The .zip looks like a zip bomb (a member expands more than "
-                                       f"{max_ratio}x); it was refused without being expanded.")
+    # Whole-archive bounds: many members each just under a per-member rule (3,000 x 1 MiB of
+    # zeros) add up to a bomb, so the declared total and the ratio are checked over all members.
+    total = sum(i.file_size for i in infos)
+    packed = sum(i.compress_size for i in infos)
     if total > max_total:
         raise ArchiveRejectedError(f"The .zip expands to {total / 2**30:.1f} GB, more than the "
                                    f"{max_total / 2**30:.0f} GB accepted; it was refused.")
+    worst = max(infos, key=lambda i: i.file_size / max(i.compress_size, 1), default=None)
+    if ((total > ZIP_RATIO_FLOOR and total > max_ratio * max(packed, 1))
+            or (worst is not None and worst.file_size > ZIP_RATIO_FLOOR
+                and worst.file_size > max_ratio * max(worst.compress_size, 1))):
+        raise ArchiveRejectedError(f"The .zip looks like a zip bomb (it expands more than "
+                                   f"{max_ratio}x); it was refused without being expanded.")
 
     def reader(info: zipfile.ZipInfo):
         def read() -> bytes:
@@ -247,31 +254,21 @@ def summary(rows: Sequence[ReviewRow], classes: Sequence[str]) -> dict:
 
 
 def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out) -> None:
-    """The worklist as CSV (a path or a text stream). Holds no DICOM tag values: file names,
-    predictions, flags and series/instance numbers only."""
+    """The worklist as CSV (a path or a text stream). Holds no DICOM tag values but the modality:
+    file names, predictions, flags and series/instance numbers. Every cell (header included)
+    goes through :func:`medcls.export.escape_cell`, so no text runs as a spreadsheet formula."""
     fields = list(rows[0].as_record(classes)) if rows else list(
         ReviewRow("", None, None, {}, False, False, None, None).as_record(classes))
     own = isinstance(out, (str, Path))
     fh = open(out, "w", newline="") if own else out
     try:
-        w = csv.DictWriter(fh, fieldnames=fields)
+        w = csv.DictWriter(fh, fieldnames=escape_header(fields))
         w.writeheader()
         for r in rows:
-            rec = r.as_record(classes)
-            rec["file"] = _no_formula(rec["file"])
-            rec["error"] = _no_formula(rec["error"])
-            w.writerow(rec)
+            w.writerow(escape_row(r.as_record(classes)))
     finally:
         if own:
             fh.close()
-
-
-def _no_formula(text):
-    """Spreadsheets run cells starting with = + - @ as formulas: quote such text (OWASP CSV
-    injection)."""
-    if isinstance(text, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + text
-    return text
 
 
 # ----------------------------------------------------------------------------- CLI

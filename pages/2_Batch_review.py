@@ -198,7 +198,8 @@ server_tab, upload_tab = st.tabs(["Folder on the server", "Upload from this comp
 
 with server_tab:
     root = ui.settings().scan_root
-    st.caption(f"Allowed scan folder: `{root}`. Only folders inside it can be reviewed; "
+    # the folder's name only: its absolute path tells anyone how the server is laid out
+    st.caption(f"Allowed scan folder: `{root.name or 'scans'}`. Only folders inside it can be reviewed; "
                "subfolders are searched (a DICOM series folder gives one row per file).")
     folder = st.text_input("Folder (relative to the scan folder)", value=".", key="batch_folder",
                            help="For example `study-2024/series-3`. `.` reviews the whole scan "

@@ -19,7 +19,6 @@ import re
 import tempfile
 import traceback
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -108,42 +107,21 @@ def raw_leaks(data: bytes, needles: dict[str, str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- file text
 
-_STREAM = re.compile(rb"stream\r?\n(.*?)\r?\nendstream", re.S)
-_TEXT_BLOCK = re.compile(rb"BT(.*?)ET", re.S)
-_PDF_STRING = re.compile(rb"\((?:\\.|[^\\()])*\)", re.S)
-
-
-def _pdf_unescape(literal: bytes) -> str:
-    s, out, i = literal[1:-1], bytearray(), 0
-    while i < len(s):
-        if s[i] == 0x5C and i + 1 < len(s):  # backslash
-            octal = re.match(rb"[0-7]{1,3}", s[i + 1:i + 4])
-            if octal:
-                out.append(int(octal.group(), 8) & 0xFF)
-                i += 1 + len(octal.group())
-                continue
-            nxt = s[i + 1:i + 2]
-            out += {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b", b"f": b"\f"}.get(nxt, nxt)
-            i += 2
-            continue
-        out.append(s[i])
-        i += 1
-    return out.decode("latin-1")
-
-
 def pdf_text(pdf: bytes) -> str:
-    """The text a PDF shows (one line per text object) plus its uncompressed parts (document
-    info). Matplotlib writes each line as a TJ array of per-glyph strings with kerning between
-    them, so the strings of a text object are joined."""
-    parts = [pdf.decode("latin-1")]
-    for raw in _STREAM.findall(pdf):
-        try:
-            data = zlib.decompress(raw)
-        except zlib.error:
-            data = raw
-        for block in _TEXT_BLOCK.findall(data):
-            parts.append("".join(_pdf_unescape(s) for s in _PDF_STRING.findall(block)))
-    return "\n".join(parts)
+    """The text a PDF shows, as a reader extracts it (poppler's ``pdftotext``: what a person's
+    search or copy finds), plus the file's raw bytes (document info and any uncompressed part).
+    Fails if the PDF holds no extractable text, so a report drawn as glyph pictures fails."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("pdftotext")
+    if exe is None:
+        pytest.fail("pdftotext is not installed (apt-get install poppler-utils; .ci/run does)")
+    proc = subprocess.run([exe, "-enc", "UTF-8", "-", "-"], input=pdf, capture_output=True,
+                          timeout=60, check=True)
+    shown = proc.stdout.decode("utf-8")
+    assert shown.strip(), "the PDF has no extractable text"
+    return shown + "\n" + pdf.decode("latin-1")
 
 
 def png_text(png: bytes) -> str:
