@@ -49,3 +49,13 @@ class SettingsError(MedclsError):
 
 class WrongModalityError(MedclsError):
     """A DICOM scan of another modality than the model was trained on (a CT given to an MR model)."""
+
+
+class DecodeBudgetError(ScanTooLargeError):
+    """Decoding the image (its pixels and the working copies preprocessing makes) would need
+    more memory than the decode budget, even at the smallest resolution the format allows."""
+
+
+class DecoderFailedError(UnreadableScanError):
+    """The image decoder crashed, hung or ran out of its memory limit on this file (it runs in
+    a separate process, so the server keeps running)."""

@@ -14,10 +14,13 @@ tags only when a caller asks for them deliberately.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import io
 import logging
 import os
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any, BinaryIO, Union
 
 import numpy as np
 
-from .errors import ScanTooLargeError, UnreadableScanError
+from .errors import DecodeBudgetError, DecoderFailedError, ScanTooLargeError, UnreadableScanError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,110 @@ log = logging.getLogger(__name__)
 MAX_PIXELS = 64_000_000
 #: Largest input file, in bytes.
 MAX_FILE_BYTES = 1 << 30
+
+
+# ----------------------------------------------------------------------------- memory budget
+# The pixel limit alone does not bound memory: a 570 KB PNG of 7999x7999 RGB at 16 bits is under
+# it but decodes to 384 MB, and its float32 working copies made it peak at 3.4 GB. So every
+# decode is planned in bytes from the header first: at full resolution when it fits the budget,
+# else at 1/2, 1/4 or 1/8 resolution where the format allows (the model needs ~224 px), else
+# refused. Settings are read from the environment here (there is no settings module yet).
+
+def _env_number(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def decode_budget() -> int:
+    """Bytes one decode may use: the decoded pixels plus the working copies preprocessing makes
+    ($MEDCLS_DECODE_BUDGET_MB, default 1024)."""
+    return int(_env_number("MEDCLS_DECODE_BUDGET_MB", 1024) * (1 << 20))
+
+
+def max_concurrent_decodes() -> int:
+    """Decodes one server process runs at once; more wait ($MEDCLS_MAX_DECODES, default 2)."""
+    return max(1, int(_env_number("MEDCLS_MAX_DECODES", 2)))
+
+
+def decode_timeout() -> float:
+    """Seconds a compressed DICOM frame may take to decode ($MEDCLS_DECODE_TIMEOUT_S, default 30)."""
+    return _env_number("MEDCLS_DECODE_TIMEOUT_S", 30.0)
+
+
+_slots_lock = threading.Lock()
+_slots: threading.BoundedSemaphore | None = None
+
+
+@contextlib.contextmanager
+def decode_slot():
+    """Hold one of the server's concurrent decode slots (a process-wide semaphore): with the
+    per-decode budget, it bounds the memory decoding can take however many users upload."""
+    global _slots
+    with _slots_lock:
+        if _slots is None:
+            _slots = threading.BoundedSemaphore(max_concurrent_decodes())
+        slots = _slots
+    with slots:
+        yield
+
+
+def working_bytes(width: int, height: int, samples: int, bytes_per_sample: int,
+                  extra_per_sample: int = 0) -> int:
+    """Peak bytes of decoding one frame and preprocessing it: the decoded pixels; per sample the
+    float32 modality values and the two float32 copies windowing holds at once (plus
+    ``extra_per_sample``, e.g. a float64 rescale); per pixel the float32 grayscale image, the
+    int32 component labels and uint8 masks of the foreground step."""
+    per_sample = bytes_per_sample + 3 * 4 + extra_per_sample
+    return int(width) * int(height) * (int(samples) * per_sample + 12)
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    factor: int  # 1: full resolution; 2, 4, 8: each side divided by it
+    samples: int  # samples per pixel to decode (1 when a colour image is decoded as gray)
+    need: int  # bytes, as :func:`working_bytes` counts them
+
+
+REDUCTIONS = (2, 4, 8)
+
+
+def plan_decode(width: int, height: int, samples: int, bytes_per_sample: int,
+                reduce: str | None = "after", gray_ok: bool = False, extra_per_sample: int = 0,
+                budget: int | None = None) -> DecodePlan:
+    """How to decode an image within the budget. ``reduce``: "decoder" when the decoder itself
+    decodes at a reduced size (JPEG's DCT scaling: no full-size buffer), "after" when the frame
+    is decoded at full size then downsampled before any float copy (PNG, TIFF, BMP through
+    OpenCV; DICOM), None when it cannot be reduced. ``gray_ok``: the decoder can give one
+    sample instead of three. Colour is kept before resolution. Raises :class:`DecodeBudgetError`
+    naming the budget when nothing fits."""
+    budget = decode_budget() if budget is None else budget
+    full = working_bytes(width, height, samples, bytes_per_sample, extra_per_sample)
+    if full <= budget:
+        return DecodePlan(1, samples, full)
+    for out_samples in ((samples, 1) if gray_ok and samples > 1 else (samples,)):
+        first = width * height * out_samples * bytes_per_sample if reduce == "after" else 0
+        for factor in REDUCTIONS if reduce else ():
+            need = first + working_bytes(width // factor, height // factor, out_samples,
+                                         bytes_per_sample, extra_per_sample)
+            if need <= budget:
+                return DecodePlan(factor, out_samples, need)
+    raise DecodeBudgetError(
+        f"Decoding this image ({width}x{height} pixels, {samples} x {8 * bytes_per_sample} bits) "
+        f"would need about {full / 2**30:.1f} GB of memory, more than the decode budget of "
+        f"{budget / 2**30:.2g} GB (MEDCLS_DECODE_BUDGET_MB)"
+        + (", even at reduced resolution" if reduce else "") + "; it was not opened.")
+
+
+def _rescaled_spacing(spacing: tuple[float, float] | None, full_shape: tuple[int, int] | None,
+                      shape: tuple[int, int]) -> tuple[float, float] | None:
+    """Pixel spacing of a frame decoded at reduced size: each decoded pixel covers
+    full/decoded original pixels per axis, so lengths and areas in mm stay right."""
+    if spacing is None or full_shape is None:
+        return spacing
+    return (spacing[0] * full_shape[0] / shape[0], spacing[1] * full_shape[1] / shape[1])
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -94,6 +201,9 @@ class Scan:
     sha256: str
     transfer_syntax: str | None = None
     window_presets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # (H, W) of the file's frame when it was decoded at reduced resolution to stay within the
+    # decode budget (pixel_spacing is then that of the decoded pixels); None at full resolution
+    full_shape: tuple[int, int] | None = None
     _voi_lut_display: np.ndarray | None = field(default=None, repr=False)
 
     @property
@@ -174,18 +284,20 @@ def load_scan(src: Source, frame: int = 0) -> Scan:
     if fmt is None:
         raise UnreadableScanError("This file is not an image or DICOM file medcls can read "
                                   "(supported: DICOM, PNG, JPEG, TIFF, BMP).")
-    if fmt == "dicom":
-        scan = _load_dicom(data, frame, digest)
-    else:
-        scan = _load_raster(data, fmt, digest)
+    with decode_slot():
+        if fmt == "dicom":
+            scan = _load_dicom(data, frame, digest)
+        else:
+            scan = _load_raster(data, fmt, digest)
     log.debug("loaded %r", scan)
     return scan
 
 
 # ----------------------------------------------------------------------------- raster
 
-def _raster_size(data: bytes, fmt: str | None = None) -> tuple[int, int, int]:
-    """Width, height and frame count from the header alone (Pillow reads no pixels here).
+def _raster_size(data: bytes, fmt: str | None = None) -> tuple[int, int, int, int, int]:
+    """Width, height, frame count, samples per pixel and bytes per sample from the header alone
+    (Pillow reads no pixels here); samples and bytes are what OpenCV decodes to, at most.
 
     Pillow cannot open every TIFF OpenCV decodes (float64, or 3-4 samples of int16/float32):
     for those the first image directory is read directly (:func:`_tiff_size`)."""
@@ -196,7 +308,10 @@ def _raster_size(data: bytes, fmt: str | None = None) -> tuple[int, int, int]:
             warnings.simplefilter("ignore")
             Image.MAX_IMAGE_PIXELS = None  # our own limit applies, checked below
             with Image.open(io.BytesIO(data)) as im:
-                return int(im.size[0]), int(im.size[1]), int(getattr(im, "n_frames", 1))
+                return (int(im.size[0]), int(im.size[1]), int(getattr(im, "n_frames", 1)),
+                        *_raster_layout(im, data, fmt))
+    except (ScanTooLargeError, DecodeBudgetError):
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means a damaged header
         log.debug("image header unreadable: %s", type(exc).__name__)
         size = _tiff_size(data) if fmt == "tiff" else None
@@ -205,11 +320,33 @@ def _raster_size(data: bytes, fmt: str | None = None) -> tuple[int, int, int]:
         raise UnreadableScanError("The image file is damaged: its header cannot be read.") from None
 
 
+# Samples per pixel and bytes per sample OpenCV decodes a Pillow mode to (palette -> BGR,
+# gray+alpha -> BGRA); unknown modes count as the most a raster can hold.
+_PIL_LAYOUT = {"1": (1, 1), "L": (1, 1), "P": (3, 1), "PA": (4, 1), "LA": (4, 1),
+               "RGB": (3, 1), "RGBA": (4, 1), "RGBX": (4, 1), "CMYK": (4, 1), "YCbCr": (3, 1),
+               "LAB": (3, 1), "HSV": (3, 1), "I": (1, 4), "F": (1, 4)}
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 3, 4: 4, 6: 4}  # by IHDR colour type
+
+
+def _raster_layout(im, data: bytes, fmt: str | None) -> tuple[int, int]:
+    if fmt == "png" and data[12:16] == b"IHDR" and len(data) > 25:
+        # Pillow opens a 48-bit PNG as 8-bit "RGB": the IHDR says what the decoder will produce
+        return _PNG_SAMPLES.get(data[25], 4), 2 if data[24] == 16 else 1
+    if fmt == "tiff":
+        tags = getattr(im, "tag_v2", {})
+        bits = tags.get(258, 8)
+        bits = max(bits) if isinstance(bits, tuple) else bits
+        return max(1, int(tags.get(277, 1))), max(1, -(-int(bits) // 8))
+    if im.mode.startswith("I;16"):
+        return 1, 2
+    return _PIL_LAYOUT.get(im.mode, (4, 4))
+
+
 _TIFF_TYPES = {3: ("H", 2), 4: ("I", 4), 16: ("Q", 8)}  # SHORT, LONG, LONG8 (BigTIFF)
 
 
-def _tiff_size(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, 1) from the first image directory of a TIFF, or None when it is not
+def _tiff_size(data: bytes) -> tuple[int, int, int, int, int] | None:
+    """(width, height, 1, samples, bytes per sample) from the first image directory of a TIFF, or None when it is not
     readable. Refused (ScanTooLargeError) when the declared samples would decode to more bytes
     than the largest PNG medcls accepts (MAX_PIXELS of 4 samples of 16 bits)."""
     import struct
@@ -249,23 +386,25 @@ def _tiff_size(data: bytes) -> tuple[int, int, int] | None:
     if width * height * max(1, samples) * max(1, bits) > MAX_PIXELS * 4 * 16:
         raise ScanTooLargeError(f"The image declares {width}x{height} pixels of {samples} "
                                 f"x {bits} bits, more than medcls decodes; it was not opened.")
-    return width, height, 1
+    return width, height, 1, max(1, samples), max(1, -(-bits // 8))
 
 
 def _load_raster(data: bytes, fmt: str, digest: str) -> Scan:
     import cv2
 
-    width, height, _ = _raster_size(data, fmt)
+    width, height, _, samples, sample_bytes = _raster_size(data, fmt)
     if width * height > MAX_PIXELS:
         raise ScanTooLargeError(
             f"The image declares {width}x{height} pixels, more than medcls decodes "
             f"({MAX_PIXELS // 1_000_000} megapixels); it was not opened.")
     if width < 1 or height < 1:
         raise UnreadableScanError("The image has no pixels.")
-    buf = np.frombuffer(data, dtype=np.uint8)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    plan = plan_decode(width, height, samples, sample_bytes,
+                       reduce="decoder" if fmt == "jpeg" else "after", gray_ok=True)
+    img = _decode_raster(data, plan)
     if img is None or img.size == 0:
         raise UnreadableScanError("The image file is damaged and cannot be decoded.")
+    full_shape = (height, width) if plan.factor > 1 else None
     if img.dtype not in (np.uint8, np.uint16):
         img = img.astype(np.float32)
     if img.ndim == 3:
@@ -281,14 +420,36 @@ def _load_raster(data: bytes, fmt: str, digest: str) -> Scan:
     bits = 16 if img.dtype == np.uint16 else 8 if img.dtype == np.uint8 else 32
     values = _finite_values(img.astype(np.float32))
     center, width_ = _percentile_window(values)
+    metadata = {"Format": fmt.upper(), "Rows": height, "Columns": width, "BitsStored": bits,
+                "PhotometricInterpretation": photometric, **_reduction_note(full_shape, img)}
     return Scan(
         pixels=img, values=values, source_format=fmt, modality="OT", photometric=photometric,
         bits_stored=bits, pixel_spacing=None, window_center=center, window_width=width_,
-        window_source="percentile", n_frames=1, frame=0,
-        metadata={"Format": fmt.upper(), "Rows": img.shape[0], "Columns": img.shape[1],
-                  "BitsStored": bits, "PhotometricInterpretation": photometric},
-        sha256=digest,
+        window_source="percentile", n_frames=1, frame=0, metadata=metadata, sha256=digest,
+        full_shape=full_shape,
     )
+
+
+def _decode_raster(data: bytes, plan: DecodePlan):
+    """OpenCV decode at the plan's resolution. Reduced: ``IMREAD_REDUCED_*`` (libjpeg scales in
+    the DCT; other formats are resized inside OpenCV, in the decoded depth), keeping 16 bits
+    (``ANYDEPTH``) and the stored orientation like ``IMREAD_UNCHANGED`` does."""
+    import cv2
+
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if plan.factor == 1:
+        return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    kind = "COLOR" if plan.samples > 1 else "GRAYSCALE"
+    flags = (getattr(cv2, f"IMREAD_REDUCED_{kind}_{plan.factor}") | cv2.IMREAD_ANYDEPTH
+             | cv2.IMREAD_IGNORE_ORIENTATION)
+    return cv2.imdecode(buf, flags)
+
+
+def _reduction_note(full_shape: tuple[int, int] | None, pixels: np.ndarray) -> dict[str, str]:
+    if full_shape is None:
+        return {}
+    return {"DecodedSize": f"{pixels.shape[1]}x{pixels.shape[0]} of {full_shape[1]}x"
+                           f"{full_shape[0]} (reduced to stay within the decode budget)"}
 
 
 #: Modality values are clamped to +-this: far beyond any real scan, and small enough that
@@ -441,8 +602,45 @@ def _window_presets(modality: str, values: np.ndarray) -> dict[str, tuple[float,
 
 
 def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+    """One DICOM frame as a Scan, in steps: read the data set, check the declared size against
+    the limits and plan the decode within the budget, decode the one frame (compressed data in a
+    limited worker process), reduce it if the plan says so, apply the modality LUT, choose the
+    default window and read the pixel spacing (rescaled with the frame)."""
+    ds = _read_image_dataset(data)
+    rows, cols, n_frames, samples, sample_bytes = _image_geometry(ds, frame)
+    # a float64 rescale (apply_modality_lut) is the extra working copy per sample
+    plan = plan_decode(cols, rows, samples, sample_bytes, reduce="after", extra_per_sample=8)
+    syntax = _transfer_syntax(ds)
+    arr = _checked_frame(_decode_frame(ds, data, frame, n_frames, syntax), rows, cols, n_frames,
+                         frame)
+    full_shape = None
+    if plan.factor > 1:
+        arr, full_shape = _reduce(arr, plan.factor), (rows, cols)
+    photometric, values = _modality_values(ds, arr)
+    center, width, window_source, voi_display = _default_window(ds, arr, values)
+    spacing = _rescaled_spacing(_pixel_spacing(ds), full_shape, arr.shape[:2])
+    try:
+        bits = int(ds.BitsStored)
+    except Exception:  # noqa: BLE001
+        bits = int(arr.dtype.itemsize * 8)
+    modality = str(getattr(ds, "Modality", "OT") or "OT")
+    presets = _window_presets(modality, values)
+    if window_source == "dicom" and voi_display is None:
+        presets = {"DICOM default": (center, width), **presets}
+    return Scan(
+        pixels=arr, values=values, source_format="dicom", modality=modality,
+        photometric=photometric, bits_stored=bits, pixel_spacing=spacing,
+        window_center=float(center), window_width=float(width), window_source=window_source,
+        n_frames=n_frames, frame=frame,
+        metadata={**_safe_metadata(ds), **_reduction_note(full_shape, arr)}, sha256=digest,
+        transfer_syntax=syntax.name if syntax is not None else None,
+        window_presets=presets, full_shape=full_shape, _voi_lut_display=voi_display,
+    )
 
+
+def _read_image_dataset(data: bytes):
+    """The parsed data set, refused unless it holds pixel data (with why: cut short, damaged, or
+    not an image at all)."""
     ds = _read_dataset(data)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         if _is_cut_short(ds):
@@ -457,6 +655,13 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
         raise UnreadableScanError("The DICOM file has no pixel data (it may be a report, "
                                   "a directory or a presentation state, not an image).")
     _infer_transfer_syntax(ds)
+    return ds
+
+
+def _image_geometry(ds, frame: int) -> tuple[int, int, int, int, int]:
+    """Rows, columns, frame count, samples per pixel and bytes per sample as declared, checked
+    against the pixel limit and the frame asked for. Samples and bytes only size the decode plan
+    (an inconsistent declaration fails at decoding, with its own message)."""
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         n_frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -471,35 +676,94 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
     if not 0 <= frame < n_frames:
         raise UnreadableScanError(f"Frame {frame + 1} was asked for, but the file has "
                                   f"{n_frames} frame(s).")
-    syntax = None
     try:
-        syntax = ds.file_meta.TransferSyntaxUID
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
     except Exception:  # noqa: BLE001
-        pass
-    _check_compressed_pixel_attributes(ds, syntax)
+        samples, bits = 1, 16
+    if "DoubleFloatPixelData" in ds:
+        bits = 64
+    elif "FloatPixelData" in ds:
+        bits = 32
+    sample_bytes = -(-bits // 8) if bits in (1, 8, 16, 32, 64) else 2
+    return rows, cols, n_frames, samples if samples in (1, 3) else 1, sample_bytes
+
+
+def _transfer_syntax(ds):
     try:
+        return ds.file_meta.TransferSyntaxUID
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _is_encapsulated(ds) -> bool:
+    """True for compressed (encapsulated) pixel data: undefined length, split into fragments."""
+    try:
+        return "PixelData" in ds and bool(ds["PixelData"].is_undefined_length)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+_DAMAGED_PIXELS = ("The DICOM pixel data is damaged or does not match the image size it "
+                   "declares (rows, columns, bits).")
+
+_pool_lock = threading.Lock()
+_pool = None
+
+
+def _decoder_pool():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            from .decoder import DecoderPool
+
+            _pool = DecoderPool(max_concurrent_decodes())
+            atexit.register(_pool.close)
+        return _pool
+
+
+def _decode_frame(ds, data: bytes, frame: int, n_frames: int, syntax) -> np.ndarray:
+    """The stored values of one frame. Compressed (encapsulated) data is decoded by a worker
+    process with a memory and time limit (:mod:`medcls.decoder`), so a decoder's crash, hang or
+    runaway allocation is a :class:`DecoderFailedError`, not the end of the server; native
+    (uncompressed) data is read here, where it is plain numpy."""
+    from pydicom.pixels import pixel_array
+
+    from .decoder import DecodeFailure
+
+    _check_compressed_pixel_attributes(ds, syntax)
+    compressed = syntax is not None and bool(getattr(syntax, "is_compressed", False))
+    try:
+        if _is_encapsulated(ds):
+            return _decoder_pool().decode(data, frame, n_frames, decode_budget(),
+                                          decode_timeout())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if n_frames > 1:
-                arr = pixel_array(ds, index=frame)
-            else:
-                arr = ds.pixel_array
+            return pixel_array(ds, index=frame) if n_frames > 1 else ds.pixel_array
+    except DecoderFailedError:
+        raise
+    except DecodeFailure as exc:  # the worker's decoders refused the data
+        if exc.kind == "notimplemented" or (exc.kind == "unsupported" and compressed):
+            raise UnreadableScanError(_codec_message(syntax)) from None
+        raise UnreadableScanError(_DAMAGED_PIXELS) from None
     except NotImplementedError:
         raise UnreadableScanError(_codec_message(syntax)) from None
     except Exception as exc:  # noqa: BLE001
         log.debug("DICOM pixel decode failed: %s", type(exc).__name__)
-        if syntax is not None and syntax.is_compressed and _is_unsupported_codec(exc):
+        if compressed and _is_unsupported_codec(exc):
             raise UnreadableScanError(_codec_message(syntax)) from None
-        raise UnreadableScanError("The DICOM pixel data is damaged or does not match the image "
-                                  "size it declares (rows, columns, bits).") from None
+        raise UnreadableScanError(_DAMAGED_PIXELS) from None
     except BaseException as exc:
         # A Rust decoder (pylibjpeg-rle) that panics on damaged data raises pyo3's
         # PanicException, a BaseException that `except Exception` lets through.
         if type(exc).__name__ != "PanicException":
             raise
         log.debug("DICOM pixel decoder panicked")
-        raise UnreadableScanError("The DICOM pixel data is damaged or does not match the image "
-                                  "size it declares (rows, columns, bits).") from None
+        raise UnreadableScanError(_DAMAGED_PIXELS) from None
+
+
+def _checked_frame(arr: np.ndarray, rows: int, cols: int, n_frames: int, frame: int) -> np.ndarray:
+    """The decoded frame in native byte order, refused unless it is (rows, cols) or (rows, cols, 3)."""
     if arr.ndim == 3 and n_frames > 1 and arr.shape[0] == n_frames:
         arr = arr[frame]
     if not arr.dtype.isnative:  # Explicit VR Big Endian decodes to '>u2': same values, native order
@@ -509,7 +773,27 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
     if arr.ndim == 3 and arr.shape[2] not in (3,):
         raise UnreadableScanError("The DICOM pixel layout is not supported (expected grayscale "
                                   "or RGB).")
+    return arr
 
+
+def _reduce(arr: np.ndarray, factor: int) -> np.ndarray:
+    """A decoded frame with each side divided by ``factor``, before any float copy is made: the
+    area average where OpenCV resizes the type, else every ``factor``-th pixel."""
+    import cv2
+
+    h, w = arr.shape[:2]
+    size = (max(1, w // factor), max(1, h // factor))
+    if arr.dtype in (np.uint8, np.uint16, np.int16, np.float32, np.float64):
+        return cv2.resize(arr, size, interpolation=cv2.INTER_AREA)
+    return np.ascontiguousarray(arr[::factor, ::factor][:size[1], :size[0]])
+
+
+def _modality_values(ds, arr: np.ndarray) -> tuple[str, np.ndarray]:
+    """Photometric interpretation and the modality values (rescale or modality LUT applied) as
+    finite float32; a broken rescale falls back to the stored values."""
+    from pydicom.pixels import apply_modality_lut
+
+    rows, cols = arr.shape[:2]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2")
     with np.errstate(over="ignore", invalid="ignore"):  # float64 data or a rescale beyond float32
         if arr.ndim == 3:
@@ -523,9 +807,14 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
         if values.shape[:2] != (rows, cols) or (arr.dtype.kind in "iu"
                                                 and not np.isfinite(values).all()):
             values = arr.astype(np.float32)  # a rescale of NaN/inf: use stored values
-    values = _finite_values(values)
+    return photometric, _finite_values(values)
 
-    # Default window: the file's own VOI (window tags, or a VOI LUT), else percentiles.
+
+def _default_window(ds, arr: np.ndarray, values: np.ndarray):
+    """(center, width, source, VOI LUT display): the file's own VOI (window tags, or a VOI LUT
+    applied for display), else percentiles of the values."""
+    from pydicom.pixels import apply_voi_lut
+
     voi_display = None
     center = width = None
     window_source = "percentile"
@@ -547,33 +836,19 @@ def _load_dicom(data: bytes, frame: int, digest: str) -> Scan:
             center = width = None
     if center is None:
         center, width = _percentile_window(values)
+    return center, width, window_source, voi_display
 
-    spacing = None
+
+def _pixel_spacing(ds) -> tuple[float, float] | None:
+    """(row, column) spacing in mm from PixelSpacing, else ImagerPixelSpacing; None when absent."""
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         try:
             sp = ds.get(keyword)
             if sp is not None and len(sp) == 2 and float(sp[0]) > 0 and float(sp[1]) > 0:
-                spacing = (float(sp[0]), float(sp[1]))
-                break
+                return float(sp[0]), float(sp[1])
         except Exception:  # noqa: BLE001
             continue
-
-    try:
-        bits = int(ds.BitsStored)
-    except Exception:  # noqa: BLE001
-        bits = int(arr.dtype.itemsize * 8)
-    modality = str(getattr(ds, "Modality", "OT") or "OT")
-    presets = _window_presets(modality, values)
-    if window_source == "dicom" and voi_display is None:
-        presets = {"DICOM default": (center, width), **presets}
-    return Scan(
-        pixels=arr, values=values, source_format="dicom", modality=modality,
-        photometric=photometric, bits_stored=bits, pixel_spacing=spacing,
-        window_center=float(center), window_width=float(width), window_source=window_source,
-        n_frames=n_frames, frame=frame, metadata=_safe_metadata(ds), sha256=digest,
-        transfer_syntax=syntax.name if syntax is not None else None,
-        window_presets=presets, _voi_lut_display=voi_display,
-    )
+    return None
 
 
 #: RLE Lossless: the one compressed transfer syntax that allows 32 and 64 bits allocated (the
@@ -583,14 +858,11 @@ _RLE = "1.2.840.10008.1.2.5"
 
 def _check_compressed_pixel_attributes(ds, syntax) -> None:
     """Refuse compressed pixel data whose image description no codec can honour, before any
-    decoder sees it. GDCM (a fallback decoder) aborts the whole process (C++ terminate, not a
-    Python exception) on, e.g., JPEG data declaring 1 or 32 bits allocated, which would stop
-    the server for every user."""
-    try:
-        encapsulated = "PixelData" in ds and bool(ds["PixelData"].is_undefined_length)
-    except Exception:  # noqa: BLE001
-        encapsulated = False
-    if not encapsulated:
+    decoder sees it, with a message that says so. GDCM (a fallback decoder) aborts its process
+    (C++ terminate) on, e.g., JPEG data declaring 1 or 32 bits allocated; the decoding worker
+    process (:mod:`medcls.decoder`) is what keeps such an abort, or any other, from stopping
+    the server: this check only names the cause for the cases fuzzing found."""
+    if not _is_encapsulated(ds):
         return
 
     def number(keyword: str, default: int | None = None) -> int | None:
