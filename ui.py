@@ -24,7 +24,7 @@ from medcls.settings import Settings, load_settings
 log = logging.getLogger("medcls.app")
 
 APP_DIR = Path(__file__).resolve().parent
-MAX_CACHED_SCANS = 4  # per session: the open scan and a few frames of it
+MAX_CACHED_SCAN_BYTES = 256 << 20  # per session: the open scan and a few frames of it
 
 
 NOT_A_DEVICE = "Research tool, not a diagnostic device."
@@ -130,14 +130,16 @@ def current_scan_bytes(uploaded) -> bytes | None:
 
 
 def cached_scan(data: bytes, frame: int = 0) -> Scan:
-    """load_scan with a small per-session cache (re-running a page does not re-decode)."""
+    """load_scan with a small per-session cache (re-running a page does not re-decode), bounded
+    in bytes: the oldest scans go first; the newest is always kept (the decode budget bounds it)."""
     digest = hashlib.sha256(data).hexdigest()
     cache = st.session_state.setdefault("_scan_cache", {})
     key = (digest, frame)
     if key not in cache:
-        while len(cache) >= MAX_CACHED_SCANS:
+        scan = load_scan(data, frame=frame)
+        while cache and sum(s.nbytes for s in cache.values()) + scan.nbytes > MAX_CACHED_SCAN_BYTES:
             cache.pop(next(iter(cache)))
-        cache[key] = load_scan(data, frame=frame)
+        cache[key] = scan
     return cache[key]
 
 

@@ -36,7 +36,7 @@ _REQUEST = struct.Struct("<QII")
 _HEADER = struct.Struct("<I")
 #: Address space a worker may add to what it holds after start-up (its imports), in bytes, on top
 #: of the decode budget: decoders keep scratch buffers and thread stacks besides the frame.
-_HEADROOM = 512 << 20
+_HEADROOM = 256 << 20
 
 
 class DecodeFailure(Exception):

@@ -20,8 +20,7 @@ def _is_number(text: str) -> bool:
         float(text)
     except ValueError:
         return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "+inf", "infinity", "-infinity",
-                                        "+infinity")
+    return text.strip().lower().lstrip("+-") not in ("nan", "inf", "infinity")
 
 
 def escape_cell(value: Any) -> Any:

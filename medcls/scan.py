@@ -215,6 +215,12 @@ class Scan:
         return self.pixels.ndim == 3
 
     @property
+    def nbytes(self) -> int:
+        """Memory the scan holds: pixels, modality values and a VOI LUT display copy."""
+        extra = self._voi_lut_display.nbytes if self._voi_lut_display is not None else 0
+        return int(self.pixels.nbytes + self.values.nbytes + extra)
+
+    @property
     def short_id(self) -> str:
         """A non-identifying handle for logs: the first 12 hex digits of the content hash."""
         return self.sha256[:12]

@@ -63,6 +63,14 @@ def test_page_starts_with_an_invitation(page):
     assert page.text_input(key="batch_folder").value == "."
 
 
+def test_page_shows_the_scan_folder_by_name_not_its_server_path(page, tmp_path):
+    """The scan root's absolute path tells anyone how the server is laid out: only its name."""
+    shown = [e.value for kind in ("caption", "markdown", "info", "warning", "error")
+             for e in getattr(page, kind)]
+    assert any("`scans`" in text for text in shown), shown
+    assert not [text for text in shown if str(tmp_path) in text]
+
+
 def test_server_folder_review(page):
     at = _review(page, "study")
     assert not at.error, [e.value for e in at.error]
