@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from conftest import require
 from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset
 from medcls.errors import MedclsError, ScanTooLargeError, UnreadableScanError
-from medcls.scan import display_image, identifying_attributes, load_scan
+from medcls.scan import display_image, identifying_attributes, load_scan, sniff_format
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -656,3 +656,22 @@ def test_uint16_gray_stored_as_rgb_across_32767_stays_gray(tmp_path: Path) -> No
     assert ok
     scan = load_scan(buf.tobytes())
     assert scan.pixels.ndim == 2 and np.array_equal(scan.pixels, gray)
+
+
+def test_real_dicom_is_decoded_at_full_resolution(dicom_dir: Path) -> None:
+    """The decode budget reduces only what would not fit: every real DICOM of the data set,
+    up to the 1760x1760 radiographs, keeps its full resolution and its pixel spacing."""
+    by_folder: dict[Path, list[Path]] = {}
+    for path in sorted(dicom_dir.rglob("*")):
+        if path.is_file() and sniff_format(path.read_bytes()[:132]) == "dicom":
+            by_folder.setdefault(path.parent, []).append(path)
+    files = [p for folder, paths in by_folder.items()
+             for p in (paths if len(paths) < 12 else paths[:1])]  # every sample, one per series
+    assert len(files) >= 15
+    for path in files:
+        try:
+            scan = load_scan(path)
+        except UnreadableScanError:
+            continue  # a codec this machine lacks (12-bit lossy JPEG): its own tests
+        assert scan.full_shape is None and "DecodedSize" not in scan.metadata, path.name
+        assert scan.shape == (scan.metadata["Rows"], scan.metadata["Columns"]), path.name
