@@ -43,30 +43,28 @@ MAX_FILE_BYTES = 1 << 30
 # it but decodes to 384 MB, and its float32 working copies made it peak at 3.4 GB. So every
 # decode is planned in bytes from the header first: at full resolution when it fits the budget,
 # else at 1/2, 1/4 or 1/8 resolution where the format allows (the model needs ~224 px), else
-# refused. Settings are read from the environment here (there is no settings module yet).
+# refused. The limits are settings (medcls.settings, section [decode]).
 
-def _env_number(name: str, default: float) -> float:
-    try:
-        value = float(os.environ.get(name, default))
-    except ValueError:
-        return default
-    return value if value > 0 else default
+def _decode_settings():
+    from .settings import load_settings
+
+    return load_settings().decode
 
 
 def decode_budget() -> int:
     """Bytes one decode may use: the decoded pixels plus the working copies preprocessing makes
-    ($MEDCLS_DECODE_BUDGET_MB, default 1024)."""
-    return int(_env_number("MEDCLS_DECODE_BUDGET_MB", 1024) * (1 << 20))
+    (setting ``MEDCLS_DECODE_BUDGET_MB`` / ``[decode] budget_mb``, default 1024)."""
+    return int(_decode_settings().budget_mb * (1 << 20))
 
 
 def max_concurrent_decodes() -> int:
-    """Decodes one server process runs at once; more wait ($MEDCLS_MAX_DECODES, default 2)."""
-    return max(1, int(_env_number("MEDCLS_MAX_DECODES", 2)))
+    """Decodes one server process runs at once; more wait (``MEDCLS_MAX_DECODES``, default 2)."""
+    return _decode_settings().max_concurrent
 
 
 def decode_timeout() -> float:
-    """Seconds a compressed DICOM frame may take to decode ($MEDCLS_DECODE_TIMEOUT_S, default 30)."""
-    return _env_number("MEDCLS_DECODE_TIMEOUT_S", 30.0)
+    """Seconds a compressed DICOM frame may take to decode (``MEDCLS_DECODE_TIMEOUT_S``, 30)."""
+    return _decode_settings().timeout_s
 
 
 _slots_lock = threading.Lock()

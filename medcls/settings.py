@@ -98,6 +98,21 @@ class AuthSettings:
     roles: dict[str, str] = setting("MEDCLS_AUTH_ROLES", "roles", parse=name_map, factory=dict)
 
 
+def at_least_one(value: Any) -> int:
+    """a whole number of at least 1"""
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
+@dataclass(frozen=True)
+class DecodeSettings:  # memory and time limits of decoding one image (medcls.scan)
+    budget_mb: float = setting("MEDCLS_DECODE_BUDGET_MB", "budget_mb", 1024.0, positive)
+    max_concurrent: int = setting("MEDCLS_MAX_DECODES", "max_concurrent", 2, at_least_one)
+    timeout_s: float = setting("MEDCLS_DECODE_TIMEOUT_S", "timeout_s", 30.0, positive)
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path = setting("MEDCLS_MODELS", "models_dir", PROJECT_DIR / "models", project_path)
@@ -106,6 +121,7 @@ class Settings:
     ray_address: str | None = setting("MEDCLS_RAY_ADDRESS", "ray_address")  # None: local engine
     pacs: PacsSettings = section("pacs", PacsSettings)
     auth: AuthSettings = section("auth", AuthSettings)
+    decode: DecodeSettings = section("decode", DecodeSettings)
 
 
 def read_secrets_file(path: str | Path = SECRETS_FILE) -> dict[str, Any]:

@@ -118,6 +118,17 @@ def test_over_the_budget_is_refused_naming_the_limit(bomb, monkeypatch):
     assert isinstance(ei.value, MedclsError)
 
 
+def test_decode_limits_are_settings():
+    from medcls.errors import SettingsError
+    from medcls.settings import load_settings
+
+    assert load_settings(env={}, secrets={}).decode.budget_mb == 1024
+    assert load_settings(env={}, secrets={"decode": {"budget_mb": 64}}).decode.budget_mb == 64
+    assert load_settings(env={"MEDCLS_MAX_DECODES": "3"}, secrets={}).decode.max_concurrent == 3
+    with pytest.raises(SettingsError, match="MEDCLS_DECODE_BUDGET_MB"):
+        load_settings(env={"MEDCLS_DECODE_BUDGET_MB": "0"}, secrets={})
+
+
 def test_normal_images_are_decoded_at_full_resolution(data_dir):
     jpeg = sorted(require(data_dir / "brain-mri" / "glioma").glob("*.jpg"))[0]
     scan = load_scan(jpeg)
