@@ -2,8 +2,11 @@
 
 One entry point, :func:`load_scan`, takes a path or the bytes of an upload. The
 format is recognised by content, never by the file name. DICOM is decoded by
-pydicom and its pixel handlers (pylibjpeg, GDCM); raster images by OpenCV, with
-the header checked first so a decompression bomb is refused before decoding.
+pydicom and its pixel handlers (pylibjpeg, GDCM; compressed data in a limited
+worker process, :mod:`medcls.decoder`); raster images by OpenCV. The header is
+read first and the decode planned within a memory budget in bytes (full, or
+reduced resolution, or refused) before any pixel is decoded; a per-process
+semaphore caps concurrent decodes.
 
 Patient data: the returned metadata is built from an allow-list of technical
 attributes, so nothing of the DICOM PS3.15 basic profile (names, ids, dates,
