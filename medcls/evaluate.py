@@ -225,6 +225,29 @@ def risk_coverage(probs: np.ndarray, correct: np.ndarray, steps: int = 20) -> li
     return out
 
 
+def record_planes(dataset, records) -> list[str | None]:
+    """Each record's slice plane where its file is a DICOM with an orientation (header only)."""
+    import pydicom
+
+    from .inference import PLANES
+
+    planes = []
+    for r in records:
+        path = dataset.path(r)
+        plane = None
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(132)
+            if head[128:132] == b"DICM":
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                iop = np.asarray([float(c) for c in ds.ImageOrientationPatient])
+                plane = PLANES[int(np.argmax(np.abs(np.cross(iop[:3], iop[3:]))))]
+        except (OSError, AttributeError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
+            plane = None
+        planes.append(plane)
+    return planes
+
+
 def evaluate_model(model_dir: str | Path, data, split: str | None = "test",
                    out_dir: str | Path | None = None, bootstrap: int = 1000, workers: int = 2,
                    records=None) -> dict:
@@ -269,7 +292,11 @@ def evaluate_model(model_dir: str | Path, data, split: str | None = "test",
     report["model"] = predictor.name
     report["split"] = split
     gate = predictor.package.gate
-    outside = gate.is_outside(emb) if gate is not None else None
+    outside = gate.is_outside(emb) if gate is not None else np.zeros(len(probs), bool)
+    validated = (predictor.card.get("scope") or {}).get("validated_planes")
+    if validated:  # the card's scope: DICOM slices in planes never validated are withheld too
+        planes = record_planes(dataset, kept_records)
+        outside = outside | np.array([p is not None and p not in validated for p in planes])
     low = float(predictor.card["low_confidence_threshold"])
     negative = predictor.card.get("negative_class") or dataset.negative_class
     sources = sorted({r.source or "" for r in kept_records})

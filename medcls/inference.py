@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -41,6 +41,7 @@ class Prediction:
     gate_threshold: float | None
     low_confidence_threshold: float
     embedding: np.ndarray | None = field(default=None, repr=False)
+    scope_note: str | None = None  # why the scan lies outside the card's validated scope
 
     @property
     def index(self) -> int:
@@ -59,16 +60,28 @@ class Prediction:
         return self.confidence < self.low_confidence_threshold
 
     @property
-    def outside_training_distribution(self) -> bool:
+    def gate_outside(self) -> bool:
+        """The input gate's verdict alone: the embedding is far from every training class."""
         return (self.gate_score is not None and self.gate_threshold is not None
                 and self.gate_score > self.gate_threshold)
+
+    @property
+    def outside_scope(self) -> bool:
+        return self.scope_note is not None
+
+    @property
+    def outside_training_distribution(self) -> bool:
+        """Outside what the model was trained and validated on, so its answer is withheld: the
+        input gate flags the scan, or the scan lies outside the card's validated scope (a DICOM
+        slice in a plane whose normal anatomy the model was never validated on)."""
+        return self.gate_outside or self.outside_scope
 
     def as_dict(self) -> dict:
         return {"label": self.label, "confidence": self.confidence,
                 "probabilities": dict(zip(self.classes, map(float, self.probabilities))),
                 "low_confidence": self.low_confidence,
                 "outside_training_distribution": self.outside_training_distribution,
-                "gate_score": self.gate_score}
+                "gate_score": self.gate_score, "scope_note": self.scope_note}
 
 
 @dataclass(frozen=True)
@@ -155,11 +168,26 @@ class Predictor:
         return preprocess(scan, self.spec)
 
     def predict(self, scan: Scan | Sequence[Scan]) -> Prediction | list[Prediction]:
-        """Calibrated prediction for one scan (or a list of scans)."""
+        """Calibrated prediction for one scan (or a list of scans), with the card's scope."""
         if isinstance(scan, Scan):
-            return self.predict_arrays(self.preprocess(scan).array)[0]
-        items = [self.preprocess(s) for s in scan]
-        return self.predict_arrays(np.stack([p.array for p in items])) if items else []
+            return self.within_scope(self.predict_arrays(self.preprocess(scan).array)[0], scan_plane(scan))
+        scans = list(scan)
+        items = [self.preprocess(s) for s in scans]
+        if not items:
+            return []
+        preds = self.predict_arrays(np.stack([p.array for p in items]))
+        return [self.within_scope(p, scan_plane(s)) for p, s in zip(preds, scans)]
+
+    def within_scope(self, prediction: Prediction, plane: str | None) -> Prediction:
+        """``prediction`` with a scope note when the scan's plane (known for DICOM from its
+        orientation) is not one of the card's ``scope.validated_planes``: normal anatomy in
+        other planes was not validated, so a tumour answer there cannot be trusted."""
+        validated = (self.card.get("scope") or {}).get("validated_planes")
+        if not plane or not validated or plane in validated:
+            return prediction
+        note = (f"a {plane} slice: {self.name} was validated on normal anatomy in "
+                f"{' and '.join(validated)} slices only")
+        return replace(prediction, scope_note=note)
 
     def predict_file(self, source) -> Prediction:
         return self.predict(load_scan(source))
@@ -236,7 +264,10 @@ class Predictor:
             batch = np.stack([loaded[i][1].array for i in ok])
             preds = dict(zip(ok, self.predict_arrays(batch)))
         for i, (item, _) in enumerate(loaded):
-            yield StreamItem(item.source, preds.get(i), item.error, item.info)
+            pred = preds.get(i)
+            if pred is not None:
+                pred = self.within_scope(pred, item.info.get("plane"))
+            yield StreamItem(item.source, pred, item.error, item.info)
 
 
 @dataclass(frozen=True)
@@ -270,7 +301,26 @@ def scan_info(scan: Scan) -> dict:
     meta = scan.metadata
     return {"modality": scan.modality, "rows": scan.shape[0], "columns": scan.shape[1],
             "series_number": meta.get("SeriesNumber"), "instance_number": meta.get("InstanceNumber"),
-            "frames": scan.n_frames, "sha256": scan.sha256}
+            "frames": scan.n_frames, "sha256": scan.sha256, "plane": scan_plane(scan)}
+
+
+PLANES = ("sagittal", "coronal", "axial")  # the patient axis (x, y, z of DICOM's LPS) a slice faces
+
+
+def scan_plane(scan: Scan) -> str | None:
+    """Axial, coronal or sagittal from a DICOM's ImageOrientationPatient (the slice normal's
+    main axis); None for plain images and DICOM without orientation."""
+    iop = scan.metadata.get("ImageOrientationPatient")
+    try:
+        v = np.asarray([float(c) for c in iop], np.float64)
+    except (TypeError, ValueError):
+        return None
+    if v.shape != (6,):
+        return None
+    normal = np.cross(v[:3], v[3:])
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
+        return None
+    return PLANES[int(np.argmax(np.abs(normal)))]
 
 
 def timed(fn, *args, **kwargs):

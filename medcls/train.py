@@ -496,6 +496,8 @@ def training_scope(dataset: Dataset, train_records, described: dict) -> dict:
                             "planes_in_labels": sorted(planes[c])} for c in dataset.classes},
             "sources": described.get("sources", {}),
             "modality": described.get("modality"),
+            "validated_planes": described.get("validated_planes"),
+            "validated_planes_why": described.get("validated_planes_why"),
             "not_seen": described.get("not_seen", [])}
 
 

@@ -302,3 +302,41 @@ def test_road_reads_the_class_probability_after_removal():
     r_bad = road(proba, img, -good, 1, noise=0.0)
     assert r_good["morf"][0] < 0.2 < 0.9 < r_good["lerf"][0]  # removing the square first kills it
     assert r_good["morf_mean"] < r_bad["morf_mean"] and r_good["lerf_mean"] > r_bad["lerf_mean"]
+
+
+# ----------------------------------------------------------------------------- validated planes
+
+def test_dicom_slices_outside_the_validated_planes_are_withheld(brain_model_dir, data_dir, tmp_path):
+    import shutil
+
+    from medcls.evaluate import evaluate_model
+    from medcls.inference import Predictor, scan_plane
+    from medcls.package import update_card
+    from medcls.scan import load_scan
+
+    model = tmp_path / "model"
+    shutil.copytree(brain_model_dir, model)
+    scope = dict(Predictor.from_path(model).card.get("scope") or {})
+    update_card(model, {"scope": scope | {"validated_planes": ["axial"]}})
+    p = Predictor.from_path(model)
+    sagittal = sorted(require(data_dir / "dicom" / "volunteer-sagittal-t1").glob("*.dcm"))[:3]
+    axial = sorted(require(data_dir / "dicom" / "mprage-series").iterdir())[:2]
+    for f in sagittal:
+        scan = load_scan(f)
+        assert scan_plane(scan) == "sagittal"
+        pred = p.predict(scan)
+        assert pred.outside_scope and pred.outside_training_distribution
+        assert "sagittal" in pred.scope_note and "axial" in pred.scope_note
+    for f in axial:
+        scan = load_scan(f)
+        assert scan_plane(scan) == "axial" and not p.predict(scan).outside_scope
+    # the stream (review engine) applies the same rule
+    items = list(p.predict_stream([str(f) for f in sagittal + axial]))
+    assert [i.prediction.outside_scope for i in items] == [True] * 3 + [False] * 2
+    # and evaluation counts such slices as not answered
+    from medcls.data import Dataset, Record
+
+    ds = Dataset(root=sagittal[0].parent, classes=list(p.classes), name="vol",
+                 records=[Record(ref=f.name, label="no_tumor", split="test", source="vol",
+                                 root=sagittal[0].parent) for f in sagittal])
+    assert evaluate_model(model, ds, bootstrap=0)["overall"]["coverage"] == 0.0
