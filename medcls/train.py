@@ -237,13 +237,22 @@ def _plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _features(model, x: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and penultimate embeddings of arrays, with one compiled forward pass."""
+def _features(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and penultimate embeddings of arrays, with one compiled forward pass. Gray arrays
+    (N, S, S, 1) are expanded to the model's channels a chunk at a time (memory stays small)."""
     import keras
 
     feat = keras.Model(model.input, [model.output, model.get_layer(EMBEDDING_LAYER).output])
-    logits, emb = feat.predict(x, batch_size=batch_size, verbose=0)
-    return np.asarray(logits), np.asarray(emb)
+    channels = model.input.shape[-1]
+    logits, emb = [], []
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk]
+        if part.shape[-1] != channels:
+            part = np.repeat(part, channels, axis=-1)
+        lo, em = feat.predict(part, batch_size=batch_size, verbose=0)
+        logits.append(np.asarray(lo))
+        emb.append(np.asarray(em))
+    return np.concatenate(logits), np.concatenate(emb)
 
 
 def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
@@ -332,7 +341,7 @@ def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
     val_logits, val_emb = _features(model, x_val)
     temperature = fit_temperature(val_logits, targets["val"])
     single = targets["train"].sum(1) == 1
-    _, train_emb = _features(model, np.repeat(gray["train"][single], 3, axis=-1))
+    _, train_emb = _features(model, gray["train"][single])
     gate = InputGate.fit(train_emb, targets["train"][single].argmax(1), val_emb)
     val_probs = probabilities(val_logits, temperature)
     val_correct = targets["val"][np.arange(len(val_probs)), val_probs.argmax(1)] > 0
@@ -342,7 +351,7 @@ def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
 
     # 5. Test figures on the task's own folder (the first), the card, the package.
     own = [i for i, r in enumerate(recs["test"]) if r.root == dataset.records[0].root]
-    test_logits, _ = _features(model, np.repeat(gray["test"][own], 3, axis=-1))
+    test_logits, _ = _features(model, gray["test"][own])
     own_val = [i for i, r in enumerate(recs["val"]) if r.root == dataset.records[0].root]
     reports = {}
     for split, logits, idx in (("val", val_logits[own_val], own_val), ("test", test_logits, own)):
