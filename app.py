@@ -68,12 +68,14 @@ if key not in results:
         t0 = time.perf_counter()
         with st.spinner(f"Classifying and computing {METHODS[method].label}..."):
             explanation = predictor.explain(scan, method)
+            outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
         results.clear()  # keep one result per session: memory stays bounded
-        results[key] = (explanation, (time.perf_counter() - t0) * 1000)
+        results[key] = (explanation, (time.perf_counter() - t0) * 1000, outline)
     except Exception as exc:  # noqa: BLE001
         ui.show_error(exc)
         st.stop()
-explanation, elapsed_ms = results[key]
+explanation, elapsed_ms, outline = results[key]
+heatmap_outline = show_region and predictor.segmenter is None  # the heatmap is not a lesion edge
 pred = explanation.prediction
 
 # ---------------------------------------------------------------- layout
@@ -82,22 +84,24 @@ with left:
     st.subheader("Scan")
     center, width = ui.window_controls(scan, key="main")
     image = ui.display(scan, center, width)
-    st.image(image, clamp=True, width="stretch",
-             caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+    ui.scan_image(image, outline, show_region,
+                  caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
                      + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
                         if scan.pixel_spacing else "")
                      + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else ""))
 with right:
-    st.subheader(f"Heatmap · {METHODS[method].label} for “{explanation.class_name}”")
+    st.subheader(f"Heatmap · {METHODS[method].label} for “{explanation.class_name}”: "
+                 "what drove the class")
     gray = image if image.ndim == 2 else image.mean(axis=2)
     over = overlay(gray, explanation.heatmap, alpha)
     region = explanation.region
-    if show_region:
+    if heatmap_outline:
         draw_region(over, region)
     st.image(over, width="stretch",
-             caption="Red: the image regions that drove the prediction most. White outline: "
-                     "hottest region; green: its bounding box.")
-    if show_region and region is not None:
+             caption="Red: the image regions that drove the prediction most."
+                     + (" White outline: hottest region; green: its bounding box."
+                        if heatmap_outline else ""))
+    if heatmap_outline and region is not None:
         area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
                 else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
         st.caption(f"Region above {region.threshold:.0%} of the peak: area {area}.")
@@ -118,7 +122,8 @@ for col, fmt in ((c1, "png"), (c2, "pdf")):
     col.download_button(f"Download report ({fmt.upper()})",
                         data=lambda fmt=fmt: render_report(
                             gray, explanation, pred, card, scan.sha256, fmt=fmt,
-                            method_label=METHODS[method].label, alpha=alpha),  # built on click
+                            method_label=METHODS[method].label, alpha=alpha,
+                            segmentation=outline),  # built on click
                         file_name=f"medcls-report-{scan.short_id}.{fmt}",
                         mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}")
 

@@ -179,6 +179,17 @@ def display(scan: Scan, center: float, width: float) -> np.ndarray:
     return display_image(scan, center, width)
 
 
+def scan_image(image: np.ndarray, outline, show_outline: bool = True, caption: str = "") -> None:
+    """The scan, with the tumour's segmentation outline (a tumour answer only) and its size."""
+    from medcls.render import draw_outline
+    from medcls.segmentation import size_text
+
+    st.image(draw_outline(image, outline if show_outline else None), width="stretch",
+             caption=caption)
+    if outline is not None:
+        st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
+
+
 # ----------------------------------------------------------------------------- results
 
 def probability_chart(classes, probs, title: str = "", highlight: int | None = None,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from bench import accuracy, gate, localization, speed
+from bench import accuracy, gate, localization, segmentation, speed
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    for mod in (accuracy, gate, localization, speed):
+    for mod in (accuracy, gate, localization, segmentation, speed):
         mod.main(argv)
 
 

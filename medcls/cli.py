@@ -1,4 +1,4 @@
-"""The ``medcls`` command line: ``python -m medcls {train,evaluate,clean,review} ...``."""
+"""The ``medcls`` command line: ``python -m medcls {train,train-seg,evaluate,clean,review} ...``."""
 
 from __future__ import annotations
 
@@ -68,6 +68,20 @@ def cmd_fit_region(args) -> int:
     return 0
 
 
+def cmd_train_seg(args) -> int:
+    from .segmentation import SegTrainConfig, train_segmentation
+    from .train import command_line
+
+    cfg = SegTrainConfig(data=args.data, out=args.out, weights=args.weights, negatives=args.negatives,
+                         box_data=args.box_data, input_size=args.input_size, epochs=args.epochs,
+                         batch_size=args.batch_size, lr=args.lr, max_train=args.max_train,
+                         max_minutes=args.max_minutes, cache_dir=args.cache_dir,
+                         negative_every=args.negative_every, freeze_until=args.freeze_until or None,
+                         init=args.init, empty_dice=not args.no_empty_dice)
+    print(train_segmentation(cfg, command=command_line()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import MedclsError
 
@@ -133,6 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--data", required=True, help="dataset with tumour boxes in labels.csv")
     f.add_argument("--split", default="val")
     f.set_defaults(func=cmd_fit_region)
+
+    g = sub.add_parser("train-seg", help="train the tumour segmentation companion package")
+    g.add_argument("--data", required=True, help="dataset with masks.csv (brain-mri)")
+    g.add_argument("--out", required=True, help="companion package folder (models/brain-mri-seg)")
+    g.add_argument("--weights", help="MobileNetV2 0.35 ImageNet *_no_top.h5")
+    g.add_argument("--negatives", nargs="*", default=[], help="datasets adding no_tumor train images")
+    g.add_argument("--box-data", nargs="*", default=[], help="datasets of box-only tumours")
+    g.add_argument("--input-size", type=int, default=160)
+    g.add_argument("--epochs", type=int, default=8)
+    g.add_argument("--negative-every", type=int, default=3,
+                   help="keep every n-th training image without a mask")
+    g.add_argument("--freeze-until", default="block_4_expand",
+                   help="encoder layers before this one keep ImageNet weights ('' for none)")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--max-train", type=int)
+    g.add_argument("--max-minutes", type=float)
+    g.add_argument("--init", help="continue from this companion package's weights")
+    g.add_argument("--no-empty-dice", action="store_true",
+                   help="Dice over tumour images only (cross-entropy alone for images without one)")
+    g.add_argument("--cache-dir", default=".cache/medcls")
+    g.set_defaults(func=cmd_train_seg)
 
     # a broken import must fail loudly here, not silently remove a subcommand
     from .cleaning import add_clean_parser

@@ -125,6 +125,7 @@ class Predictor:
         x = np.zeros((1, self.spec.input_size, self.spec.input_size, self.spec.channels), np.float32)
         self.forward(x)
         self.cam_engine().cam(x, "gradcam")
+        _ = self.segmenter  # loads and traces the segmentation companion, if the card names one
         return self
 
     @classmethod
@@ -200,6 +201,26 @@ class Predictor:
                 self._explainers["engine"] = CamEngine(self.model, self.card.cam_layer,
                                                        self.spec.input_size, self.spec.channels)
             return self._explainers["engine"]
+
+    # ------------------------------------------------------------------ segmentation
+    @property
+    def segmenter(self):
+        """The tumour segmentation companion the card names (``"segmentation"``), loaded once;
+        ``None`` when the card names none. See :mod:`medcls.segmentation`."""
+        with self._lock:
+            if "segmenter" not in self._explainers:
+                from .segmentation import companion_segmenter
+
+                seg = companion_segmenter(self.package.path, self.card)
+                self._explainers["segmenter"] = seg.warmup() if seg is not None else None
+            return self._explainers["segmenter"]
+
+    def outline(self, scan: Scan, prediction: Prediction):
+        """The tumour's segmentation (outline, area, longest diameter, confidence) for a tumour
+        answer; ``None`` for a no-tumour or withheld answer, or without a companion."""
+        from .segmentation import outline_for
+
+        return outline_for(prediction, self.segmenter, scan)
 
     def explain(self, scan: Scan, method: str = "gradcam", class_index: int | None = None,
                 pre: Preprocessed | None = None, mask_to_foreground: bool = True,

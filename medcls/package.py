@@ -24,6 +24,7 @@ from .preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
+COMPANION_SCHEMAS = ("medcls.seg-card/1",)  # packages a classifier's card points to, not pickable
 MODEL_FILE = "model.keras"
 CARD_FILE = "card.json"
 GATE_FILE = "gate.npz"
@@ -90,8 +91,16 @@ def list_packages(root: str | Path) -> list[tuple[Path, ModelCard]]:
         try:
             out.append((folder, read_card(folder)))
         except ModelPackageError as exc:
-            log.warning("skipping model folder %s: %s", folder.name, exc)
+            if not _is_companion(folder):  # a classifier's companion (segmentation) is no model to pick
+                log.warning("skipping model folder %s: %s", folder.name, exc)
     return sorted(out, key=lambda fc: (fc[1].task, fc[1].name))
+
+
+def _is_companion(folder: Path) -> bool:
+    try:
+        return json.loads((folder / CARD_FILE).read_text()).get("schema") in COMPANION_SCHEMAS
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def load_package(path: str | Path, verify_hash: bool = True) -> ModelPackage:

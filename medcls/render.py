@@ -1,4 +1,5 @@
-"""Drawing for people: a heatmap laid over the image, a region's outline and box.
+"""Drawing for people: a heatmap laid over the image, a region's outline and box, a tumour
+segmentation's outline.
 
 Used by the report (:mod:`medcls.report`) and the pages; the maths that produce heatmaps and
 regions stay in :mod:`medcls.saliency`.
@@ -35,4 +36,18 @@ def draw_region(rgb: np.ndarray, region: Region | None, outline=(255, 255, 255),
     cv2.polylines(rgb, [pts], True, outline, thick)
     x0, y0, x1, y1 = region.box
     cv2.rectangle(rgb, (x0, y0), (x1 - 1, y1 - 1), box, thick)
+    return rgb
+
+
+def draw_outline(image: np.ndarray, segmentation,
+                 color=(255, 215, 0)) -> np.ndarray:
+    """The image (gray or RGB, [0, 1] float or uint8) as RGB uint8 with a segmentation's
+    outline (:class:`medcls.segmentation.Segmentation`) drawn; unchanged (as RGB) without one."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = np.clip(img.astype(np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    rgb = np.ascontiguousarray(np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img[..., :3])
+    if segmentation is not None:
+        thick = max(1, max(rgb.shape[:2]) // 256)
+        cv2.polylines(rgb, [np.array(segmentation.polygon, np.int32).reshape(-1, 1, 2)], True, color, thick)
     return rgb

@@ -14,6 +14,7 @@ import numpy as np
 
 from .inference import Explanation, Prediction
 from .render import overlay
+from .segmentation import size_text
 
 DISCLAIMER = ("Research tool - not a diagnosis. The result must be reviewed by a qualified "
               "clinician; the heatmap shows what drove the model, not a lesion boundary.")
@@ -21,8 +22,10 @@ DISCLAIMER = ("Research tool - not a diagnosis. The result must be reviewed by a
 
 def render_report(image01: np.ndarray, explanation: Explanation | None, prediction: Prediction,
                   card: dict, sha256: str, fmt: str = "png", method_label: str = "",
-                  alpha: float = 0.4) -> bytes:
-    """The report as PNG or PDF bytes."""
+                  alpha: float = 0.4, segmentation=None) -> bytes:
+    """The report as PNG or PDF bytes. With a ``segmentation`` (a tumour answer's
+    :class:`medcls.segmentation.Segmentation`) the image carries its outline and the text its
+    area and longest diameter, with the method named, instead of the heatmap's area."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +39,10 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     gray = image01 if image01.ndim == 2 else image01.mean(axis=2)
     ax1 = fig.add_axes([0.05, 0.55, 0.43, 0.38])
     ax1.imshow(gray, cmap="gray", vmin=0, vmax=1)
-    ax1.set_title("Image")
+    if segmentation is not None:
+        pts = np.array(segmentation.polygon + segmentation.polygon[:1])
+        ax1.plot(pts[:, 0], pts[:, 1], color="gold", lw=1.2)
+    ax1.set_title("Image" + (" and tumour outline" if segmentation is not None else ""))
     ax1.axis("off")
     ax2 = fig.add_axes([0.52, 0.55, 0.43, 0.38])
     if explanation is not None:
@@ -67,7 +73,10 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     if prediction.outside_training_distribution:
         lines.append("WARNING: this scan is outside what the model was trained on; "
                      "the prediction is not meaningful.")
-    if explanation is not None and explanation.region is not None and explanation.region.area_mm2:
+    if segmentation is not None:
+        lines.append(f"Tumour size, by {segmentation.method}: {size_text(segmentation)}")
+    elif explanation is not None and explanation.region is not None and explanation.region.area_mm2 \
+            and not card.get("segmentation"):  # a heatmap is no lesion boundary where a segmenter exists
         lines.append(f"Heatmap region area: {explanation.region.area_mm2:.0f} mm2")
     lines += [
         f"Model: {card['name']} v{card['version']} ({card['architecture']}), "

@@ -1,0 +1,653 @@
+"""Tumour segmentation: the outline and size of a tumour, from a small U-Net.
+
+The classifier answers *which* class; this module answers *where exactly* and *how large*:
+a light U-Net decoder over an ImageNet MobileNetV2 (alpha 0.35) encoder, trained on the
+figshare authors' own tumour borders (``brain-mri/masks``). It ships as a companion package
+(``models/brain-mri-seg/``: ``model.keras`` + ``card.json``) that a classifier's card names
+with ``"segmentation": "<folder>"``; the classifier is untouched, so its accuracy is too.
+
+Reading order:
+
+1. masks: read a mask, bring it onto the model grid through the image's own preprocessing
+   geometry (crop to the head, resize, pad);
+2. the network (:func:`build_unet`) and its loss (Dice + BCE, with a per-pixel weight so that
+   images known only by a tumour box teach "no tumour outside the box" and nothing inside);
+3. the training data: arrays cached once, a tf.data pipeline whose augmentation moves image,
+   mask and weight together;
+4. training (:func:`train_segmentation`), choosing the epoch by validation Dice, then the
+   threshold on the validation split at the original image's resolution;
+5. inference (:class:`Segmenter`): probabilities on the grid, mapped back to the original image
+   (crop and padding undone), thresholded; outline, area, longest diameter, confidence;
+6. measurements: Dice, IoU, 95% Hausdorff distance, longest diameter.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import json
+import logging
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from .errors import DatasetError, ModelPackageError
+from .package import CARD_FILE, COMPANION_SCHEMAS, MODEL_FILE, file_sha256
+from .preprocess import Geometry, Preprocessed, PreprocessSpec, preprocess
+from .scan import Scan, load_scan
+
+log = logging.getLogger(__name__)
+
+SEG_SCHEMA = COMPANION_SCHEMAS[0]  # "medcls.seg-card/1"
+SEG_KEY = "segmentation"  # the classifier card's key naming its companion folder
+SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
+               "block_13_expand_relu")  # MobileNetV2 features at strides 2, 4, 8, 16
+BOTTLENECK = "block_16_project"  # stride 32
+
+
+# ----------------------------------------------------------------------------- 1. masks
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """A binary mask PNG (255 inside) as a bool (H, W) array."""
+    m = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+        raise DatasetError(f"Mask {Path(path).name} could not be read.")
+    return m > 127
+
+
+def mask_index(root: str | Path) -> dict[str, str]:
+    """``masks.csv`` of a dataset: image file -> mask file (both relative to ``root``); empty
+    when the dataset has no masks."""
+    path = Path(root) / "masks.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as fh:
+        return {row["file"]: row["mask"] for row in csv.DictReader(fh)}
+
+
+def mask_to_grid(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """An original-geometry mask on the model grid: the image's crop, resize and padding.
+    Area interpolation then 0.5, so a grid cell is tumour when most of it is."""
+    x0, y0, x1, y1 = geometry.crop_box
+    w, h = geometry.scaled_size
+    left, top = geometry.pad
+    inner = cv2.resize(mask[y0:y1, x0:x1].astype(np.float32), (w, h), interpolation=cv2.INTER_AREA)
+    grid = np.zeros((geometry.input_size, geometry.input_size), np.float32)
+    grid[top:top + h, left:left + w] = inner
+    return grid >= 0.5
+
+
+def grid_to_original(grid: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Probabilities on the model grid -> the original image (linear; 0 outside the crop)."""
+    return geometry.to_original(np.asarray(grid, np.float32), interpolation=cv2.INTER_LINEAR)
+
+
+# ----------------------------------------------------------------------------- 2. network
+
+def build_unet(input_size: int = 160, weights: str | Path | None = None,
+               decoder: Sequence[int] = (96, 64, 48, 32, 16), freeze_until: str | None = None):
+    """U-Net over MobileNetV2 (alpha 0.35): the encoder's features at strides 32, 16, 8, 4, 2
+    are upsampled step by step, each step concatenated with the skip of its stride and fused by
+    a depthwise-separable convolution; a 1x1 sigmoid gives the tumour probability per pixel.
+    One flat graph, input the preprocessed image in [0, 1] (3 channels). ``freeze_until``: the
+    encoder layers before this one keep their ImageNet weights (the high-resolution stem: most
+    of the backward pass's cost, and edges transfer as they are)."""
+    import keras
+    from keras import layers
+
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"ImageNet weights file not found: {weights}")
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
+    base = keras.applications.MobileNetV2(input_tensor=x, include_top=False, alpha=0.35,
+                                          weights=str(weights) if weights else None)
+    frozen = True if freeze_until else False
+    for layer in base.layers:  # pretrained statistics stay (inference-mode batch norm)
+        frozen = frozen and layer.name != freeze_until
+        if isinstance(layer, layers.BatchNormalization) or frozen:
+            layer.trainable = False
+    x = base.get_layer(BOTTLENECK).output
+    skips = [base.get_layer(n).output for n in reversed(SKIP_LAYERS)] + [None]
+    for i, (filters, skip) in enumerate(zip(decoder, skips)):
+        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{i}_up")(x)
+        if skip is not None:
+            x = layers.Concatenate(name=f"dec{i}_concat")([x, skip])
+        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"dec{i}_conv")(x)
+        x = layers.BatchNormalization(name=f"dec{i}_bn")(x)
+        x = layers.ReLU(name=f"dec{i}_relu")(x)
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="tumour_probability")(x)
+    return keras.Model(inputs, outputs, name="mobilenet_v2_unet")
+
+
+def dice_bce_loss(empty_dice: bool = True):
+    """Soft Dice (per image) + binary cross-entropy, both weighted per pixel.
+
+    ``y_true`` stacks the mask and a weight map: 1 where the truth is known, 0 where it is not
+    (inside the box of a tumour known only by its box). With ``empty_dice`` an image without
+    tumour has Dice ``1 / (1 + sum p)``, so predicting nothing is its only zero loss; without it
+    only cross-entropy speaks for those images (Dice over tumour images only: an empty-image
+    Dice that strong taught the first run to miss faint tumours)."""
+    import keras.ops as ops
+
+    def loss(y_true, y_pred):
+        y, w = y_true[..., :1], y_true[..., 1:2]
+        p = ops.clip(y_pred, 1e-6, 1.0 - 1e-6)
+        bce = -(y * ops.log(p) + (1.0 - y) * ops.log(1.0 - p))
+        bce = ops.sum(w * bce) / (ops.sum(w) + 1e-6)
+        inter = ops.sum(w * p * y, axis=(1, 2, 3))
+        truth = ops.sum(w * y, axis=(1, 2, 3))
+        dice = (2.0 * inter + 1.0) / (ops.sum(w * p, axis=(1, 2, 3)) + truth + 1.0)
+        counts = ops.ones_like(truth) if empty_dice else ops.cast(truth > 0, "float32")
+        return bce + ops.sum(counts * (1.0 - dice)) / (ops.sum(counts) + 1e-6)
+
+    return loss
+
+
+# ----------------------------------------------------------------------------- 3. training data
+
+@dataclass(frozen=True)
+class Sample:
+    """One training image: its file, and where its truth comes from."""
+
+    root: str
+    file: str
+    mask: str | None  # mask file (relative to root); None: no tumour, or a box-only tumour
+    box: tuple[float, float, float, float] | None = None  # box-only tumour: (xc, yc, w, h)
+
+
+def samples(root: str | Path, split: str, use_boxes: bool = False) -> list[Sample]:
+    """The ``split`` of a dataset folder (by its labels.csv): tumours with a mask, images labelled
+    ``no_tumor`` (empty mask) and, with ``use_boxes``, tumours known only by a box."""
+    root = Path(root)
+    masks = mask_index(root)
+    out = []
+    with (root / "labels.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("split") != split:
+                continue
+            if row["file"] in masks:
+                out.append(Sample(str(root), row["file"], masks[row["file"]]))
+            elif row["label"] == "no_tumor":
+                out.append(Sample(str(root), row["file"], None))
+            elif use_boxes and row.get("box_w"):
+                box = tuple(float(row[k]) for k in ("box_xc", "box_yc", "box_w", "box_h"))
+                out.append(Sample(str(root), row["file"], None, box))
+    return out
+
+
+def prepare(sample: Sample, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image (S, S) in the model's range, mask and weight map on the same grid."""
+    pre = preprocess(load_scan(Path(sample.root) / sample.file), spec)
+    g = pre.geometry
+    S = spec.input_size
+    weight = np.ones((S, S), np.float32)
+    if sample.mask is not None:
+        mask = read_mask(Path(sample.root) / sample.mask)
+        if mask.shape != g.original_shape:
+            raise DatasetError(f"Mask of {sample.file} has another size than its image.")
+        grid = mask_to_grid(mask, g)
+    else:
+        grid = np.zeros((S, S), bool)
+        if sample.box is not None:  # unknown inside the box (grown by 10%): no loss there
+            H, W = g.original_shape
+            xc, yc, bw, bh = sample.box
+            bw, bh = bw * 1.1, bh * 1.1
+            x0, y0, x1, y1 = g.box_to_grid(((xc - bw / 2) * W, (yc - bh / 2) * H,
+                                            (xc + bw / 2) * W, (yc + bh / 2) * H))
+            weight[max(0, int(y0)):int(np.ceil(y1)), max(0, int(x0)):int(np.ceil(x1))] = 0.0
+    return pre.array[..., 0], grid, weight
+
+
+def cached_training_arrays(items: Sequence[Sample], spec: PreprocessSpec,
+                           cache_dir: str | Path | None, workers: int = 2) -> dict[str, np.ndarray]:
+    """``x`` (N, S, S) float16, ``y`` (N, S, S) uint8, ``w`` (N, S, S) uint8 for the samples,
+    cached on disk by content of the list and the spec (float16 halves the memory; the
+    difference to float32 is below 1e-3 in [0, 1])."""
+    key = hashlib.sha256((json.dumps([asdict(s) for s in items]) + spec.to_json()).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"seg-{key}.npz" if cache_dir else None
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        out = list(pool.map(lambda s: prepare(s, spec), items))
+    arrays = {"x": np.stack([o[0] for o in out]).astype(np.float16),
+              "y": np.stack([o[1] for o in out]).astype(np.uint8),
+              "w": np.stack([o[2] for o in out]).astype(np.uint8)}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".tmp.npz"), **arrays)
+        path.with_suffix(".tmp.npz").replace(path)
+    return arrays
+
+
+def seg_dataset(arrays: dict[str, np.ndarray], batch_size: int, training: bool, seed: int = 0):
+    """tf.data over cached arrays: images as 3 channels, targets as (mask, weight). When
+    training, shuffled, and the geometric augmentation (flip, rotation, shift, zoom) moves image,
+    mask and weight together; contrast and brightness touch the image only."""
+    import tensorflow as tf
+
+    from .data import augmentation
+
+    geometric, photometric = augmentation(seed)
+    ds = tf.data.Dataset.from_tensor_slices((arrays["x"], arrays["y"], arrays["w"]))
+    if training:
+        ds = ds.shuffle(len(arrays["x"]), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+
+    def _map(x, y, w):
+        stacked = tf.stack([tf.cast(x, tf.float32), tf.cast(y, tf.float32), tf.cast(w, tf.float32)], -1)
+        if training:
+            stacked = geometric(stacked, training=True)
+        img = stacked[..., :1]
+        if training:
+            img = tf.clip_by_value(photometric(img, training=True), 0.0, 1.0)
+        target = tf.stack([tf.cast(stacked[..., 1] > 0.5, tf.float32),
+                           tf.cast(stacked[..., 2] > 0.5, tf.float32)], -1)
+        return tf.repeat(img, 3, axis=-1), target
+
+    return ds.map(_map, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+# ----------------------------------------------------------------------------- 4. training
+
+@dataclass
+class SegTrainConfig:
+    data: str  # brain-mri folder (labels.csv + masks.csv)
+    out: str  # companion package folder to write, e.g. models/brain-mri-seg
+    weights: str | None = None  # MobileNetV2 0.35 ImageNet *_no_top.h5
+    negatives: list[str] = field(default_factory=list)  # folders whose no_tumor train images add empty masks
+    box_data: list[str] = field(default_factory=list)  # folders whose tumours have boxes only
+    input_size: int = 160
+    freeze_until: str | None = "block_4_expand"  # encoder layers before it stay ImageNet's
+    negative_every: int = 3  # every n-th image without a mask (no tumour, box-only tumour)
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 1e-3
+    patience: int = 4
+    seed: int = 1234
+    cache_dir: str | None = ".cache/medcls"
+    max_train: int | None = None  # smoke runs only
+    max_minutes: float | None = None  # stop after the epoch that passes this wall time
+    name: str = "brain-mri-seg"
+    init: str | None = None  # continue from this companion package's weights (a second stage)
+    empty_dice: bool = True  # Dice also on images without tumour (see dice_bce_loss)
+
+
+def training_spec(input_size: int) -> PreprocessSpec:
+    """The classifier's preprocessing contract (head crop, min-max, pad) at the network's size."""
+    return PreprocessSpec(input_size=input_size, channels=3)
+
+
+def dice_scores(prob: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Per-image Dice of thresholded probabilities (N, ...) against boolean truths."""
+    pred = prob >= threshold
+    axes = tuple(range(1, truth.ndim))
+    inter = (pred & truth).sum(axes)
+    denom = pred.sum(axes) + truth.sum(axes)
+    return np.where(denom > 0, 2.0 * inter / np.maximum(denom, 1), 1.0)
+
+
+def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
+    """Train, keep the epoch with the best validation Dice (tumour images), fit the threshold on
+    the validation split in the original geometry, write the companion package."""
+    import keras
+    import tensorflow as tf
+
+    t_start = time.time()
+    keras.utils.set_random_seed(cfg.seed)
+    spec = training_spec(cfg.input_size)
+    # every tumour with a mask; a share of the images without one (the budget goes to outlines)
+    train = samples(cfg.data, "train") + [s for d in cfg.negatives for s in samples(d, "train")] \
+        + [s for d in cfg.box_data for s in samples(d, "train", use_boxes=True)]
+    unmasked = [s for s in train if s.mask is None]
+    train = [s for s in train if s.mask is not None] + unmasked[::max(1, cfg.negative_every)]
+    val = samples(cfg.data, "val")
+    if cfg.max_train:
+        rng = np.random.default_rng(cfg.seed)
+        train = [train[i] for i in sorted(rng.choice(len(train), cfg.max_train, replace=False))]
+        val = val[::max(1, len(val) // max(8, cfg.max_train // 4))]
+    log.info("segmentation data: %d train (%d with masks), %d val", len(train),
+             sum(s.mask is not None for s in train), len(val))
+    tr = cached_training_arrays(train, spec, cfg.cache_dir)
+    va = cached_training_arrays(val, spec, cfg.cache_dir)
+    log.info("arrays ready after %.0f s", time.time() - t_start)
+    tumour = va["y"].reshape(len(va["y"]), -1).any(1)
+
+    model = build_unet(cfg.input_size, cfg.weights, freeze_until=cfg.freeze_until)
+    if cfg.init:  # same graph: the weights of an earlier stage
+        model.set_weights(Segmenter(cfg.init).model.get_weights())
+    steps = int(np.ceil(len(train) / cfg.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(cfg.lr * 0.05, decay_steps=steps * cfg.epochs,
+                                                      warmup_target=cfg.lr, warmup_steps=steps // 2,
+                                                      alpha=0.02)
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=dice_bce_loss(cfg.empty_dice),
+                  jit_compile=False)
+    val_x = np.repeat(va["x"].astype(np.float32)[..., None], 3, axis=-1)
+    history: list[dict] = []
+    best = {"dice": -1.0, "weights": None, "epoch": 0}
+
+    class ValDice(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            prob = self.model.predict(val_x, batch_size=32, verbose=0)[..., 0]
+            d = dice_scores(prob, va["y"].astype(bool))
+            neg_fp = float((prob[~tumour] >= 0.5).reshape((~tumour).sum(), -1).any(1).mean()) \
+                if (~tumour).any() else 0.0
+            row = {"epoch": epoch + 1, "loss": float(logs["loss"]),
+                   "val_dice_tumour": float(d[tumour].mean()),
+                   "val_no_tumour_any_pixel": neg_fp, "minutes": (time.time() - t_start) / 60}
+            history.append(row)
+            log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
+            if row["val_dice_tumour"] > best["dice"]:
+                best.update(dice=row["val_dice_tumour"], weights=self.model.get_weights(), epoch=epoch + 1)
+            if epoch + 1 - best["epoch"] >= cfg.patience or \
+                    (cfg.max_minutes and row["minutes"] > cfg.max_minutes):
+                self.model.stop_training = True
+
+    model.fit(seg_dataset(tr, cfg.batch_size, True, cfg.seed), epochs=cfg.epochs,
+              callbacks=[ValDice()], verbose=2)
+    model.set_weights(best["weights"])
+    card = {
+        "schema": SEG_SCHEMA, "name": cfg.name, "version": "1.0.0", "task": "brain-mri",
+        "kind": "segmentation",
+        "description": "Tumour mask of a brain MRI slice: U-Net decoder over MobileNetV2 (alpha "
+                       "0.35, ImageNet), a companion of the brain classifier, which is unchanged "
+                       "(its class accuracy is the same with or without this package).",
+        "input_size": cfg.input_size, "channels": 3, "preprocessing": spec.to_dict(),
+        "output": "sigmoid tumour probability per pixel of the model grid",
+        "threshold": 0.5, "postprocess": "largest",
+        "parameters": int(model.count_params()),
+        "training": {
+            "command": command, "data": f"{len(train)} train images ({sum(s.mask is not None for s in train)} "
+                                        f"with masks), {len(val)} val images",
+            "sources": {"masks": cfg.data, "negatives": cfg.negatives, "box_only": cfg.box_data},
+            "loss": f"soft Dice (per image{'' if cfg.empty_dice else ', tumour images only'}) + "
+                    "binary cross-entropy; box-only tumours: no loss inside the box (grown 10%), "
+                    "background outside",
+            "input_size": cfg.input_size, "frozen_before": cfg.freeze_until, "init": cfg.init,
+            "images_without_mask_kept": f"every {cfg.negative_every}", "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "peak_lr": cfg.lr,
+            "augmentation": "flip, rotation, shift, zoom moving image and mask together; "
+                            "contrast and brightness on the image",
+            "best_epoch": best["epoch"], "best_val_dice_tumour": best["dice"], "history": history,
+            "date": _dt.date.today().isoformat(), "duration_s": round(time.time() - t_start, 1),
+            "environment": f"python {platform.python_version()}, tensorflow {tf.__version__}, "
+                           f"keras {keras.__version__}, CPU only",
+        },
+        "intended_use": "Outline and size of a tumour the classifier has found, for a "
+                        "clinician's review; not a diagnosis.",
+        "limits": ["Trained on figshare T1 contrast-enhanced slices with tumour masks; other "
+                   "sequences and tumour types are not measured.",
+                   "2-D slice only; sizes are in-plane."],
+    }
+    folder = save_segmenter(cfg.out, model, card)
+    fit = fit_threshold(Segmenter.from_path(folder), val, spec)
+    update_seg_card(folder, {"threshold": fit["threshold"], "postprocess": fit["postprocess"],
+                             "metrics": {"val": fit}})
+    log.info("companion written to %s: %s", folder, fit)
+    return folder
+
+
+def fit_threshold(segmenter: "Segmenter", items: Sequence[Sample], spec: PreprocessSpec,
+                  thresholds=(0.3, 0.4, 0.5, 0.6, 0.7)) -> dict:
+    """The threshold and post-processing with the best mean Dice over the validation tumour
+    images, measured in the original image geometry (what a clinician sees)."""
+    tumours = [s for s in items if s.mask is not None]
+    probs, truths = [], []
+    for s in tumours:
+        pre = preprocess(load_scan(Path(s.root) / s.file), spec)
+        probs.append(segmenter.probability(pre))
+        truths.append(read_mask(Path(s.root) / s.mask))
+    best = None
+    for post in ("largest", "all"):
+        for t in thresholds:
+            d = float(np.mean([dice(postprocess(p >= t, post), m) for p, m in zip(probs, truths)]))
+            if best is None or d > best["dice_tumour"]:
+                best = {"threshold": t, "postprocess": post, "dice_tumour": d, "n": len(tumours)}
+    return best
+
+
+# ----------------------------------------------------------------------------- package
+
+def save_segmenter(folder: str | Path, model, card: dict[str, Any]) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / MODEL_FILE)
+    card = dict(card, schema=SEG_SCHEMA, model_sha256=file_sha256(folder / MODEL_FILE),
+                size_bytes=(folder / MODEL_FILE).stat().st_size)
+    (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return folder
+
+
+def read_seg_card(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, ValueError):
+        raise ModelPackageError(f"Segmentation package {folder.name!r} has no readable "
+                                f"{CARD_FILE}.") from None
+    if card.get("schema") != SEG_SCHEMA:
+        raise ModelPackageError(f"{folder.name!r} is not a segmentation package.")
+    for key in ("input_size", "preprocessing", "threshold", "postprocess", "model_sha256"):
+        if key not in card:
+            raise ModelPackageError(f"The card of {folder.name!r} lacks {key}.")
+    return card
+
+
+def update_seg_card(folder: str | Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Add measured fields (threshold, figures) without touching the model or its hash."""
+    card = read_seg_card(folder)
+    if {"model_sha256", "input_size", "preprocessing"} & set(fields):
+        raise ModelPackageError("update_seg_card does not rewrite the contract.")
+    card.update(fields)
+    (Path(folder) / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+# ----------------------------------------------------------------------------- 5. inference
+
+@dataclass(frozen=True)
+class Segmentation:
+    """A tumour mask on the original image, with what a clinician reads off it."""
+
+    mask: np.ndarray = field(repr=False)  # (H, W) bool, original geometry
+    probability: np.ndarray = field(repr=False)  # (H, W) float32
+    polygon: list[tuple[int, int]]  # outline, (x, y)
+    area_px: int
+    area_mm2: float | None
+    diameter_px: float
+    diameter_mm: float | None
+    confidence: float  # mean probability inside the mask
+    method: str = "U-Net segmentation"
+
+    def as_dict(self) -> dict:
+        return {"method": self.method, "area_px": self.area_px, "area_mm2": self.area_mm2,
+                "longest_diameter_px": self.diameter_px, "longest_diameter_mm": self.diameter_mm,
+                "confidence": self.confidence}
+
+
+class Segmenter:
+    """A loaded companion package: one compiled forward pass, probabilities mapped back."""
+
+    def __init__(self, folder: str | Path, verify_hash: bool = True):
+        import keras
+        import tensorflow as tf
+
+        self.folder = Path(folder)
+        self.card = read_seg_card(self.folder)
+        path = self.folder / MODEL_FILE
+        if verify_hash and (not path.is_file() or file_sha256(path) != self.card["model_sha256"]):
+            raise ModelPackageError(f"Segmentation package {self.folder.name!r}: {MODEL_FILE} is "
+                                    "missing or does not match its card.")
+        try:
+            self.model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelPackageError(f"Segmentation package {self.folder.name!r} could not be "
+                                    f"loaded ({type(exc).__name__}).") from None
+        self.spec = PreprocessSpec.from_dict(self.card["preprocessing"])
+        s = self.spec.input_size
+        self.threshold = float(self.card["threshold"])
+        self._forward = tf.function(lambda x: self.model(x, training=False),
+                                    input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
+
+    @classmethod
+    def from_path(cls, folder: str | Path) -> "Segmenter":
+        return cls(folder)
+
+    @property
+    def name(self) -> str:
+        return self.card["name"]
+
+    def warmup(self) -> "Segmenter":
+        self._forward(np.zeros((1, self.spec.input_size, self.spec.input_size, 3), np.float32))
+        return self
+
+    def probability_grid(self, x: np.ndarray) -> np.ndarray:
+        """Tumour probabilities (N, S, S) of preprocessed images (N, S, S, 3)."""
+        return self._forward(np.asarray(x, np.float32)).numpy()[..., 0]
+
+    def probability(self, pre: Preprocessed) -> np.ndarray:
+        """Probability on the original image (H, W): inside the head only, crop/padding undone."""
+        grid = self.probability_grid(pre.array[None])[0]
+        if pre.mask.any():
+            grid = grid * pre.mask
+        return grid_to_original(grid, pre.geometry)
+
+    def segment(self, scan: Scan, pre: Preprocessed | None = None) -> Segmentation | None:
+        """The tumour's mask and measures on ``scan``; ``None`` when nothing reaches the
+        threshold. ``pre`` may be this model's own preprocessing of the scan."""
+        if pre is None or pre.geometry.input_size != self.spec.input_size:
+            pre = preprocess(scan, self.spec)
+        prob = self.probability(pre)
+        return measure(prob, self.threshold, self.card["postprocess"], scan.pixel_spacing,
+                       method=f"segmentation ({self.name})")
+
+
+def postprocess(mask: np.ndarray, mode: str) -> np.ndarray:
+    """``largest``: the largest connected region only; ``all``: the mask as is."""
+    if mode == "all" or not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def measure(prob: np.ndarray, threshold: float, post: str = "largest",
+            pixel_spacing: tuple[float, float] | None = None,
+            method: str = "U-Net segmentation") -> Segmentation | None:
+    """Threshold a probability map and read off outline, area, longest diameter, confidence."""
+    mask = postprocess(prob >= threshold, post)
+    if not mask.any():
+        return None
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contour = max(contours, key=cv2.contourArea)
+    polygon = [(int(p[0][0]), int(p[0][1])) for p in contour]
+    area = int(mask.sum())
+    d_px = longest_diameter(mask)
+    d_mm = longest_diameter(mask, pixel_spacing) if pixel_spacing else None
+    mm2 = float(area * pixel_spacing[0] * pixel_spacing[1]) if pixel_spacing else None
+    return Segmentation(mask=mask, probability=prob.astype(np.float32), polygon=polygon,
+                        area_px=area, area_mm2=mm2, diameter_px=d_px, diameter_mm=d_mm,
+                        confidence=float(prob[mask].mean()), method=method)
+
+
+NO_TUMOUR = "no_tumor"
+
+
+def outline_for(prediction, segmenter: Segmenter | None, scan: Scan,
+                pre: Preprocessed | None = None) -> Segmentation | None:
+    """What a clinician sees as the tumour's outline: the segmentation, for a tumour answer
+    only. A no-tumour answer, a withheld one (outside the training distribution) or a model
+    without a segmentation companion gives ``None``: no outline is drawn."""
+    if segmenter is None or prediction is None or prediction.outside_training_distribution \
+            or prediction.label == NO_TUMOUR:
+        return None
+    return segmenter.segment(scan, pre)
+
+
+def companion_segmenter(classifier_dir: str | Path, card: dict | None = None) -> Segmenter | None:
+    """The segmentation package a classifier's card names (``"segmentation": "<folder>"``,
+    relative to the models folder, i.e. the classifier folder's parent); ``None`` when the card
+    names none. A named but broken companion raises :class:`ModelPackageError`."""
+    classifier_dir = Path(classifier_dir)
+    if card is None:
+        card = json.loads((classifier_dir / CARD_FILE).read_text())
+    name = card.get(SEG_KEY)
+    if not name:
+        return None
+    folder = (classifier_dir.parent / name).resolve()
+    if not folder.is_dir():
+        raise ModelPackageError(f"Model {card.get('name')!r} names the segmentation package "
+                                f"{name!r}, which is not in the models folder.")
+    return Segmenter(folder)
+
+
+def size_text(seg: Segmentation) -> str:
+    """Area, longest diameter and confidence in words, in mm where the pixel spacing is known."""
+    if seg.area_mm2 is not None and seg.diameter_mm is not None:
+        size = f"area {seg.area_mm2:.0f} mm², longest diameter {seg.diameter_mm:.1f} mm"
+    else:
+        size = (f"area {seg.area_px} px, longest diameter {seg.diameter_px:.0f} px "
+                "(no pixel spacing in this file, so no mm)")
+    return f"{size}; segmentation confidence {seg.confidence:.0%} (mean probability inside the outline)"
+
+
+# ----------------------------------------------------------------------------- 6. measures
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two boolean masks; 1 when both are empty."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = pred.sum() + truth.sum()
+    return 1.0 if denom == 0 else float(2.0 * (pred & truth).sum() / denom)
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    union = (pred | truth).sum()
+    return 1.0 if union == 0 else float((pred & truth).sum() / union)
+
+
+def boundary_points(mask: np.ndarray) -> np.ndarray:
+    """(x, y) centres of the mask's boundary pixels (every outer contour, no simplification)."""
+    contours, _ = cv2.findContours(np.asarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return np.zeros((0, 2), np.float64)
+    return np.concatenate([c.reshape(-1, 2) for c in contours]).astype(np.float64)
+
+
+def longest_diameter(mask: np.ndarray, pixel_spacing: tuple[float, float] | None = None) -> float:
+    """The longest distance between two boundary points of the mask (as radiologists measure a
+    lesion's longest axis), between pixel centres; in mm with ``pixel_spacing`` (row, column),
+    else in pixels. Over the convex hull's vertices: the farthest pair is always two of them."""
+    pts = boundary_points(mask)
+    if len(pts) < 2:
+        return 0.0
+    hull = cv2.convexHull(pts.astype(np.float32)).reshape(-1, 2).astype(np.float64)
+    if pixel_spacing:
+        hull = hull * np.array([pixel_spacing[1], pixel_spacing[0]])
+    diff = hull[:, None, :] - hull[None, :, :]
+    return float(np.sqrt((diff ** 2).sum(-1)).max())
+
+
+def hausdorff95(pred: np.ndarray, truth: np.ndarray, pixel_spacing: tuple[float, float] | None = None) -> float:
+    """95th percentile of the symmetric boundary distances (pixels, or mm with spacing);
+    ``nan`` when either mask is empty."""
+    from scipy.ndimage import distance_transform_edt
+
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not pred.any() or not truth.any():
+        return float("nan")
+    sampling = pixel_spacing or (1.0, 1.0)
+
+    def edge(m):
+        return m & ~cv2.erode(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+    ep, et = edge(pred), edge(truth)
+    d_to_t = distance_transform_edt(~et, sampling=sampling)[ep]
+    d_to_p = distance_transform_edt(~ep, sampling=sampling)[et]
+    return float(np.percentile(np.concatenate([d_to_t, d_to_p]), 95))

@@ -1,0 +1,295 @@
+"""Tumour segmentation (medcls.segmentation): masks aligned with their images, the geometry
+undone back to the original image, measures on constructed shapes, the shipped companion on
+real test images, the main page's outline and the report's size."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT, require
+
+SEG_DIR = PROJECT_ROOT / "models" / "brain-mri-seg"
+
+
+@pytest.fixture(scope="module")
+def brain(data_dir):
+    root = require(data_dir / "brain-mri")
+    with open(root / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return root, rows
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    from medcls.segmentation import Segmenter
+
+    return Segmenter(require(SEG_DIR)).warmup()
+
+
+def test_masks_are_read_and_aligned_with_their_images(brain):
+    """Every 150th tumour's mask has its image's size and its box matches labels.csv's box."""
+    from medcls.localization import box_iou, normalised_box_to_pixels
+    from medcls.scan import load_scan
+    from medcls.segmentation import mask_index, read_mask
+
+    root, rows = brain
+    masks = mask_index(root)
+    tumours = [r for r in rows if r["source"] == "figshare"]
+    assert len(masks) == len(tumours) == 3064
+    assert not any(r["file"] in masks for r in rows if r["label"] == "no_tumor")
+    ious = []
+    for r in tumours[::150]:
+        mask = read_mask(root / masks[r["file"]])
+        assert mask.shape == load_scan(root / r["file"]).shape and mask.any()
+        ys, xs = np.nonzero(mask)
+        box = normalised_box_to_pixels(*(float(r[k]) for k in ("box_xc", "box_yc", "box_w", "box_h")),
+                                       mask.shape)
+        ious.append(box_iou((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), box))
+    assert np.median(ious) > 0.8 and min(ious) > 0.5, ious
+
+
+def test_mask_through_the_preprocessing_geometry_and_back(brain):
+    """A mask brought onto the model grid (crop to the head, resize, pad) and mapped back lands
+    where it was: the grid is the image's geometry, and undoing it recovers the original."""
+    from medcls.preprocess import preprocess
+    from medcls.scan import load_scan
+    from medcls.segmentation import (dice, grid_to_original, mask_index, mask_to_grid, read_mask,
+                                     training_spec)
+
+    root, rows = brain
+    masks = mask_index(root)
+    spec = training_spec(192)
+    for r in [r for r in rows if r["file"] in masks and r["split"] == "test"][:6]:
+        scan, mask = load_scan(root / r["file"]), read_mask(root / masks[r["file"]])
+        pre = preprocess(scan, spec)
+        grid = mask_to_grid(mask, pre.geometry)
+        assert grid.shape == (192, 192) and grid.any()
+        assert pre.mask[grid].mean() > 0.95  # the tumour lies on the head, as on the image
+        back = grid_to_original(grid.astype(np.float32), pre.geometry) >= 0.5
+        assert back.shape == scan.shape
+        assert dice(back, mask) > 0.85, r["file"]
+
+
+def test_output_has_the_original_geometry_after_crop_and_padding(segmenter):
+    """A wide image with black borders (so both crop and padding are at work): the probability
+    map comes back at the image's size, and a bright disc drawn into it maps to its place."""
+    from medcls.preprocess import preprocess
+    from medcls.scan import scan_from_array
+    from medcls.segmentation import grid_to_original, mask_to_grid
+
+    img = np.zeros((300, 520), np.uint8)
+    cv2.ellipse(img, (300, 160), (150, 110), 0, 0, 360, 90, -1)  # a "head" off centre
+    disc = np.zeros_like(img, bool)
+    cv2.circle(disc.view(np.uint8), (340, 140), 25, 1, -1)
+    img[disc] = 230
+    scan = scan_from_array(img)
+    pre = preprocess(scan, segmenter.spec)
+    g = pre.geometry
+    assert g.crop_box != (0, 0, 520, 300) and g.pad != (0, 0)
+    prob = segmenter.probability(pre)
+    assert prob.shape == scan.shape and prob.dtype == np.float32
+    assert prob[:, :120].max() == 0.0  # left of the head's crop: nothing, by construction
+    grid = mask_to_grid(disc, g)
+    back = grid_to_original(grid.astype(np.float32), g) >= 0.5
+    ys, xs = np.nonzero(back)
+    assert abs(xs.mean() - 340) < 1.5 and abs(ys.mean() - 140) < 1.5
+
+
+def test_dice_iou_and_hausdorff_on_constructed_shapes():
+    from medcls.segmentation import dice, hausdorff95, iou
+
+    a = np.zeros((100, 100), bool)
+    b = np.zeros((100, 100), bool)
+    a[10:30, 10:30] = True  # 400 px
+    b[10:30, 20:40] = True  # 400 px, 200 shared
+    assert dice(a, b) == pytest.approx(0.5)
+    assert iou(a, b) == pytest.approx(200 / 600)
+    assert dice(a, a) == 1.0 and dice(a, ~a) == 0.0
+    assert dice(np.zeros_like(a), np.zeros_like(a)) == 1.0  # both empty: agreement
+    shifted = np.roll(a, 4, axis=1)
+    assert hausdorff95(a, shifted) == pytest.approx(4.0, abs=0.01)
+    assert hausdorff95(a, shifted, (0.5, 0.5)) == pytest.approx(2.0, abs=0.01)
+    assert np.isnan(hausdorff95(a, np.zeros_like(a)))
+
+
+@pytest.mark.parametrize("r", [5, 12, 40])
+def test_longest_diameter_of_a_disc_and_a_square(r):
+    from medcls.segmentation import longest_diameter
+
+    disc = np.zeros((200, 200), np.uint8)
+    cv2.circle(disc, (100, 90), r, 1, -1)
+    assert longest_diameter(disc) == pytest.approx(2 * r, abs=1.0)
+    assert longest_diameter(disc, (0.5, 0.5)) == pytest.approx(r, abs=0.5)
+    square = np.zeros((200, 200), bool)
+    square[50:50 + 2 * r, 60:60 + 2 * r] = True
+    assert longest_diameter(square) == pytest.approx(2 * r * np.sqrt(2), abs=1.5)
+    # anisotropic spacing: rows 1 mm, columns 0.5 mm -> a square of pixels is a 2:1 rectangle
+    assert longest_diameter(square, (1.0, 0.5)) == pytest.approx(
+        np.hypot(2 * r - 1, (2 * r - 1) * 0.5), abs=0.01)
+
+
+def test_loss_ignores_the_inside_of_a_box_only_tumour():
+    """Dice + BCE: near zero for the truth; a box-only tumour (weight 0 inside its box) costs
+    nothing for what is predicted inside the box and pays for anything outside it."""
+    from medcls.segmentation import dice_bce_loss
+
+    y = np.zeros((1, 32, 32, 1), np.float32)
+    y[0, 8:16, 8:16] = 1
+    w = np.ones_like(y)
+    loss = dice_bce_loss()
+    truth = np.concatenate([y, w], -1)
+    assert float(loss(truth, y)) < 0.01 and float(loss(truth, 1 - y)) > 1.0
+    box_only = np.concatenate([np.zeros_like(y), 1 - y], -1)  # tumour known by its box only
+    assert float(loss(box_only, y)) < 0.01 and float(loss(box_only, np.roll(y, 16, 1))) > 0.5
+    empty = np.concatenate([np.zeros_like(y), w], -1)
+    speck = np.where(np.arange(32)[None, :, None, None] == 3, 0.9, 0.0).astype(np.float32) * np.ones_like(y)
+    assert float(dice_bce_loss(empty_dice=False)(empty, speck)) < float(loss(empty, speck))
+
+
+def test_measure_reads_area_diameter_and_confidence():
+    from medcls.segmentation import measure
+
+    prob = np.zeros((120, 120), np.float32)
+    cv2.circle(prob, (60, 60), 20, 0.9, -1)
+    prob[5:8, 5:8] = 0.8  # a speck: dropped by "largest"
+    seg = measure(prob, 0.5, "largest", pixel_spacing=(0.5, 0.5))
+    assert seg.area_px == int((prob >= 0.5).sum()) - 9
+    assert seg.area_mm2 == pytest.approx(seg.area_px * 0.25)
+    assert seg.diameter_px == pytest.approx(40, abs=1) and seg.diameter_mm == pytest.approx(20, abs=0.5)
+    assert seg.confidence == pytest.approx(0.9)
+    assert measure(prob, 0.95) is None
+
+
+def test_companion_is_found_through_the_classifier_card(tmp_path, brain_model_dir, companion_predictor):
+    from medcls.errors import ModelPackageError
+    from medcls.package import list_packages, update_card
+    from medcls.segmentation import Segmenter, companion_segmenter
+
+    require(SEG_DIR)
+    shutil.copytree(brain_model_dir, tmp_path / "clf")
+    card = update_card(tmp_path / "clf", {"segmentation": "seg"})
+    with pytest.raises(ModelPackageError):  # named but missing: a clear error
+        companion_segmenter(tmp_path / "clf", card)
+    shutil.copytree(SEG_DIR, tmp_path / "seg")
+    assert isinstance(companion_segmenter(tmp_path / "clf", card), Segmenter)
+    assert [p.name for p, _ in list_packages(tmp_path)] == ["clf"]  # a companion is no model to pick
+    assert companion_segmenter(brain_model_dir, {"name": "x"}) is None  # no key: no segmenter
+    assert isinstance(companion_predictor.segmenter, Segmenter)
+    assert companion_predictor.segmenter.name == "brain-mri-seg"
+
+
+def test_shipped_companion_segments_real_test_tumours(brain, segmenter):
+    """On eight test tumours (every class), Dice against the authors' masks is real."""
+    from medcls.preprocess import preprocess
+    from medcls.scan import load_scan
+    from medcls.segmentation import dice, mask_index, read_mask
+
+    root, rows = brain
+    masks = mask_index(root)
+    picked = [r for c in ("glioma", "meningioma", "pituitary")
+              for r in [r for r in rows if r["split"] == "test" and r["label"] == c][:: 30][:3]]
+    scores = []
+    for r in picked[:8]:
+        scan = load_scan(root / r["file"])
+        seg = segmenter.segment(scan, preprocess(scan, segmenter.spec))
+        pred = seg.mask if seg is not None else np.zeros(scan.shape, bool)
+        assert pred.shape == scan.shape
+        scores.append(dice(pred, read_mask(root / masks[r["file"]])))
+    assert np.mean(scores) > 0.6, scores
+    card = segmenter.card
+    assert card["metrics"]["test"]["dice_tumour"]["mean"] >= 0.6 and 0 < card["threshold"] < 1
+
+
+# ----------------------------------------------------------------------------- page and report
+
+@pytest.fixture(scope="module")
+def models_with_companion(tmp_path_factory, brain_model_dir):
+    """A models folder whose brain classifier names the shipped companion (the card key the
+    integrator adds to models/brain-mri-default)."""
+    from medcls.package import update_card
+
+    require(SEG_DIR)
+    root = tmp_path_factory.mktemp("models")
+    shutil.copytree(brain_model_dir, root / brain_model_dir.name)
+    update_card(root / brain_model_dir.name, {"segmentation": "brain-mri-seg"})
+    shutil.copytree(SEG_DIR, root / "brain-mri-seg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def companion_predictor(models_with_companion):
+    from medcls.inference import Predictor
+
+    return Predictor.from_path(models_with_companion / "brain-mri-default")
+
+
+def _answered(predictor, root, rows, label):
+    """The first test image of ``label`` that the classifier answers with that label."""
+    for r in rows:
+        if r["split"] == "test" and r["label"] == label:
+            pred = predictor.predict_file(root / r["file"])
+            if pred.label == label and not pred.outside_training_distribution:
+                return root / r["file"]
+    pytest.skip(f"no {label} test image answered as such")
+
+
+def test_main_page_draws_the_outline_for_a_tumour_answer_only(brain, models_with_companion,
+                                                              companion_predictor, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    root, rows = brain
+    monkeypatch.setenv("MEDCLS_MODELS", str(models_with_companion))
+    predictor = companion_predictor
+    for label, drawn in (("meningioma", True), ("no_tumor", False)):
+        at = AppTest.from_file(str(PROJECT_ROOT / "app.py"), default_timeout=180)
+        at.session_state["scan_bytes"] = _answered(predictor, root, rows, label).read_bytes()
+        at.run()
+        assert not at.exception
+        captions = [c.value for c in at.caption]
+        outline = next(iter(at.session_state["_results"].values()))[2]
+        assert (outline is not None) == drawn, label
+        assert any(c.startswith("Tumour outline") for c in captions) == drawn, captions
+        heads = [s.value for s in at.subheader]
+        assert any("what drove the class" in h for h in heads)
+        assert not any("Region above" in c for c in captions)  # no heatmap "lesion" area
+
+
+def test_outline_is_drawn_on_the_image():
+    from medcls.render import draw_outline
+    from medcls.segmentation import measure
+
+    prob = np.zeros((64, 64), np.float32)
+    prob[20:40, 20:40] = 0.9
+    img = np.full((64, 64), 0.2, np.float32)
+    seg = measure(prob, 0.5)
+    drawn = draw_outline(img, seg)
+    plain = draw_outline(img, None)
+    assert drawn.shape == (64, 64, 3) and plain.shape == (64, 64, 3)
+    changed = (drawn != plain).any(-1)
+    assert changed[20, 20:40].all() and not changed[30, 30] and not changed[5, 5]
+
+
+def test_report_carries_the_measured_size(brain, companion_predictor):
+    from test_privacy import pdf_text
+
+    from medcls.report import render_report
+    from medcls.scan import display_image, load_scan
+
+    root, rows = brain
+    predictor = companion_predictor
+    scan_path = _answered(predictor, root, rows, "meningioma")
+
+    scan = load_scan(scan_path)
+    explanation = predictor.explain(scan)
+    seg = predictor.outline(scan, explanation.prediction)
+    assert seg is not None
+    text = pdf_text(render_report(display_image(scan), explanation, explanation.prediction,
+                                  predictor.card, scan.sha256, fmt="pdf", segmentation=seg))
+    assert "Tumour size, by segmentation (brain-mri-seg)" in text
+    assert f"longest diameter {seg.diameter_px:.0f} px" in text and f"area {seg.area_px} px" in text
+    assert "Heatmap region area" not in text
