@@ -23,14 +23,13 @@ import hashlib
 import io
 import logging
 import os
-import time
 import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .errors import (NotAnImageError, PacsAuthError, PacsError,
+from .errors import (MedclsError, NotAnImageError, PacsAuthError, PacsError,
                      PacsUnreachableError, StudyNotFoundError)
 
 log = logging.getLogger(__name__)
@@ -218,28 +217,26 @@ class PacsClient:
             session.auth = (settings.user, settings.password or "")
         self._web = DICOMwebClient(settings.url, session=session,
                                    timeout=(min(settings.timeout, 5.0), settings.timeout))
-        # dicomweb-client retries HTTP 429/408/503/504 itself; connection failures are ours.
         self._web.set_http_retry_params(retry=settings.retries > 0,
                                         max_attempts=settings.retries + 1,
                                         wait_exponential_multiplier=int(backoff * 1000))
 
     # -------------------------------------------------------------- error handling
     def _call(self, fn: Callable, *args, what: str = "answer", missing: str | None = None, **kw):
-        """``fn(*args, **kw)`` with retries on connection failures; errors become typed."""
+        """``fn(*args, **kw)`` with its errors typed. The retries happen inside dicomweb-client
+        (``retrying``: any exception of the request itself, i.e. refused or reset connections
+        and time-outs, and HTTP 408/429/503/504), with exponential back-off."""
         import requests
 
-        for attempt in range(self.settings.retries + 1):
-            try:
-                return fn(*args, **kw)
-            except (requests.ConnectionError, requests.Timeout):
-                if attempt == self.settings.retries:
-                    raise PacsUnreachableError(
-                        f"The PACS did not {what} (no answer from {self._where()} within "
-                        f"{self.settings.timeout:g} s, {attempt + 1} attempt(s)). Check that it "
-                        "is running and that the address is right.") from None
-                time.sleep(self.backoff * 2 ** attempt)
-            except requests.HTTPError as exc:
-                raise self._http_error(exc, missing) from None
+        try:
+            return fn(*args, **kw)
+        except (requests.ConnectionError, requests.Timeout):
+            raise PacsUnreachableError(
+                f"The PACS did not {what} (no answer from {self._where()} within "
+                f"{self.settings.timeout:g} s, {self.settings.retries + 1} attempt(s)). Check "
+                "that it is running and that the address is right.") from None
+        except requests.HTTPError as exc:
+            raise self._http_error(exc, missing) from None
 
     def _where(self) -> str:
         from urllib.parse import urlsplit
@@ -522,7 +519,9 @@ def review_series(client: PacsClient, predictor, series: SeriesInfo,
         pos = answer.slices[answer.driving].position
         review.scan = load_scan(images[pos])
         review.explanation = predictor.explain(review.scan, method=method)
-        review.roi = roi_source(review.explanation, review.scan)
+        # a region is a finding's: a "no tumour" answer has none (its heatmap stays on the SC)
+        if answer.prediction.label not in NEGATIVE_CLASSES:
+            review.roi = roi_source(review.explanation, review.scan)
     log.info("PACS series %s: %d slice(s), %d skipped, state %s", handle(series.series_uid),
              len(answer.slices), len(skipped), answer.state)
     return review
@@ -549,7 +548,7 @@ class SendOutcome:
     message: str
 
 
-def send_results(client: PacsClient, review: StudyReview, predictor=None) -> SendOutcome:
+def send_results(client: PacsClient, review: StudyReview) -> SendOutcome:
     """Build the SR and the overlay captures and store them, unless this model version's
     results are already in the study (then nothing is sent twice)."""
     from .dicom_results import build_results
@@ -568,6 +567,54 @@ def send_results(client: PacsClient, review: StudyReview, predictor=None) -> Sen
     series = tuple(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in datasets))
     return SendOutcome(True, tuple(stored), series,
                        f"Stored {len(stored)} object(s) in {len(series)} new series.")
+
+
+# ----------------------------------------------------------------------------- workspace
+
+@dataclass
+class PacsWorkspace:
+    """One session's PACS work, as the page keeps it in ``st.session_state``: the last search,
+    the reviews run and what was sent. In memory only, never written anywhere."""
+
+    studies: list[StudyInfo] = field(default_factory=list)
+    reviews: dict[str, StudyReview] = field(default_factory=dict)
+    outcomes: dict[str, SendOutcome] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # study UID -> message
+
+    def search(self, client: PacsClient, **filters) -> list[StudyInfo]:
+        self.studies = client.search_studies(**filters)
+        return self.studies
+
+    def study(self, uid: str) -> StudyInfo | None:
+        return next((s for s in self.studies if s.study_uid == uid), None)
+
+    def label(self, uid: str) -> str:
+        """How a study is named on screen (patient data: shown, never logged)."""
+        s = self.study(uid)
+        if s is None:
+            return uid
+        return " · ".join(x for x in (s.study_date, s.patient_id, s.patient_name, s.description,
+                                      f"{s.n_series or 0} series") if x)
+
+    def run(self, client: PacsClient, predictor, uids: Sequence[str],
+            progress: Callable[[int, int], None] | None = None) -> None:
+        """Review each study; a study that fails gets a message and the others go on."""
+        for i, uid in enumerate(uids):
+            self.errors.pop(uid, None)
+            self.outcomes.pop(uid, None)
+            try:
+                self.reviews[uid] = review_study(client, predictor, uid)
+            except PacsUnreachableError:
+                raise  # the PACS is gone: the next studies would fail the same way
+            except MedclsError as exc:
+                self.reviews.pop(uid, None)
+                self.errors[uid] = str(exc)
+            if progress:
+                progress(i + 1, len(uids))
+
+    def send(self, client: PacsClient, uid: str) -> SendOutcome:
+        outcome = self.outcomes[uid] = send_results(client, self.reviews[uid])
+        return outcome
 
 
 # ----------------------------------------------------------------------------- tables
@@ -675,7 +722,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["Instance", "ModelIdentity", "PacsClient", "PacsSettings", "SendOutcome",
+__all__ = ["Instance", "ModelIdentity", "PacsClient", "PacsSettings", "PacsWorkspace", "SendOutcome",
            "SeriesAnswer", "SeriesInfo", "SeriesReview", "StudyInfo", "StudyReview",
            "add_pacs_parser", "find_results", "pacs_settings", "review_series",
            "review_study", "send_results", "series_answer"]

@@ -37,6 +37,16 @@ def no_sample_phi(text: str) -> None:
     assert not re.search(r"(?<![\d.])0123(?![\d.])", text)
 
 
+def dciodvfy_errors(ds, path) -> None:
+    """Validate with dciodvfy (Debian's dicom3tools) when it is installed: no errors."""
+    if not shutil.which("dciodvfy"):
+        return
+    ds.save_as(path)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+    assert errors == [], (path.name, errors)
+
+
 # ----------------------------------------------------------------------------- data in the PACS
 
 def built_series(data_dir, predictor) -> tuple[list[bytes], dict]:
@@ -223,15 +233,8 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
     # the banner's text is what it claims: render it again and compare
     assert BANNER == "RESEARCH USE - NOT FOR DIAGNOSIS"
 
-    # dciodvfy (dicom3tools), when installed: no errors
-    if shutil.which("dciodvfy"):
-        for name, ds in (("sr.dcm", sr_ds), ("sc.dcm", sc_ds)):
-            ds.save_as(tmp_path / name)
-            out = subprocess.run(["dciodvfy", str(tmp_path / name)], capture_output=True,
-                                 text=True, timeout=60)
-            errors = [line for line in (out.stdout + out.stderr).splitlines()
-                      if line.startswith("Error")]
-            assert errors == [], (name, errors)
+    dciodvfy_errors(sr_ds, tmp_path / "sr.dcm")
+    dciodvfy_errors(sc_ds, tmp_path / "sc.dcm")
 
     # a second send of the same study by the same model version stores nothing
     again = send_results(client, built_review)
@@ -263,9 +266,11 @@ def test_mprage_review_logs_no_patient_data(client, stored, brain_predictor, cap
 
 
 def test_wg04_compressed_instances_are_retrieved_and_classified_or_listed(client, stored,
-                                                                          brain_predictor):
-    from medcls.pacs import review_study
+                                                                          brain_predictor, tmp_path):
+    from medcls.dicom_results import read_sr
+    from medcls.pacs import review_study, send_results
 
+    states, reviews = {}, {}
     for patient in ("4MR1", "7MR4", "1CT1"):
         (study,) = client.search_studies(patient_id=patient)
         review = review_study(client, brain_predictor, study.study_uid)
@@ -276,6 +281,21 @@ def test_wg04_compressed_instances_are_retrieved_and_classified_or_listed(client
         # cannot be decoded here)
         assert len(readable) + len([k for k in series.skipped if k.reason]) == n
         assert readable, patient
+        states[patient] = series.answer.state
+        reviews[patient] = review
+    # a CT is far from the brain-MRI training data: the answer is withheld, and the SR says so
+    # (no class, no probability, no region; it references the CT instance) with no capture
+    assert states["1CT1"] == "withheld"
+    outcome = send_results(client, reviews["1CT1"])
+    assert outcome.sent and len(outcome.sop_instance_uids) == 1
+    (sr_ds,) = [pydicom.dcmread(io.BytesIO(i.data)) for i in client.iter_series(
+        reviews["1CT1"].study_uid, outcome.series_uids[0])]
+    (group,) = read_sr(sr_ds)
+    ct_uid = str(reviews["1CT1"].series[0].headers[0].SOPInstanceUID)
+    assert (group["state"], group["class"], group["probability"], group["area_mm2"],
+            group["roi"], group["referenced_sop_instance_uids"]) == (
+        "withheld", None, None, None, False, [ct_uid])
+    dciodvfy_errors(sr_ds, tmp_path / "withheld-sr.dcm")
 
 
 # ----------------------------------------------------------------------------- failures
@@ -356,3 +376,22 @@ def test_cli_search_and_review(orthanc, stored, monkeypatch, capsys, brain_model
     monkeypatch.setenv("MEDCLS_PACS_PASSWORD", "wrong")
     assert main(["pacs", "search"]) == 2
     assert "not authorised" in capsys.readouterr().err
+
+
+def test_workspace_search_run_send(client, stored, brain_predictor):
+    """The page's state: a search, a run over two studies (one unknown), a send that is
+    recognised as done already."""
+    from medcls.pacs import PacsWorkspace
+
+    ws = PacsWorkspace()
+    assert [s.study_uid for s in ws.search(client, patient_id=BUILT_PATIENT)] == [stored["study"]]
+    assert BUILT_PATIENT in ws.label(stored["study"])
+    missing = generate_uid()
+    done = []
+    ws.run(client, brain_predictor, [stored["study"], missing], progress=lambda i, n: done.append(i))
+    assert done == [1, 2] and list(ws.reviews) == [stored["study"]]
+    assert "no study" in ws.errors[missing]
+    review = ws.reviews[stored["study"]]
+    assert review.already_sent  # sent by test_send_sr_and_sc_then_read_them_back
+    outcome = ws.send(client, stored["study"])
+    assert not outcome.sent and ws.outcomes[stored["study"]] is outcome
