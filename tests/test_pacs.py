@@ -395,3 +395,31 @@ def test_workspace_search_run_send(client, stored, brain_predictor):
     assert review.already_sent  # sent by test_send_sr_and_sc_then_read_them_back
     outcome = ws.send(client, stored["study"])
     assert not outcome.sent and ws.outcomes[stored["study"]] is outcome
+
+
+def test_page_keeps_working_when_the_pacs_is_down(orthanc, stored, monkeypatch, brain_model_dir):
+    """AppTest of pages/4_PACS.py: a PACS that does not answer gives a message, not a trace;
+    in the same session, the running PACS is then searched normally."""
+    from streamlit.testing.v1 import AppTest
+
+    from appserver import free_port
+    from conftest import PROJECT_ROOT
+
+    monkeypatch.setenv("MEDCLS_MODELS", str(brain_model_dir.parent))
+    monkeypatch.setenv("MEDCLS_PACS_URL", f"http://127.0.0.1:{free_port()}/dicom-web")
+    monkeypatch.setenv("MEDCLS_PACS_TIMEOUT", "2")
+    monkeypatch.setenv("MEDCLS_PACS_RETRIES", "0")
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT))
+    at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "4_PACS.py"), default_timeout=60).run()
+    at.text_input[0].set_value(SAMPLE_ID)
+    at.button[0].click().run()
+    assert not at.exception
+    assert any("did not answer" in e.value for e in at.error)
+
+    for k, v in orthanc.env().items():
+        monkeypatch.setenv(k, v)
+    at.button[0].click().run()
+    assert not at.exception and not at.error
+    assert any("Studies (1)" in h.value for h in at.subheader)
+    (option,) = at.multiselect[0].options  # the study, named by date, patient and description
+    assert option.startswith("20180501 · 0123 · Doe^John")
