@@ -334,3 +334,35 @@ def _algorithm(group) -> dict | None:
 
     walk(group)
     return found or None
+
+
+def sr_outline(dataset, max_depth: int = 6) -> str:
+    """The SR's content tree as indented text ("concept: value"), for people to read."""
+    lines: list[str] = []
+
+    def value(item) -> str:
+        vt = item.get("ValueType", "")
+        if vt == "CODE":
+            return str(item.ConceptCodeSequence[0].CodeMeaning)
+        if vt == "NUM":
+            mv = item.MeasuredValueSequence[0]
+            return f"{mv.NumericValue} {mv.MeasurementUnitsCodeSequence[0].CodeValue}"
+        if vt in ("TEXT", "UIDREF"):
+            return str(item.get("TextValue", item.get("UID", "")))
+        if vt == "SCOORD":
+            return f"{item.GraphicType} of {len(item.GraphicData) // 2} points"
+        if vt == "IMAGE":
+            return f"image {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID}"
+        return ""
+
+    def walk(ds, depth):
+        for item in getattr(ds, "ContentSequence", []):
+            name = (item.ConceptNameCodeSequence[0].CodeMeaning
+                    if "ConceptNameCodeSequence" in item else item.get("ValueType", ""))
+            lines.append(f"{'  ' * depth}{name}: {value(item)}".rstrip(": "))
+            if depth < max_depth:
+                walk(item, depth + 1)
+
+    lines.append(str(dataset.ConceptNameCodeSequence[0].CodeMeaning))
+    walk(dataset, 1)
+    return "\n".join(lines)
