@@ -60,15 +60,17 @@ def test_pacs_page_search_run_send(server, study, orthanc):
         page.get_by_text("P(any finding) per slice").first.wait_for(timeout=TIMEOUT)
         page.get_by_role("button", name="Send results to PACS").click()
         page.get_by_text("Stored 2 object(s) in 2 new series.").wait_for(timeout=TIMEOUT)
+        code = page.locator('[data-testid="stCode"]').first
+        code.wait_for(timeout=TIMEOUT)
         page.wait_for_timeout(1500)  # let the chart and image paint before the screenshot
         page.screenshot(path=str(OUTPUT / "pacs.png"), full_page=True)
-        text = page.inner_text("body")
-        assert "Traceback" not in text
+        assert "Traceback" not in page.inner_text("body")
+        shown = code.inner_text()
 
         # the UIDs shown are the PACS's: the new SR and SC series are in the study
         results = [s for s in PacsClient(orthanc.settings()).search_series(study)
                    if s.modality in ("SR", "OT")]
-        assert len(results) == 2 and all(s.series_uid in text for s in results)
+        assert len(results) == 2 and all(s.series_uid in shown for s in results)
 
         # a second run of the same study: recognised, nothing sent again
         page.get_by_role("button", name="Run").click()
