@@ -27,7 +27,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import (MedclsError, NotAnImageError, PacsAuthError, PacsError,
                      PacsUnreachableError, StudyNotFoundError)
@@ -209,7 +209,6 @@ class PacsClient:
         if not settings.url.startswith(("http://", "https://")):
             raise PacsError("The PACS address must start with http:// or https://.")
         self.settings = settings
-        self.backoff = backoff
         session = requests.Session()
         if settings.token:
             session.headers["Authorization"] = f"Bearer {settings.token}"
@@ -232,17 +231,19 @@ class PacsClient:
             return fn(*args, **kw)
         except (requests.ConnectionError, requests.Timeout):
             raise PacsUnreachableError(
-                f"The PACS did not {what} (no answer from {self._where()} within "
+                f"The PACS did not {what} (no answer from {self.address} within "
                 f"{self.settings.timeout:g} s, {self.settings.retries + 1} attempt(s)). Check "
                 "that it is running and that the address is right.") from None
         except requests.HTTPError as exc:
             raise self._http_error(exc, missing) from None
 
-    def _where(self) -> str:
+    @property
+    def address(self) -> str:
+        """Scheme, host and port of the PACS (no path, no credentials): safe to show."""
         from urllib.parse import urlsplit
 
         parts = urlsplit(self.settings.url)
-        return f"{parts.scheme}://{parts.netloc}"
+        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
     def _http_error(self, exc, missing: str | None) -> PacsError:
         status = getattr(exc.response, "status_code", None)
@@ -380,9 +381,11 @@ def p_abnormal(prediction) -> float:
     return float(1.0 - prediction.probabilities[neg].sum())
 
 
-def series_answer(predictor, instances: Sequence[bytes]) -> SeriesAnswer:
-    """Classify every slice of a series (batched) and pick the slice that drives the answer."""
-    items = list(predictor.predict_stream(list(instances)))
+def series_answer(predictor, instances: Iterable[bytes]) -> SeriesAnswer:
+    """Classify every slice of a series (batched; ``instances`` may be a stream: batches are
+    decoded and classified while the next instances arrive) and pick the slice that drives
+    the answer."""
+    items = list(predictor.predict_stream(instances))
     slices = [SliceResult(i, it.info.get("instance_number"), it.prediction, it.error)
               for i, it in enumerate(items)]
     slices.sort(key=lambda s: (s.instance_number is None, _int(s.instance_number), s.position))
@@ -497,22 +500,29 @@ def review_series(client: PacsClient, predictor, series: SeriesInfo,
 
     roi_source = roi_source or heatmap_roi
     images: list[bytes] = []
-    headers = []
-    skipped: list[Skipped] = []
-    for inst in client.iter_series(series.study_uid, series.series_uid):
-        if not inst.has_pixels:
-            skipped.append(Skipped(series.number, _sop_class_name(inst.sop_class_uid),
-                                   str(NotAnImageError("This DICOM object holds no image "
-                                                       "(a report or other non-image object)."))))
-            continue
-        images.append(inst.data)
-        headers.append(_header(inst.data))
-    review = SeriesReview(series, None, headers, skipped)
+    review = SeriesReview(series, None)
+
+    def image_stream() -> Iterator[bytes]:
+        """The series' images as WADO-RS delivers them; non-images are listed, not passed on."""
+        for inst in client.iter_series(series.study_uid, series.series_uid):
+            if not inst.has_pixels:
+                reason = NotAnImageError("This DICOM object holds no image (a report or other "
+                                         "non-image object).")
+                review.skipped.append(Skipped(series.number, _sop_class_name(inst.sop_class_uid),
+                                              str(reason)))
+                continue
+            images.append(inst.data)
+            review.headers.append(_header(inst.data))
+            yield inst.data
+
+    answer = series_answer(predictor, image_stream())
     if not images:
         return review
-    answer = review.answer = series_answer(predictor, images)
-    skipped += [Skipped(series.number, _sop_class_name(str(headers[s.position].get("SOPClassUID", ""))),
-                        s.error) for s in answer.slices if s.error]
+    review.answer = answer
+    for s in answer.slices:  # images the loader could not decode (with its reason)
+        if s.error:
+            sop_class = str(review.headers[s.position].get("SOPClassUID", ""))
+            review.skipped.append(Skipped(series.number, _sop_class_name(sop_class), s.error))
     if answer.driving is not None:
         from .scan import load_scan
 
@@ -523,7 +533,7 @@ def review_series(client: PacsClient, predictor, series: SeriesInfo,
         if answer.prediction.label not in NEGATIVE_CLASSES:
             review.roi = roi_source(review.explanation, review.scan)
     log.info("PACS series %s: %d slice(s), %d skipped, state %s", handle(series.series_uid),
-             len(answer.slices), len(skipped), answer.state)
+             len(answer.slices), len(review.skipped), answer.state)
     return review
 
 

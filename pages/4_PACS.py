@@ -39,7 +39,7 @@ ws: PacsWorkspace = st.session_state.setdefault(WORKSPACE, PacsWorkspace())
 with st.sidebar:
     st.header("Model")
     model_path = ui.pick_model("pacs_model")
-    st.caption(f"PACS: {client._where()}")
+    st.caption(f"PACS: {client.address}")
 
 # ----------------------------------------------------------------------------- search
 with st.form("pacs_search"):

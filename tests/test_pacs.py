@@ -340,6 +340,8 @@ def test_wrong_password_is_not_authorised(orthanc):
         PacsClient(orthanc.settings(password="wrong")).search_studies()
     with pytest.raises(PacsAuthError):
         PacsClient(orthanc.settings(user=None, password=None)).check()
+    with pytest.raises(PacsAuthError):  # a Bearer token this Orthanc does not accept
+        PacsClient(orthanc.settings(user=None, password=None, token="not-a-token")).check()
 
 
 def test_settings_from_environment_then_secrets(tmp_path):
@@ -364,12 +366,18 @@ def test_settings_from_environment_then_secrets(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_cli_search_and_review(orthanc, stored, monkeypatch, capsys, brain_model_dir):
+def test_cli_search_and_review(orthanc, stored, monkeypatch, capsys, brain_model_dir,
+                               brain_predictor):
     from medcls.cli import main
+    from medcls.inference import Predictor
     from medcls.pacs import PacsClient
 
     for k, v in orthanc.env().items():
         monkeypatch.setenv(k, v)
+    # the module's Predictor of the same package, instead of loading it a second time (10 s)
+    loaded = []
+    monkeypatch.setattr(Predictor, "from_path", classmethod(
+        lambda cls, path, **kw: loaded.append(path) or brain_predictor))
     assert main(["pacs", "search", "--patient-id", SAMPLE_ID]) == 0
     out = capsys.readouterr().out
     assert stored["mprage_study"] in out and "20180501" in out
@@ -380,6 +388,7 @@ def test_cli_search_and_review(orthanc, stored, monkeypatch, capsys, brain_model
     assert main(["pacs", "review", "--study", stored["study"], "--model", str(brain_model_dir),
                  "--send"]) == 0
     out = capsys.readouterr().out
+    assert loaded == [str(brain_model_dir)]
     assert "glioma" in out and "Raw Data Storage" in out
     # sent by the library test before (then not duplicated), or now when run alone
     assert "already in the PACS" in out or "Stored 2 object(s)" in out
