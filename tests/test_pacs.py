@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import cv2
@@ -321,13 +322,23 @@ def test_orthanc_stopped_gives_a_clear_error_within_the_timeout(orthanc):
     other = Orthanc().start()
     settings = other.settings(timeout=2.0, retries=2)
     PacsClient(settings).check()
-    other.cleanup()
+    other.stop()
     client = PacsClient(settings)
     t = time.perf_counter()
     with pytest.raises(PacsUnreachableError, match="did not answer") as err:
         client.search_studies(patient_id=SAMPLE_ID)
     assert time.perf_counter() - t < settings.timeout * (settings.retries + 1)
     assert "3 attempt(s)" in str(err.value) and SAMPLE_ID not in str(err.value)
+
+    # a transient failure: the PACS comes back while the client is retrying (back-off 0.5 s
+    # doubling: 7.5 s of waiting over 5 attempts) and the call succeeds
+    restart = threading.Timer(0.2, other.start)
+    restart.start()
+    try:
+        assert PacsClient(other.settings(timeout=2.0, retries=4)).search_studies() == []
+    finally:
+        restart.join()
+        other.cleanup()
     # the running PACS still answers (nothing is left broken)
     PacsClient(orthanc.settings()).check()
 
