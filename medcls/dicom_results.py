@@ -89,6 +89,23 @@ def algorithm_identification(model):
                                    parameters=[f"sha256={model.sha256}"])
 
 
+# Type 2 patient and study attributes (present, possibly empty) highdicom copies from the
+# source; some archives leave them out.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "StudyID", "AccessionNumber", "ReferringPhysicianName")
+
+
+def _source(header):
+    """A copy of a source header with its missing Type 2 attributes present and empty."""
+    import copy
+
+    out = copy.copy(header)
+    for keyword in _TYPE2:
+        if keyword not in out:
+            setattr(out, keyword, "")
+    return out
+
+
 # ----------------------------------------------------------------------------- SR
 
 def _measurement_group(series_review: "SeriesReview", model, index: int):
@@ -148,7 +165,7 @@ def build_sr(review: "StudyReview"):
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=groups)
-    evidence = [h for s in review.answered for h in s.headers]
+    evidence = [_source(h) for s in review.answered for h in s.headers]
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=generate_uid(),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
@@ -228,7 +245,7 @@ def build_sc(series_review: "SeriesReview", model, series_uid: str, instance_num
     header = series_review.driving_header
     pixels = overlay_capture(series_review, model)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=header, pixel_array=pixels, photometric_interpretation="RGB",
+        ref_dataset=_source(header), pixel_array=pixels, photometric_interpretation="RGB",
         bits_allocated=8, coordinate_system="PATIENT", patient_orientation=_orientation(header),
         series_instance_uid=series_uid,
         series_number=SC_SERIES_NUMBER, sop_instance_uid=generate_uid(),

@@ -571,7 +571,13 @@ def send_results(client: PacsClient, review: StudyReview) -> SendOutcome:
                            "study; nothing was sent again.")
     if not review.answered:
         raise PacsError("No series of this study was classified: there is nothing to send.")
-    datasets = build_results(review)
+    try:
+        datasets = build_results(review)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        # highdicom refuses source attributes it cannot carry over; the message could quote them
+        log.warning("building the DICOM results failed: %s", type(exc).__name__)
+        raise PacsError("The results could not be written as DICOM: the source images lack "
+                        "attributes a report needs.") from None
     stored = client.store(datasets)
     review.prior_results = find_results(client, review.study_uid, review.model)
     series = tuple(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in datasets))
@@ -590,6 +596,10 @@ class PacsWorkspace:
     reviews: dict[str, StudyReview] = field(default_factory=dict)
     outcomes: dict[str, SendOutcome] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # study UID -> message
+
+    def __repr__(self) -> str:  # no UIDs
+        return (f"PacsWorkspace({len(self.studies)} studies, {len(self.reviews)} reviewed, "
+                f"{len(self.outcomes)} sent)")
 
     def search(self, client: PacsClient, **filters) -> list[StudyInfo]:
         self.studies = client.search_studies(**filters)
@@ -619,6 +629,10 @@ class PacsWorkspace:
             except MedclsError as exc:
                 self.reviews.pop(uid, None)
                 self.errors[uid] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - one odd study never stops the others
+                log.warning("unexpected %s while reviewing a study", type(exc).__name__)
+                self.reviews.pop(uid, None)
+                self.errors[uid] = f"This study could not be processed ({type(exc).__name__})."
             if progress:
                 progress(i + 1, len(uids))
 

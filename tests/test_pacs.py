@@ -456,3 +456,35 @@ def test_page_keeps_working_when_the_pacs_is_down(orthanc, stored, monkeypatch, 
     assert any("Studies (1)" in h.value for h in at.subheader)
     (option,) = at.multiselect[0].options  # the study, named by date, patient and description
     assert option.startswith("20180501 · 0123 · Doe^John")
+
+
+def test_results_from_a_bare_source_without_patient_tags_or_spacing(brain_predictor, data_dir,
+                                                                    tmp_path):
+    """Some archives leave Type 2 patient/study attributes out and give no pixel spacing: the
+    SR and SC are still valid; the region is there, without an area in mm²."""
+    from medcls.dicom_results import build_results, heatmap_roi, read_sr
+    from medcls.pacs import (ModelIdentity, SeriesInfo, SeriesReview, StudyReview, _header,
+                             series_answer)
+    from medcls.scan import load_scan
+
+    gray = cv2.imread(str(sorted((require(data_dir / "brain-mri") / "glioma").glob("*.jpg"))[0]),
+                      cv2.IMREAD_GRAYSCALE)
+    ds = new_dataset(sop_class=MR_IMAGE, modality="MR")
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = gray.tobytes()
+    data = to_bytes(ds)
+    review = SeriesReview(SeriesInfo(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MR", None, ""),
+                          series_answer(brain_predictor, iter([data])), [_header(data)])
+    review.scan = load_scan(data)
+    review.explanation = brain_predictor.explain(review.scan)
+    review.roi = heatmap_roi(review.explanation, review.scan)
+    sr, sc = build_results(StudyReview(ds.StudyInstanceUID, ModelIdentity.of(brain_predictor),
+                                       [review]))
+    (group,) = read_sr(sr)
+    assert group["roi"] and group["area_mm2"] is None and group["class"] == review.answer.prediction.label
+    assert sr.PatientID == "" and sc.StudyInstanceUID == ds.StudyInstanceUID
+    dciodvfy_errors(sr, tmp_path / "bare-sr.dcm")
+    dciodvfy_errors(sc, tmp_path / "bare-sc.dcm")
