@@ -89,9 +89,13 @@ class Orthanc:
             time.sleep(0.2)
         raise RuntimeError("Orthanc did not answer in time")
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop the process (graceful: SIGTERM, about 3 s for Orthanc to close; else SIGKILL)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            if graceful:
+                self.proc.terminate()
+            else:
+                self.proc.kill()
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -101,5 +105,6 @@ class Orthanc:
             self._log.close()
 
     def cleanup(self) -> None:
-        self.stop()
+        """Stop and delete the storage (killed: nothing of it is kept anyway)."""
+        self.stop(graceful=False)
         shutil.rmtree(self.dir, ignore_errors=True)
