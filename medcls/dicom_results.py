@@ -78,8 +78,8 @@ def _coding_schemes():
 
 
 def sr_series_description(model) -> str:
-    """Searchable by QIDO-RS: carries the model's SHA-256 prefix (``ModelIdentity.tag``)."""
-    return f"MedCLS {model.name[:24]} {model.version[:8]} {model.tag}"[:64]
+    """Found again by QIDO-RS: names the model version and its SHA-256 prefix."""
+    return model.results_description
 
 
 def algorithm_identification(model):

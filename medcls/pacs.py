@@ -23,6 +23,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from datetime import date
@@ -282,13 +283,17 @@ class PacsClient:
         return sorted(studies, key=lambda s: (s.study_date, s.study_uid), reverse=True)
 
     def search_series(self, study_uid: str, modality: str | None = None,
-                      description: str | None = None) -> list[SeriesInfo]:
-        """The study's series (``description``: a substring, any case)."""
+                      description: str | None = None,
+                      series_description: str | None = None) -> list[SeriesInfo]:
+        """The study's series (``description``: a substring, any case, matched here;
+        ``series_description``: an exact value, matched by the PACS)."""
         filters = {"Modality": modality} if modality else {}
+        if series_description:
+            filters["SeriesDescription"] = series_description
         items = self._call(self._web.search_for_series, study_uid, search_filters=filters,
                            fields=list(self.SERIES_FIELDS), what="list the study's series",
                            missing="The PACS holds no such study.")
-        if not items and not modality and not description:
+        if not items and not filters and not description:
             raise StudyNotFoundError("The PACS holds no study with this UID (or it has no series).")
         series = [SeriesInfo.from_json(study_uid, i) for i in items]
         if description:
@@ -417,8 +422,16 @@ class ModelIdentity:
 
     @property
     def tag(self) -> str:
-        """The searchable mark of this model's results (in the SR's series description)."""
-        return f"sha256:{self.sha256[:16]}"
+        """The mark of this model version's results (in the SR's series description)."""
+        return f"sha256-{self.sha256[:16]}"
+
+    @property
+    def results_description(self) -> str:
+        """The SR's series description, matched exactly by QIDO-RS to find earlier results.
+        Only characters a query string carries unescaped (letters, digits, ``.-_``): Orthanc
+        1.10 compares percent-escaped values as they come (see :func:`_matches`)."""
+        safe = lambda text: re.sub(r"[^A-Za-z0-9.-]+", "-", text)  # noqa: E731
+        return f"MedCLS_{safe(self.name)[:24]}_{safe(self.version)[:8]}_{self.tag}"[:64]
 
 
 @dataclass(frozen=True)
@@ -489,7 +502,9 @@ def _header(data: bytes):
 def find_results(client: PacsClient, study_uid: str, model: ModelIdentity) -> list[SeriesInfo]:
     """This model version's SR series already stored in the study (QIDO-RS on the SR's
     series description, which carries the model's SHA-256)."""
-    return client.search_series(study_uid, modality="SR", description=model.tag)
+    found = client.search_series(study_uid, modality="SR",
+                                 series_description=model.results_description)
+    return [s for s in found if s.description == model.results_description]
 
 
 def review_series(client: PacsClient, predictor, series: SeriesInfo,
