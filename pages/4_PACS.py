@@ -98,6 +98,7 @@ def strip(series_review) -> go.Figure:
 for uid, review in ws.reviews.items():
     st.divider()
     st.subheader(f"Results: {ws.label(uid)}")
+    st.caption(f"Model {review.model.name} {review.model.version} ({review.model.tag})")
     st.dataframe(pd.DataFrame(series_rows(review)), hide_index=True, width="stretch")
     for k in review.skipped:
         st.caption(f"Skipped (series {k.series_number}, {k.sop_class}): {k.reason}")
