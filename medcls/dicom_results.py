@@ -17,10 +17,14 @@ segmentation can supply another by returning a :class:`Roi` from the same inputs
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+# highdicom's info lines name the source instances' UIDs: identifiers stay out of the logs.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pacs import SeriesReview, StudyReview

@@ -35,8 +35,9 @@ from .errors import (MedclsError, NotAnImageError, PacsAuthError, PacsError,
 
 log = logging.getLogger(__name__)
 
-# Their debug/info lines carry request URLs (patient ids, UIDs in the query and path).
-for _noisy in ("dicomweb_client", "urllib3.connectionpool"):
+# Their debug/info lines carry request URLs (patient ids, UIDs in the query and path) and, for
+# highdicom, the UIDs of the source instances it copies patient and study attributes from.
+for _noisy in ("dicomweb_client", "urllib3.connectionpool", "highdicom"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
