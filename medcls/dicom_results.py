@@ -47,7 +47,7 @@ class Roi:
 
 
 def heatmap_roi(explanation, scan) -> Roi | None:
-    """The saliency region of the explanation (``medcls.saliency.Explanation.region``)."""
+    """The saliency region of the explanation (``medcls.inference.Explanation.region``)."""
     region = getattr(explanation, "region", None)
     if region is None or len(region.polygon) < 3:
         return None
@@ -186,7 +186,7 @@ def overlay_capture(series_review: "SeriesReview", model, min_width: int = 512) 
     ``min_width`` pixels for legible text, under a banner saying it is for research only."""
     import cv2
 
-    from .saliency import overlay
+    from .render import overlay
     from .scan import display_image
 
     scan, expl = series_review.scan, series_review.explanation

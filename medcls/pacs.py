@@ -13,25 +13,25 @@ patient ids and UIDs) are kept out of the logs by quieting dicomweb-client's and
 own debug output.
 
 Connection settings come from the environment or ``.streamlit/secrets.toml``, never from
-code (:func:`pacs_settings`).
+code (the ``pacs`` section of :mod:`medcls.settings`; :func:`pacs_settings`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import io
 import logging
-import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import (MedclsError, NotAnImageError, PacsAuthError, PacsError,
-                     PacsUnreachableError, StudyNotFoundError)
+                     PacsUnreachableError, SettingsError, StudyNotFoundError)
+from .settings import PacsSettings, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ for _noisy in ("dicomweb_client", "urllib3.connectionpool", "highdicom"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SECRETS_FILE = PROJECT_ROOT / ".streamlit" / "secrets.toml"
 
 #: Series that hold results, not images: never classified.
 NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "REG", "DOC", "AU", "ECG"}
@@ -54,48 +53,17 @@ def handle(uid: str) -> str:
 
 # ----------------------------------------------------------------------------- settings
 
-@dataclass(frozen=True)
-class PacsSettings:
-    url: str
-    user: str | None = None
-    password: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-    timeout: float = 10.0  # seconds per request (connect and read)
-    retries: int = 2  # extra attempts on transient failures
-
-
-_ENV = {"url": "MEDCLS_PACS_URL", "user": "MEDCLS_PACS_USER", "password": "MEDCLS_PACS_PASSWORD",
-        "token": "MEDCLS_PACS_TOKEN", "timeout": "MEDCLS_PACS_TIMEOUT",
-        "retries": "MEDCLS_PACS_RETRIES"}
-
-
-def pacs_settings(env: dict | None = None, secrets_file: str | Path | None = None
-                  ) -> PacsSettings | None:
-    """PACS settings from the environment (``MEDCLS_PACS_URL``, ``_USER``, ``_PASSWORD``,
-    ``_TOKEN``, ``_TIMEOUT``, ``_RETRIES``), then the ``[pacs]`` table of
-    ``.streamlit/secrets.toml`` (keys ``url``, ``user``, ``password``, ``token``, ``timeout``,
-    ``retries``); ``None`` when no URL is configured.
-
-    Stand-in for the project's settings object (``medcls.settings``, not on main when this was
-    written): switch to its ``pacs`` section when it lands."""
-    env = os.environ if env is None else env
-    path = Path(secrets_file) if secrets_file else SECRETS_FILE
-    table: dict = {}
-    if path.is_file():
-        try:
-            table = tomllib.loads(path.read_text()).get("pacs", {}) or {}
-        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
-            raise PacsError(f"{path.name} cannot be read as TOML; fix its [pacs] section.") from None
-    values = {k: env.get(v) or table.get(k) for k, v in _ENV.items()}
-    if not values["url"]:
+def pacs_settings(settings: Settings | None = None) -> PacsSettings | None:
+    """The ``pacs`` section of the settings (default :func:`medcls.settings.load_settings`:
+    environment ``MEDCLS_PACS_URL``, ``_USER``, ``_PASSWORD``, ``_TOKEN``, ``_TIMEOUT``,
+    ``_RETRIES``, then the ``[pacs]`` table of ``.streamlit/secrets.toml``); ``None`` when no
+    URL is set."""
+    settings = (settings or load_settings()).pacs
+    if not settings.url:
         return None
-    try:
-        return PacsSettings(url=str(values["url"]).rstrip("/"), user=values["user"] or None,
-                            password=values["password"] or None, token=values["token"] or None,
-                            timeout=float(values["timeout"] or 10.0),
-                            retries=int(values["retries"] if values["retries"] is not None else 2))
-    except ValueError:
-        raise PacsError("The PACS timeout and retries settings must be numbers.") from None
+    if settings.retries < 0:
+        raise SettingsError("The PACS retries setting must be 0 or more.")
+    return dataclasses.replace(settings, url=settings.url.rstrip("/"))
 
 
 # ----------------------------------------------------------------------------- records
@@ -419,7 +387,7 @@ class ModelIdentity:
     @classmethod
     def of(cls, predictor) -> "ModelIdentity":
         card = predictor.card
-        return cls(card["name"], str(card.get("version", "0")), card["model_sha256"])
+        return cls(card.name, str(card.version), card.model_sha256)
 
     @property
     def tag(self) -> str:

@@ -24,7 +24,7 @@ ui.page_header("PACS", "Search the PACS, classify whole studies series by series
 ui.require_models()
 
 try:
-    settings = pacs_settings()
+    settings = pacs_settings(ui.settings())
 except MedclsError as exc:
     ui.show_error(exc, "The PACS settings")
     st.stop()

@@ -362,23 +362,28 @@ def test_wrong_password_is_not_authorised(orthanc):
 
 
 def test_settings_from_environment_then_secrets(tmp_path):
-    from medcls.errors import PacsError
+    from medcls.errors import SettingsError
     from medcls.pacs import pacs_settings
+    from medcls.settings import load_settings, read_secrets_file
 
     secrets = tmp_path / "secrets.toml"
-    assert pacs_settings({}, secrets) is None
+    assert pacs_settings(load_settings({}, {})) is None
     secrets.write_text('[pacs]\nurl = "http://pacs.example:8042/dicom-web/"\nuser = "reader"\n'
                        'password = "pw"\ntimeout = 3\n')
-    s = pacs_settings({}, secrets)
+    s = pacs_settings(load_settings({}, read_secrets_file(secrets)))
     assert (s.url, s.user, s.password, s.timeout, s.retries) == (
         "http://pacs.example:8042/dicom-web", "reader", "pw", 3.0, 2)
     assert "pw" not in repr(s)
-    s = pacs_settings({"MEDCLS_PACS_URL": "https://other/dicom-web", "MEDCLS_PACS_TOKEN": "tok",
-                       "MEDCLS_PACS_RETRIES": "0"}, secrets)
+    s = pacs_settings(load_settings({"MEDCLS_PACS_URL": "https://other/dicom-web",
+                                     "MEDCLS_PACS_TOKEN": "tok", "MEDCLS_PACS_RETRIES": "0"},
+                                    read_secrets_file(secrets)))
     assert (s.url, s.token, s.user, s.retries) == ("https://other/dicom-web", "tok", "reader", 0)
+    assert "tok" not in repr(s)
+    with pytest.raises(SettingsError):
+        pacs_settings(load_settings({"MEDCLS_PACS_URL": "http://x", "MEDCLS_PACS_RETRIES": "-1"}, {}))
     secrets.write_text("[pacs\n")
-    with pytest.raises(PacsError, match="TOML"):
-        pacs_settings({}, secrets)
+    with pytest.raises(SettingsError):
+        read_secrets_file(secrets)
 
 
 # ----------------------------------------------------------------------------- CLI
