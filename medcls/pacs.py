@@ -26,7 +26,6 @@ import logging
 import re
 from dataclasses import dataclass, field
 from datetime import date
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .errors import (MedclsError, NotAnImageError, PacsAuthError, PacsError,
@@ -39,8 +38,6 @@ log = logging.getLogger(__name__)
 # highdicom, the UIDs of the source instances it copies patient and study attributes from.
 for _noisy in ("dicomweb_client", "urllib3.connectionpool", "highdicom"):
     logging.getLogger(_noisy).setLevel(logging.WARNING)
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 #: Series that hold results, not images: never classified.
 NON_IMAGE_MODALITIES = {"SR", "PR", "KO", "SEG", "RTSTRUCT", "REG", "DOC", "AU", "ECG"}
@@ -673,7 +670,8 @@ def add_pacs_parser(sub) -> None:
     s.set_defaults(func=_cmd_search)
     r = ps.add_parser("review", help="classify a study's series; --send stores SR + captures")
     r.add_argument("--study", required=True, help="Study Instance UID")
-    r.add_argument("--model", default=str(PROJECT_ROOT / "models" / "brain-mri-default"))
+    r.add_argument("--model", help="model folder (default: brain-mri-default in the models "
+                                    "folder, MEDCLS_MODELS)")
     r.add_argument("--send", action="store_true", help="store the results in the PACS")
     r.set_defaults(func=_cmd_review)
 
@@ -713,7 +711,7 @@ def _cmd_review(args: argparse.Namespace) -> int:
     from .inference import Predictor
 
     client = _client()
-    predictor = Predictor.from_path(args.model)
+    predictor = Predictor.from_path(args.model or load_settings().models_dir / "brain-mri-default")
     review = review_study(client, predictor, args.study)
     _print_table(series_rows(review))
     for k in review.skipped:
