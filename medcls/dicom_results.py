@@ -11,8 +11,8 @@
 Both carry ContentQualification RESEARCH. Patient and study attributes are copied from the
 source instances by highdicom: these objects are the one place they are written.
 
-The region comes from a ``roi_source`` (default :func:`heatmap_roi`, the saliency region); a
-segmentation can supply another by returning a :class:`Roi` from the same inputs.
+The region comes from a ``roi_source`` (default :func:`default_roi`: the segmentation
+companion's outline when the model's card names one, else the saliency region).
 """
 
 from __future__ import annotations
@@ -46,13 +46,30 @@ class Roi:
     source: str  # "heatmap" (saliency region) or e.g. "segmentation"
 
 
-def heatmap_roi(explanation, scan) -> Roi | None:
+def heatmap_roi(predictor, explanation, scan) -> Roi | None:
     """The saliency region of the explanation (``medcls.inference.Explanation.region``)."""
     region = getattr(explanation, "region", None)
     if region is None or len(region.polygon) < 3:
         return None
     return Roi(tuple((float(x), float(y)) for x, y in region.polygon), region.area_mm2,
                int(region.area_px), "heatmap")
+
+
+def segmentation_roi(predictor, explanation, scan) -> Roi | None:
+    """The tumour outline of the model's segmentation companion (``Predictor.outline``: for
+    a tumour answer only)."""
+    seg = predictor.outline(scan, explanation.prediction)
+    if seg is None or len(seg.polygon) < 3:
+        return None
+    return Roi(tuple((float(x), float(y)) for x, y in seg.polygon), seg.area_mm2,
+               int(seg.area_px), "segmentation")
+
+
+def default_roi(predictor, explanation, scan) -> Roi | None:
+    """The segmentation outline when the model's card names a companion, else the heatmap
+    region (never a mix: the SR's region always has one source)."""
+    source = segmentation_roi if predictor.segmenter is not None else heatmap_roi
+    return source(predictor, explanation, scan)
 
 
 # ----------------------------------------------------------------------------- codes

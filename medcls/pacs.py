@@ -477,9 +477,9 @@ def review_series(client: PacsClient, predictor, series: SeriesInfo,
                   roi_source: Callable | None = None, method: str = "gradcam") -> SeriesReview:
     """Retrieve one series, classify its image slices and explain the slice that drove the
     answer. Objects without an image (reports, presentation states) are skipped and listed."""
-    from .dicom_results import heatmap_roi
+    from .dicom_results import default_roi
 
-    roi_source = roi_source or heatmap_roi
+    roi_source = roi_source or default_roi
     images: list[bytes] = []
     review = SeriesReview(series, None)
 
@@ -512,7 +512,7 @@ def review_series(client: PacsClient, predictor, series: SeriesInfo,
         review.explanation = predictor.explain(review.scan, method=method)
         # a region is a finding's: a "no tumour" answer has none (its heatmap stays on the SC)
         if answer.prediction.label not in NEGATIVE_CLASSES:
-            review.roi = roi_source(review.explanation, review.scan)
+            review.roi = roi_source(predictor, review.explanation, review.scan)
     log.info("PACS series %s: %d slice(s), %d skipped, state %s", handle(series.series_uid),
              len(answer.slices), len(review.skipped), answer.state)
     return review

@@ -205,7 +205,11 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
     assert group["algorithm"] == {"name": model.name, "version": model.version,
                                   "parameters": [f"sha256={model.sha256}"]}
     assert group["roi"] and group["area_unit"] == "mm2"
-    assert group["area_mm2"] == pytest.approx(src.explanation.region.area_px * SPACING ** 2)
+    # the region's source: the segmentation companion when the card names one, else the heatmap
+    region = (brain_predictor.outline(src.scan, pred) if brain_predictor.segmenter is not None
+              else src.explanation.region)
+    assert src.roi.source == ("heatmap" if brain_predictor.segmenter is None else "segmentation")
+    assert group["area_mm2"] == pytest.approx(region.area_px * SPACING ** 2)
     driving_uid = str(src.driving_header.SOPInstanceUID)
     assert group["referenced_sop_instance_uids"] == [driving_uid]
     evidence = {str(r.ReferencedSOPInstanceUID)
@@ -492,7 +496,7 @@ def test_results_from_a_bare_source_without_patient_tags_or_spacing(brain_predic
                           series_answer(brain_predictor, iter([data])), [_header(data)])
     review.scan = load_scan(data)
     review.explanation = brain_predictor.explain(review.scan)
-    review.roi = heatmap_roi(review.explanation, review.scan)
+    review.roi = heatmap_roi(brain_predictor, review.explanation, review.scan)
     sr, sc = build_results(StudyReview(ds.StudyInstanceUID, ModelIdentity.of(brain_predictor),
                                        [review]))
     (group,) = read_sr(sr)
