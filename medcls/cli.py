@@ -172,10 +172,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # a broken import must fail loudly here, not silently remove a subcommand
     from .cleaning import add_clean_parser
+    from .pacs import add_pacs_parser
     from .review import add_review_parser
 
     add_clean_parser(sub)
     add_review_parser(sub)
+    add_pacs_parser(sub)
 
     args = p.parse_args(argv)
     _setup_logging(args.log, args.verbose)

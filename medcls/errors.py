@@ -59,3 +59,23 @@ class DecodeBudgetError(ScanTooLargeError):
 class DecoderFailedError(UnreadableScanError):
     """The image decoder crashed, hung or ran out of its memory limit on this file (it runs in
     a separate process, so the server keeps running)."""
+
+
+class PacsError(MedclsError):
+    """A PACS (DICOMweb) request failed. Messages name no patient, study or URL query."""
+
+
+class PacsUnreachableError(PacsError):
+    """The PACS did not answer (down, wrong address, or too slow)."""
+
+
+class PacsAuthError(PacsError):
+    """The PACS refused the credentials (HTTP 401/403)."""
+
+
+class StudyNotFoundError(PacsError):
+    """The PACS holds no study (or series) with the requested UID."""
+
+
+class NotAnImageError(PacsError):
+    """A DICOM object of a series holds no image (a report, a presentation state ...)."""

@@ -90,6 +90,7 @@ class PacsSettings:
     password: str | None = setting("MEDCLS_PACS_PASSWORD", "password", secret=True)
     token: str | None = setting("MEDCLS_PACS_TOKEN", "token", secret=True)
     timeout: float = setting("MEDCLS_PACS_TIMEOUT", "timeout", 30.0, positive)  # seconds
+    retries: int = setting("MEDCLS_PACS_RETRIES", "retries", 2, int)  # on transient failures
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,16 @@ def brain_predictor(brain_model_dir):
     from medcls.inference import Predictor
 
     return Predictor.from_path(brain_model_dir)
+
+
+# ----------------------------------------------------------------------------- PACS
+
+@pytest.fixture(scope="session")
+def orthanc():
+    """A real Orthanc (DICOMweb plugin, authentication on) on free loopback ports, with its
+    own temporary storage; stopped and removed after the session."""
+    from orthanc import Orthanc
+
+    server = Orthanc().start()
+    yield server
+    server.cleanup()

@@ -1,0 +1,129 @@
+"""PACS: search the hospital's PACS (DICOMweb), classify whole studies, and send the results
+back as DICOM (a TID 1500 structured report and heatmap captures) beside the images.
+
+Layout only: searching, reviewing and sending are :class:`medcls.pacs.PacsWorkspace` calls;
+the workspace lives in this session's state (patient data shown here, never logged or
+written anywhere but the DICOM results sent to the PACS). Connection settings come from the
+environment or ``.streamlit/secrets.toml`` (see the README, section "PACS")."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import ui
+from medcls import MedclsError
+from medcls.dicom_results import RESEARCH_LABEL, overlay_capture
+from medcls.pacs import PacsClient, PacsWorkspace, pacs_settings, series_rows, study_rows
+
+WORKSPACE = "pacs_workspace"
+
+ui.page_header("PACS", "Search the PACS, classify whole studies series by series, and send the "
+               "results back as DICOM beside the images.", icon="🏥")
+ui.require_models()
+
+try:
+    settings = pacs_settings(ui.settings())
+except MedclsError as exc:
+    ui.show_error(exc, "The PACS settings")
+    st.stop()
+if settings is None:
+    st.info("No PACS is configured. Set `MEDCLS_PACS_URL` (and `MEDCLS_PACS_USER` / "
+            "`MEDCLS_PACS_PASSWORD`, or `MEDCLS_PACS_TOKEN`) or a `[pacs]` section in "
+            "`.streamlit/secrets.toml`; see the README, section PACS.")
+    st.stop()
+client = PacsClient(settings)
+ws: PacsWorkspace = st.session_state.setdefault(WORKSPACE, PacsWorkspace())
+
+with st.sidebar:
+    st.header("Model")
+    model_path = ui.pick_model("pacs_model")
+    st.caption(f"PACS: {client.address}")
+
+# ----------------------------------------------------------------------------- search
+with st.form("pacs_search"):
+    c1, c2, c3, c4, c5 = st.columns([2, 1.3, 1.3, 1, 2])
+    patient_id = c1.text_input("Patient ID")
+    date_from = c2.date_input("Study date from", value=None, format="YYYY-MM-DD")
+    date_to = c3.date_input("to", value=None, format="YYYY-MM-DD")
+    modality = c4.text_input("Modality", placeholder="MR")
+    description = c5.text_input("Description contains")
+    searched = st.form_submit_button("Search", type="primary")
+if searched:
+    try:
+        with st.spinner("Searching the PACS..."):
+            ws.search(client, patient_id=patient_id.strip() or None, date_from=date_from,
+                      date_to=date_to, modality=modality.strip().upper() or None,
+                      description=description.strip() or None)
+    except MedclsError as exc:
+        ui.show_error(exc, "The PACS search")
+
+if not ws.studies:
+    st.caption("No studies listed yet: search by patient ID, study date, modality or description.")
+    st.stop()
+
+st.subheader(f"Studies ({len(ws.studies)})")
+st.dataframe(pd.DataFrame(study_rows(ws.studies)), hide_index=True, width="stretch")
+uids = [s.study_uid for s in ws.studies]
+chosen = st.multiselect("Studies to classify", uids, format_func=ws.label, key="pacs_selected")
+if st.button("Run", type="primary", disabled=not chosen):
+    predictor = ui.load_predictor(model_path)
+    bar = st.progress(0.0, text="Retrieving and classifying...")
+    try:
+        ws.run(client, predictor, chosen,
+               progress=lambda i, n: bar.progress(i / n, text=f"{i} / {n} studies done"))
+    except MedclsError as exc:
+        ui.show_error(exc, "The PACS")
+    bar.empty()
+
+# ----------------------------------------------------------------------------- results
+for uid, message in ws.errors.items():
+    st.error(f"{ws.label(uid)}: {message}")
+
+
+def strip(series_review) -> go.Figure:
+    """P(any finding) per slice, the slice that drove the answer marked."""
+    a = series_review.answer
+    x = [s.instance_number if s.instance_number is not None else s.position + 1 for s in a.slices]
+    fig = go.Figure(go.Bar(x=x, y=[p if p is not None else 0 for p in a.p_abnormal],
+                           marker_color=["#e4572e" if i == a.driving else "#4c78a8"
+                                         for i in range(len(x))]))
+    fig.update_layout(height=180, margin=dict(l=10, r=10, t=30, b=10), yaxis_range=[0, 1],
+                      title="P(any finding) per slice (red: the slice that drove the answer)",
+                      xaxis_title="instance number")
+    return fig
+
+
+for uid, review in ws.reviews.items():
+    st.divider()
+    st.subheader(f"Results: {ws.label(uid)}")
+    st.caption(f"Model {review.model.name} {review.model.version} ({review.model.tag})")
+    st.dataframe(pd.DataFrame(series_rows(review)), hide_index=True, width="stretch")
+    for k in review.skipped:
+        st.caption(f"Skipped (series {k.series_number}, {k.sop_class}): {k.reason}")
+    for s in review.series:
+        if s.answer is None or not s.answer.slices:
+            continue
+        with st.expander(f"Series {s.series.number} · {s.series.description} · "
+                         f"{s.answer.state}", expanded=True):
+            st.plotly_chart(strip(s), width="stretch", key=f"strip-{s.series.series_uid}")
+            if s.explanation is not None:
+                st.image(overlay_capture(s, review.model), width=420,
+                         caption=f"The slice that drove the answer ({RESEARCH_LABEL})")
+    outcome = ws.outcomes.get(uid)
+    if review.already_sent and outcome is None:
+        st.info("Results of this model version are already in the PACS for this study "
+                "(found by QIDO-RS); they are not sent again.")
+        st.code("\n".join(f"SR series {s.series_uid}" for s in review.prior_results))
+    elif outcome is None and st.button("Send results to PACS", key=f"send-{uid}",
+                                       disabled=not review.answered):
+        try:
+            with st.spinner("Storing the SR and the captures (STOW-RS)..."):
+                outcome = ws.send(client, uid)
+        except MedclsError as exc:
+            ui.show_error(exc, "Sending")
+    if outcome is not None:
+        (st.success if outcome.sent else st.info)(outcome.message)
+        st.code("\n".join([f"stored {u}" for u in outcome.sop_instance_uids]
+                          + [f"series {u}" for u in outcome.series_uids]))
