@@ -45,8 +45,23 @@ def cmd_train(args) -> int:
     if cfg.arch and get_architecture(cfg.arch).transfer and not cfg.weights and not cfg.init:
         logging.getLogger(__name__).warning("no --weights given: %s starts from random weights "
                                             "(no download is attempted)", cfg.arch)
+    if args.workers:  # Ray Train: the same training code on N workers (medcls.cluster)
+        from .cluster import train_on_ray
+
+        train_on_ray(cfg, args.workers, args.address, command=command_line())
+        return 0
     train(cfg, command=command_line())
     return 0
+
+
+def cmd_review(args) -> int:
+    if args.engine == "ray":
+        from .cluster import cmd_review as review_on_ray
+
+        return review_on_ray(args)
+    from .review import _cmd_review
+
+    return _cmd_review(args)
 
 
 def cmd_evaluate(args) -> int:
@@ -130,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-train", type=int, help="use only this many training images (smoke runs)")
     t.add_argument("--limits", help="JSON file with the card's list of limits")
     t.add_argument("--preprocess", help='JSON overrides of the preprocessing spec, e.g. \'{"crop": false}\'')
+    t.add_argument("--workers", type=int, help="train on a Ray cluster with this many workers "
+                   "(Ray Train, MultiWorkerMirroredStrategy; default: this machine only)")
+    t.add_argument("--address", help="Ray cluster for --workers: auto, HOST:PORT or ray://HOST:10001")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a model package on labelled scans")
@@ -172,11 +190,14 @@ def main(argv: list[str] | None = None) -> int:
 
     # a broken import must fail loudly here, not silently remove a subcommand
     from .cleaning import add_clean_parser
+    from .cluster import add_review_options  # imports no ray until --engine ray runs
     from .pacs import add_pacs_parser
     from .review import add_review_parser
 
     add_clean_parser(sub)
-    add_review_parser(sub)
+    review = add_review_parser(sub)
+    add_review_options(review)
+    review.set_defaults(func=cmd_review)
     add_pacs_parser(sub)
 
     args = p.parse_args(argv)

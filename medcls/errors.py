@@ -79,3 +79,7 @@ class StudyNotFoundError(PacsError):
 
 class NotAnImageError(PacsError):
     """A DICOM object of a series holds no image (a report, a presentation state ...)."""
+
+
+class ClusterError(MedclsError):
+    """The Ray cluster cannot be reached or a job on it failed."""

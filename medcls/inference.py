@@ -249,14 +249,7 @@ class Predictor:
         bs = batch_size or self.batch_size
 
         def load(src):
-            try:
-                scan = loader(src)
-                return StreamItem(src, None, None, scan_info(scan)), self.preprocess(scan)
-            except MedclsError as exc:
-                return StreamItem(src, None, str(exc), {}), None
-            except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
-                log.warning("unexpected %s while reading a file", type(exc).__name__)
-                return StreamItem(src, None, "The file could not be read.", {}), None
+            return load_stream_item(src, self.preprocess, loader)
 
         def chunks():
             buf = []
@@ -315,6 +308,21 @@ def check_modality(scan: Scan, expected: str | None, model_name: str = "this mod
     what = _MODALITY_NAMES.get(scan.modality, "another modality")
     raise WrongModalityError(f"This is {what}; {model_name} was trained on {expected} images "
                              "only, so it gives no answer.")
+
+
+def load_stream_item(src, prepare, loader=load_scan) -> tuple[StreamItem, Preprocessed | None]:
+    """Load one source of a stream and ``prepare`` it (Scan -> model input, e.g.
+    :meth:`Predictor.preprocess`): the item (with ``error`` set when the file cannot be read or
+    is refused: one bad file never stops a run) and the model input, or None. Shared by
+    :meth:`Predictor.predict_stream` and the Ray engine (:mod:`medcls.cluster`)."""
+    try:
+        scan = loader(src)
+        return StreamItem(src, None, None, scan_info(scan)), prepare(scan)
+    except MedclsError as exc:
+        return StreamItem(src, None, str(exc), {}), None
+    except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
+        log.warning("unexpected %s while reading a file", type(exc).__name__)
+        return StreamItem(src, None, "The file could not be read.", {}), None
 
 
 def scan_info(scan: Scan) -> dict:

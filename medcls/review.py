@@ -82,6 +82,28 @@ def folder_sources(root: str | Path, folder: str | Path = ".") -> list[Source]:
     return out
 
 
+def list_sources(list_file: str | Path) -> list[Source]:
+    """The files named in a text file, one path a line (blank lines and ``#`` comments skipped;
+    relative paths are relative to the list file's folder). A missing file becomes a row with
+    its reason, as an unreadable one does."""
+    list_file = Path(list_file)
+    base = list_file.resolve().parent
+    out: list[Source] = []
+    for line in list_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        name = line.strip()
+        if name and not name.startswith("#"):
+            out.append(Source(name, lambda p=base / name: p))
+    return out
+
+
+def cli_sources(source: str | Path) -> list[Source]:
+    """``medcls review SOURCE``: a folder tree, or a list file of paths."""
+    path = Path(source)
+    if path.is_file():
+        return list_sources(path)
+    return folder_sources(path.resolve(), ".")
+
+
 def _raiser(exc: Exception):
     def read():
         raise exc
@@ -208,7 +230,7 @@ def _load(source: Source):
     return load_scan(target)
 
 
-def _row(item: StreamItem) -> ReviewRow:
+def row_from_item(item: StreamItem) -> ReviewRow:
     src: Source = item.source
     p = item.prediction
     info = item.info or {}
@@ -237,7 +259,7 @@ def run_review(predictor: Predictor, sources: Sequence[Source], batch_size: int 
     done = 0
     for item in predictor.predict_stream(gen(), batch_size=batch_size, workers=workers, loader=_load):
         done += 1
-        yield _row(item)
+        yield row_from_item(item)
         if on_progress is not None and (done % batch_size == 0 or done == total):
             on_progress(Progress(done, total, time.perf_counter() - t0))
 
@@ -275,19 +297,19 @@ def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out) -> None:
 
 def add_review_parser(sub) -> None:
     r = sub.add_parser("review", help="classify every scan in a folder into a CSV worklist")
-    r.add_argument("folder")
+    r.add_argument("folder", help="a folder tree, or a text file listing one path a line")
     r.add_argument("--model", required=True, help="model package folder")
     r.add_argument("--out", required=True, help="CSV file to write")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--workers", type=int, default=2)
     r.set_defaults(func=_cmd_review)
+    return r
 
 
 def _cmd_review(args) -> int:
     from tqdm import tqdm
 
-    folder = Path(args.folder)
-    sources = folder_sources(folder.resolve(), ".")
+    sources = cli_sources(args.folder)
     predictor = Predictor.from_path(args.model)
     rows: list[ReviewRow] = []
     with tqdm(total=len(sources), unit="scan", desc="review") as bar:

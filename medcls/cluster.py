@@ -1,0 +1,401 @@
+"""Review and training on a Ray cluster, for archives and retraining runs that outgrow one machine.
+
+Integrations layer: nothing here runs unless asked (``medcls review --engine ray``, ``medcls
+train --workers N``, the batch page's cluster option), and ``ray`` is imported inside the
+functions, so ``import medcls`` (and this module) never imports ray. The single-machine engine
+(:mod:`medcls.review`) stays the default and is reused, not copied:
+
+Review (Ray Data)
+    sources (a server folder or a list file of paths, as :class:`medcls.review.Source`) ->
+    ``from_items`` (index, path) -> ``map_batches(_decode)``: tasks that read each file's bytes
+    and decode and preprocess them with :func:`medcls.inference.load_stream_item` (the local
+    engine's own function: same reader, same :mod:`medcls.preprocess`, same error messages) ->
+    ``map_batches(_Classifier)``: a pool of actors, each loading the model package once (its
+    files travel through Ray's object store, so workers need no copy of ``models/``) ->
+    the driver turns the outputs into :class:`medcls.review.ReviewRow` with the local engine's
+    row code, in input order. Files are read by path: on a real cluster the scans must sit on
+    storage every node mounts at the same path (NFS, a PACS export share).
+
+    Fault tolerance is Ray's: a decoding task whose process dies is re-run, a model actor that
+    dies is restarted and its batch re-submitted (Ray Data's defaults ``max_restarts=-1``,
+    ``max_task_retries=-1``); a re-run batch replaces the lost one, so every input still gives
+    exactly one row (``tests/test_cluster.py`` kills a worker mid-run to check).
+
+Training (Ray Train)
+    :func:`train_on_ray` runs :func:`medcls.train.train` in every worker of a
+    ``TensorflowTrainer`` (which sets ``TF_CONFIG``) under a ``MultiWorkerMirroredStrategy``:
+    the same ``tf.data`` pipeline, auto-sharded so each worker reads its share of every batch.
+    Worker 0's output, a normal model package, is reported as the Ray checkpoint and copied to
+    ``--out``: checkpoint and package are the same format as local training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import ClusterError, MedclsError
+from .inference import Prediction, StreamItem, check_modality, load_stream_item
+from .package import CARD_FILE, GATE_FILE, MODEL_FILE, read_card
+from .calibration import InputGate
+from .preprocess import PreprocessSpec, preprocess
+from .review import Progress, ReviewRow, Source, row_from_item
+
+log = logging.getLogger(__name__)
+
+#: CPU share Ray reserves for one model actor and for one decoding task: a one-CPU node runs an
+#: actor and two decoding tasks side by side (TensorFlow and OpenCV use the node's cores whatever
+#: Ray reserves; this only decides how many run at once). The two differ on purpose: equal
+#: resources would let Ray Data fuse decoding into the actors, serialising it behind the model.
+ACTOR_CPUS = 0.5
+TASK_CPUS = 0.25
+#: Environment of Ray's worker processes (TensorFlow's C++ log chatter off).
+WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+
+
+# ----------------------------------------------------------------------------- settings
+
+def ray_address() -> str | None:
+    """The configured cluster: ``$MEDCLS_RAY_ADDRESS``, else ``ray_address`` in
+    ``.streamlit/secrets.toml``, else None (no cluster: reviews run on this server).
+    (One small reader until medcls.settings holds the app's settings.)"""
+    value = os.environ.get("MEDCLS_RAY_ADDRESS", "").strip()
+    if value:
+        return value
+    secrets = Path(os.environ.get("MEDCLS_SECRETS", ".streamlit/secrets.toml"))
+    if secrets.is_file():
+        import tomllib
+
+        try:
+            value = str(tomllib.loads(secrets.read_text()).get("ray_address", "")).strip()
+        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
+            log.warning("%s could not be read; no Ray cluster configured", secrets)
+            value = ""
+    return value or None
+
+
+# ----------------------------------------------------------------------------- connection
+
+def runtime_env() -> dict:
+    """What every worker of our jobs gets: this ``medcls`` package (shipped by Ray, so remote
+    nodes need only the same Python environment) and quiet TensorFlow."""
+    return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": dict(WORKER_ENV)}
+
+
+def connect(address: str | None = None):
+    """Connect this process to the cluster at ``address`` (``auto``, ``host:port``,
+    ``ray://host:10001``; None: ``$RAY_ADDRESS`` or a new local Ray). Once per process."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    try:
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False,
+                 logging_level=logging.WARNING, include_dashboard=False if address is None else None)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise ClusterError(f"Could not connect to the Ray cluster at {address or 'auto'}: "
+                           f"{type(exc).__name__}. Is it running (`ray status`)?") from None
+    return ray
+
+
+def cluster_nodes() -> int:
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+# ----------------------------------------------------------------------------- review
+
+def path_items(sources: Sequence[Source]) -> list[dict]:
+    """The sources as rows for Ray Data: index, path, and the refusal of a source that may not
+    be read (a link out of the allowed folder) as its error. Only file sources: the cluster
+    reads the bytes itself."""
+    items = []
+    for i, src in enumerate(sources):
+        try:
+            target = src.read()
+        except MedclsError as exc:
+            items.append({"index": i, "path": "", "error": str(exc)})
+            continue
+        if not isinstance(target, (str, os.PathLike)):
+            raise ClusterError("The Ray engine reads scans by path (a server folder or a list of "
+                               "paths); uploaded files are reviewed on this server.")
+        items.append({"index": i, "path": os.fspath(target), "error": ""})
+    return items
+
+
+def _decode(batch: dict, spec: dict, modality: str | None, model_name: str) -> dict:
+    """Ray Data task: read, decode and preprocess a block of files with the local engine's
+    loader and :meth:`Predictor.preprocess`'s steps (the card's modality check, then the spec)."""
+    spec_ = PreprocessSpec.from_dict(spec)
+    shape = (spec_.input_size, spec_.input_size, spec_.channels)
+
+    def prepare(scan):
+        check_modality(scan, modality, model_name)
+        return preprocess(scan, spec_)
+    xs, errors, infos = [], [], []
+    for path, error in zip(batch["path"], batch["error"]):
+        pre = None
+        if not error:
+            item, pre = load_stream_item(str(path), prepare)
+            error, info = item.error or "", item.info
+        else:
+            info = {}
+        xs.append(pre.array.astype(np.float32) if pre is not None else np.zeros(shape, np.float32))
+        errors.append(error)
+        infos.append(json.dumps({k: info.get(k) for k in ("modality", "series_number", "instance_number")}))
+    return {"index": batch["index"], "x": np.stack(xs), "error": np.array(errors, dtype=object),
+            "info": np.array(infos, dtype=object)}
+
+
+class _Classifier:
+    """Ray Data actor: loads the model package once, classifies preprocessed batches."""
+
+    def __init__(self, package_files: dict[str, bytes]):
+        from .inference import Predictor
+
+        folder = Path(tempfile.mkdtemp(prefix="medcls-model-"))
+        for name, content in package_files.items():
+            (folder / name).write_bytes(content)
+        self.predictor = Predictor.from_path(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # the model is in memory now
+
+    def __call__(self, batch: dict) -> dict:
+        n, k = len(batch["index"]), len(self.predictor.classes)
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        logits = np.full((n, k), np.nan)
+        probs = np.full((n, k), np.nan)
+        gate = np.full(n, np.nan)
+        if ok.any():
+            for j, p in zip(np.nonzero(ok)[0], self.predictor.predict_arrays(batch["x"][ok])):
+                logits[j], probs[j] = p.logits, p.probabilities
+                gate[j] = np.nan if p.gate_score is None else p.gate_score
+        return {"index": batch["index"], "probabilities": probs, "logits": logits,
+                "gate_score": gate, "error": batch["error"], "info": batch["info"]}
+
+
+def package_files(model_dir: str | Path) -> dict[str, bytes]:
+    """The files a model package is loaded from (what actors receive through Ray)."""
+    folder = Path(model_dir)
+    read_card(folder)  # a broken package is refused here, before any cluster work
+    return {name: (folder / name).read_bytes() for name in (MODEL_FILE, CARD_FILE, GATE_FILE)
+            if (folder / name).is_file()}
+
+
+def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | None = None,
+               batch_size: int = 32, actors: int | None = None,
+               stop: threading.Event | None = None,
+               on_progress: Callable[[Progress], None] | None = None) -> Iterator[ReviewRow]:
+    """:func:`medcls.review.run_review` on a Ray cluster: rows for ``sources`` in input order as
+    batches finish. ``actors`` model actors (default: one per node). Set ``stop`` to end early."""
+    card = read_card(model_dir)
+    classes = tuple(card["classes"])
+    gate_threshold = (InputGate.load(Path(model_dir) / GATE_FILE).threshold
+                      if (Path(model_dir) / GATE_FILE).is_file() else None)
+    low = float(card["low_confidence_threshold"])
+    files = package_files(model_dir)
+    items = path_items(sources)
+    t0 = time.perf_counter()
+    if not items:
+        return
+    ray = connect(address)
+    from ray import data
+
+    ctx = data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # rows in input order, as the local engine
+    ctx.enable_progress_bars = False  # progress is ours (terminal or page)
+    ds = (data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+          .map_batches(_decode, fn_kwargs={"spec": card["preprocessing"], "modality": card.get("modality"),
+                                           "model_name": card["name"]}, batch_size=None,
+                       num_cpus=TASK_CPUS)
+          .map_batches(_Classifier, fn_constructor_kwargs={"package_files": files},
+                       batch_size=batch_size, num_cpus=ACTOR_CPUS,
+                       compute=data.ActorPoolStrategy(size=actors or cluster_nodes())))
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    done = 0
+    try:
+        for b in batches:
+            for j in range(len(b["index"])):
+                i = int(b["index"][j])
+                error = b["error"][j] or None
+                pred = None if error else Prediction(
+                    classes, b["probabilities"][j], b["logits"][j],
+                    None if np.isnan(b["gate_score"][j]) else float(b["gate_score"][j]),
+                    gate_threshold, low)
+                yield row_from_item(StreamItem(sources[i], pred, error, json.loads(b["info"][j])))
+                done += 1
+            if on_progress is not None:
+                on_progress(Progress(done, len(items), time.perf_counter() - t0))
+            if stop is not None and stop.is_set():
+                return
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops the streaming executor when the caller stops early
+
+
+def write_parquet(rows: Sequence[ReviewRow], classes: Sequence[str], out: str | Path) -> None:
+    """The worklist as Parquet: the CSV's columns (:meth:`ReviewRow.as_record`), typed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fields = [("file", pa.string()), ("predicted", pa.string()), ("confidence", pa.float64()),
+              *[(f"p_{c}", pa.float64()) for c in classes],
+              ("low_confidence", pa.bool_()), ("outside_distribution", pa.bool_()),
+              ("gate_score", pa.float64()), ("needs_attention", pa.bool_()), ("flags", pa.string()),
+              ("error", pa.string()), ("modality", pa.string()), ("series_number", pa.int64()),
+              ("instance_number", pa.int64())]
+    schema = pa.schema(fields)
+    records = [r.as_record(classes) for r in rows]
+    if records and list(records[0]) != schema.names:  # the CSV's columns changed: follow them
+        schema = pa.schema([f for f in fields if f[0] in records[0]])
+    pq.write_table(pa.Table.from_pylist(records, schema=schema), out)
+
+
+# ----------------------------------------------------------------------------- CLI: review
+
+def add_review_options(parser) -> None:
+    """``--engine``/``--address``/``--actors`` on ``medcls review``."""
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="local (default): this machine; ray: a Ray cluster (Ray Data)")
+    parser.add_argument("--address", help="Ray cluster: auto, HOST:PORT or ray://HOST:10001 "
+                                          "(default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--actors", type=int, help="model actors on the cluster (default: one per node)")
+
+
+def cmd_review(args) -> int:
+    """``medcls review SOURCE --engine ray``: CSV at ``--out`` and Parquet beside it."""
+    from tqdm import tqdm
+
+    from .review import cli_sources, summary, write_csv
+
+    sources = cli_sources(args.folder)
+    classes = tuple(read_card(args.model)["classes"])
+    rows: list[ReviewRow] = []
+    with tqdm(total=len(sources), unit="scan", desc="review (ray)") as bar:
+        for row in run_review(args.model, sources, args.address, args.batch_size, args.actors,
+                              on_progress=lambda p: bar.update(p.done - bar.n)):
+            rows.append(row)
+    out = Path(args.out)
+    write_csv(rows, classes, out)
+    parquet = out.with_suffix(".parquet")
+    write_parquet(rows, classes, parquet)
+    s = summary(rows, classes)
+    print(f"{s['total']} scans -> {out}, {parquet}: "
+          + ", ".join(f"{k} {v}" for k, v in s["per_class"].items())
+          + f"; unreadable {s['unreadable']}, low confidence {s['low_confidence']}, "
+            f"outside distribution {s['outside_distribution']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- training
+
+def _keras_multiworker_fix() -> None:
+    """Two Keras 3.15 bugs under MultiWorkerMirroredStrategy, fixed in Ray Train workers only:
+
+    - ``fit`` averages the first distributed batch across replicas only to learn its shapes
+      (``_maybe_symbolic_build``), and that eager reduce fails ("Attempt to convert a value
+      (PerReplica...) to a Tensor"): the local replica's batch has the same shapes, build from it;
+    - the per-step logs (scalar loss and metrics) are averaged with ``axis=0``, which a scalar
+      does not have ("Invalid reduction dimension 0"): average them across replicas, no axis.
+    """
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    original = TensorFlowTrainer._maybe_symbolic_build
+    if getattr(original, "_medcls_fix", False):
+        return
+    reduce_original = tf_trainer.reduce_per_replica
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(strategy):
+            return tree.map_structure(
+                lambda v: (strategy.reduce("MEAN", v, axis=None)
+                           if isinstance(v, tf.distribute.DistributedValues) else v), values)
+        return reduce_original(values, strategy, reduction)
+
+    def build(self, iterator=None, data_batch=None):
+        if iterator is not None and self._distribute_strategy is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda v: (self.distribute_strategy.experimental_local_results(v)[0]
+                               if isinstance(v, tf.distribute.DistributedValues) else v), next(it))
+                break
+        return original(self, iterator=None, data_batch=data_batch)
+
+    build._medcls_fix = True
+    TensorFlowTrainer._maybe_symbolic_build = build
+    tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def _train_worker(config: dict) -> None:
+    """Ray Train worker: :func:`medcls.train.train` under MultiWorkerMirroredStrategy. Worker 0
+    writes the package and reports it as the checkpoint; the others write a scratch copy."""
+    import ray.train
+    import tensorflow as tf
+
+    from .train import TrainConfig, train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    _keras_multiworker_fix()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    cfg = TrainConfig(**config["cfg"])
+    scratch = Path(tempfile.mkdtemp(prefix=f"medcls-train-{rank}-"))
+    cfg.out = str(scratch / "package")
+    if cfg.cache_dir:  # one cache per worker: two writers never race on one file
+        cfg.cache_dir = str(Path(cfg.cache_dir) / f"ray-worker-{rank}")
+    out = train(cfg, command=config["command"], strategy=strategy)
+    checkpoint = ray.train.Checkpoint.from_directory(str(out)) if rank == 0 else None
+    card = json.loads((Path(out) / CARD_FILE).read_text())
+    ray.train.report({"test_accuracy": card["metrics"]["test"]["accuracy"],
+                      "epochs_run": card["training"]["epochs_run"]}, checkpoint=checkpoint)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def train_on_ray(cfg, workers: int, address: str | None = None, command: str | None = None,
+                 storage: str | Path | None = None) -> Path:
+    """Train ``cfg`` with ``workers`` Ray Train workers (one CPU each); the package lands in
+    ``cfg.out`` as with local training. ``storage`` holds Ray's run records and checkpoints
+    (default: a ``.ray-train`` folder beside ``cfg.out``; on a multi-machine cluster it must be
+    storage every node can write, e.g. NFS or S3)."""
+    from dataclasses import asdict
+
+    connect(address)
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    out = Path(cfg.out).resolve()
+    data = str(Path(cfg.data).resolve())
+    cache = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None
+    storage = Path(storage) if storage else out.parent / ".ray-train"
+    storage.mkdir(parents=True, exist_ok=True)
+    config = {"cfg": asdict(cfg) | {"data": data, "cache_dir": cache}, "command": command or ""}
+    trainer = TensorflowTrainer(
+        _train_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(storage.resolve())))
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray wraps the worker's error
+        raise ClusterError(f"Training on the Ray cluster failed: {exc}") from exc
+    if result.checkpoint is None:
+        raise ClusterError("Training on the Ray cluster finished without a model package.")
+    if out.exists():
+        shutil.rmtree(out)
+    result.checkpoint.to_directory(str(out))
+    log.info("model package from Ray Train worker 0 -> %s (metrics %s)", out, result.metrics)
+    return out

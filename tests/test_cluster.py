@@ -1,0 +1,177 @@
+"""Review and training on a real Ray cluster of two local nodes (medcls.cluster).
+
+A head and a second node are started with ``ray start`` (one CPU each, temporary directories,
+free ports, on localhost) once for the module and stopped by their process ids afterwards
+(tests/raycluster.py). Expected values come from the local engine on the same files, never
+from the Ray engine itself.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import require
+from raycluster import LocalRayCluster
+
+pytestmark = pytest.mark.cluster
+
+N_REVIEW = 2000
+KILL_AFTER = 300  # rows received before a model actor is killed
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    with LocalRayCluster(nodes=2, cpus=1) as cluster:
+        from medcls.cluster import connect
+
+        connect(cluster.address)
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scans(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A list file of 2,000 brain MRI train-split images (absolute paths), then a truncated
+    JPEG, a text file and a path that does not exist: (list file, expected row names)."""
+    brain = require(data_dir / "brain-mri")
+    with open(brain / "labels.csv", newline="") as fh:
+        files = [brain / r["file"] for r in csv.DictReader(fh) if r["split"] == "train"][:N_REVIEW]
+    assert len(files) == N_REVIEW
+    bad = tmp_path_factory.mktemp("bad")
+    whole = files[0].read_bytes()
+    (bad / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    (bad / "notes.txt").write_text("not a scan\n")
+    names = [str(f) for f in files] + [str(bad / "cut.jpg"), str(bad / "notes.txt"),
+                                       str(bad / "missing.jpg")]
+    listing = bad / "scans.txt"
+    listing.write_text("# one path a line\n" + "\n".join(names) + "\n")
+    return listing, names
+
+
+@pytest.fixture(scope="module")
+def local_rows(brain_predictor, scans):
+    from medcls.review import list_sources, run_review
+
+    return list(run_review(brain_predictor, list_sources(scans[0])))
+
+
+def _same_answers(ray_rows, local_rows) -> None:
+    assert [r.file for r in ray_rows] == [r.file for r in local_rows]  # every input once, in order
+    for a, b in zip(ray_rows, local_rows):
+        assert a.error == b.error, a.file
+        assert a.predicted == b.predicted, a.file
+        assert a.probabilities.keys() == b.probabilities.keys()
+        for c in a.probabilities:
+            assert abs(a.probabilities[c] - b.probabilities[c]) <= 1e-5, (a.file, c)
+        assert (a.gate_score is None) == (b.gate_score is None)
+        if a.gate_score is not None:
+            assert a.gate_score == pytest.approx(b.gate_score, rel=1e-4)
+        assert (a.low_confidence, a.outside_distribution, a.modality) == \
+            (b.low_confidence, b.outside_distribution, b.modality)
+
+
+def test_review_2000_on_two_nodes_survives_a_killed_worker(ray_cluster, brain_model_dir, scans,
+                                                           local_rows):
+    """Every input exactly once and the local engine's answers, although one model actor's
+    process is killed (SIGKILL) in the middle of the run."""
+    from medcls.cluster import run_review
+    from medcls.review import list_sources
+
+    sources = list_sources(scans[0])
+    rows, killed = [], []
+    for row in run_review(brain_model_dir, sources, address=ray_cluster.address):
+        rows.append(row)
+        if len(rows) == KILL_AFTER:
+            actors = ray_cluster.worker_pids("_Classifier")
+            assert len(actors) == 2, "one model actor per node"
+            os.kill(actors[0], signal.SIGKILL)
+            killed.append(actors[0])
+    assert killed and len(rows) == len(sources)
+    assert sum(r.error is not None for r in rows) == 3
+    _same_answers(rows, local_rows)
+
+
+def test_workers_run_this_environment_on_both_nodes(ray_cluster):
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def where():
+        return sys.prefix, ray.get_runtime_context().get_node_id()
+
+    found = ray.get([where.options(scheduling_strategy="SPREAD").remote() for _ in range(4)])
+    venv = {str(Path(prefix).resolve()) for prefix, _ in found}
+    assert venv == {str(Path(sys.prefix).resolve())}  # the shared venv's python
+    assert len({node for _, node in found}) == 2
+
+
+def test_cli_writes_csv_and_parquet_with_the_local_columns(ray_cluster, brain_model_dir, scans,
+                                                           local_rows, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from medcls.cli import main
+    from medcls.review import write_csv
+
+    listing = tmp_path / "few.txt"
+    few = scans[1][:20] + scans[1][-3:]  # 20 images and the three unreadable inputs
+    listing.write_text("\n".join(few) + "\n")
+    out = tmp_path / "ray.csv"
+    assert main(["review", str(listing), "--engine", "ray", "--address", ray_cluster.address,
+                 "--model", str(brain_model_dir), "--out", str(out), "--batch-size", "8"]) == 0
+    assert "review (ray)" in capsys.readouterr().err  # progress in the terminal
+
+    expected = [r for r in local_rows if r.file in set(few)]
+    local_csv = tmp_path / "local.csv"
+    classes = list(next(r for r in expected if r.error is None).probabilities)
+    write_csv(expected, classes, local_csv)
+    with open(out, newline="") as a, open(local_csv, newline="") as b:
+        ray_table, local_table = list(csv.DictReader(a)), list(csv.DictReader(b))
+    assert list(ray_table[0]) == list(local_table[0])
+    assert [r["file"] for r in ray_table] == few
+    for a, b in zip(ray_table, local_table):
+        assert {k: v for k, v in a.items() if not k.startswith("p_") and k not in ("confidence", "gate_score")} == \
+            {k: v for k, v in b.items() if not k.startswith("p_") and k not in ("confidence", "gate_score")}
+        for c in classes:
+            assert (a[f"p_{c}"] == "") == (b[f"p_{c}"] == "")
+            if a[f"p_{c}"]:
+                assert abs(float(a[f"p_{c}"]) - float(b[f"p_{c}"])) <= 1e-5
+
+    table = pq.read_table(out.with_suffix(".parquet")).to_pylist()
+    assert list(table[0]) == list(local_table[0])
+    assert [r["file"] for r in table] == few
+    assert [r["error"] for r in table] == [r.error for r in expected]
+    assert [r["predicted"] for r in table] == [r.predicted for r in expected]
+
+
+def test_train_two_workers_gives_a_loadable_package(ray_cluster, data_dir, tmp_path):
+    """One epoch of a tiny seed-cnn (64 px, 200 training images) on 2 Ray Train workers: the
+    package is written in the local format, loads, and predicts."""
+    from medcls.cli import main
+    from medcls.inference import Predictor
+    from medcls.package import read_card
+
+    brain = require(data_dir / "brain-mri")
+    out = tmp_path / "models" / "tiny"
+    assert main(["train", "--data", str(brain), "--arch", "seed-cnn", "--input-size", "64",
+                 "--epochs", "1", "--max-train", "200", "--batch-size", "32",
+                 "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+                 "--workers", "2", "--address", ray_cluster.address]) == 0
+    card = read_card(out)
+    assert card["training"]["epochs_run"] == 1
+    assert card["input_size"] == 64
+    predictor = Predictor.from_path(out)
+    scan_path = next(iter(sorted((brain / "glioma").glob("*.jpg"))))
+    pred = predictor.predict_file(scan_path)
+    assert pred.label in card["classes"]
+    assert np.isclose(pred.probabilities.sum(), 1.0, atol=1e-5)
