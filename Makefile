@@ -17,8 +17,8 @@ $(VENV)/.installed: requirements.txt $(VENV)/bin/activate
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed
-	$(PY) -m pip install -q -r requirements-test.txt
+$(VENV)/.installed-test: requirements-test.txt requirements-ray.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-test.txt -r requirements-ray.txt
 	touch $@
 
 venv: $(VENV)/.installed

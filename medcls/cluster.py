@@ -95,8 +95,11 @@ def runtime_env() -> dict:
 def connect(address: str | None = None):
     """Connect this process to the cluster at ``address`` (``auto``, ``host:port``,
     ``ray://host:10001``; None: ``$RAY_ADDRESS`` or a new local Ray). Once per process."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("Ray is not installed: `pip install -r requirements-ray.txt` (on this "
+                           "machine and every node of the cluster).") from None
     if ray.is_initialized():
         return ray
     try:
@@ -211,6 +214,7 @@ def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | 
     ray = connect(address)
     from ray import data
 
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # the terminal shows our progress only
     ctx = data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # rows in input order, as the local engine
     ctx.enable_progress_bars = False  # progress is ours (terminal or page)
@@ -242,6 +246,18 @@ def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | 
         close = getattr(batches, "close", None)
         if close is not None:
             close()  # stops the streaming executor when the caller stops early
+
+
+def review_stream(model_path: str | Path, sources: Sequence[Source], predictor, address: str | None,
+                  batch_size: int = 32, workers: int = 2,
+                  stop: threading.Event | None = None) -> Iterator[ReviewRow]:
+    """The batch page's one generator of rows: on this server with ``predictor`` (``address``
+    None), or on the Ray cluster at ``address``. Same rows, same order, same stop event."""
+    if address:
+        return run_review(model_path, sources, address, batch_size=batch_size, stop=stop)
+    from .review import run_review as run_here
+
+    return run_here(predictor, sources, batch_size=batch_size, workers=workers, stop=stop)
 
 
 def write_parquet(rows: Sequence[ReviewRow], classes: Sequence[str], out: str | Path) -> None:

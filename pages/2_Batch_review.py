@@ -9,7 +9,9 @@ folder, several files or one .zip uploaded through the browser. All the work is 
 How a run proceeds and how Stop really stops
 --------------------------------------------
 A review is a *job* kept in ``st.session_state["batch_job"]``: its sources, the
-:func:`medcls.review.run_review` generator, the rows so far and a ``threading.Event``.
+:func:`medcls.review.run_review` generator (or :func:`medcls.cluster.run_review` when the review
+runs on the configured Ray cluster: same rows, same order), the rows so far and a
+``threading.Event``.
 Each script run advances the generator for about ``CHUNK_SECONDS`` (one batch at least),
 updating the progress bar after every batch, then calls ``st.rerun()``. A click on any
 widget makes Streamlit interrupt the running chunk at its next Streamlit call (the progress
@@ -43,7 +45,8 @@ import streamlit as st
 
 import ui
 from medcls import MedclsError, load_scan
-from medcls.review import (ArchiveRejectedError, Progress, folder_sources, run_review, summary,
+from medcls.cluster import ray_address, review_stream
+from medcls.review import (ArchiveRejectedError, Progress, folder_sources, summary,
                            upload_sources, write_csv)
 from medcls.render import overlay
 from medcls.saliency import METHODS
@@ -63,15 +66,17 @@ ui.page_header("Batch review", "Triage a folder of scans: predicted class, calib
 
 # ----------------------------------------------------------------------------- job
 
-def start_job(sources, origin: str, model_path: str, predictor) -> None:
-    """Replace this session's review with a new one over ``sources``."""
+def start_job(sources, origin: str, model_path: str, predictor, address: str | None = None) -> None:
+    """Replace this session's review with a new one over ``sources`` (on the Ray cluster at
+    ``address`` when given)."""
     close_job(st.session_state.get(JOB), "stopped")
     stop = threading.Event()
     st.session_state[JOB] = {
         "id": uuid.uuid4().hex[:8], "origin": origin, "model_path": model_path,
         "card": predictor.card, "classes": tuple(predictor.classes),
         "sources": sources, "rows": [], "stop": stop, "state": "running", "error": None,
-        "gen": run_review(predictor, sources, batch_size=BATCH_SIZE, workers=WORKERS, stop=stop),
+        "gen": review_stream(model_path, sources, predictor, address, batch_size=BATCH_SIZE,
+                             workers=WORKERS, stop=stop),
         "t0": time.perf_counter(), "elapsed": None, "table": None,
     }
     st.session_state.pop(SELECTED, None)
@@ -170,7 +175,7 @@ if job is not None and job["state"] == "running" and job["stop"].is_set():
 running = bool(job and job["state"] == "running")
 
 
-def begin(make_sources, origin: str) -> None:
+def begin(make_sources, origin: str, address: str | None = None) -> None:
     """Build the sources and start a job; refusals become messages, never traces."""
     try:
         sources = make_sources()
@@ -189,7 +194,7 @@ def begin(make_sources, origin: str) -> None:
     except Exception as exc:  # noqa: BLE001
         ui.show_error(exc, "The model")
         return
-    start_job(sources, origin, model_path, predictor)
+    start_job(sources, origin, model_path, predictor, address)
 
 
 # ----------------------------------------------------------------------------- input
@@ -209,9 +214,15 @@ with server_tab:
     if not root_ok:
         st.warning("The scan folder does not exist on this server. Set `MEDCLS_SCAN_ROOT` (or "
                    "`scan_root` in `.streamlit/secrets.toml`) to the folder that holds the scans.")
+    cluster = ray_address()
+    on_cluster = bool(cluster) and st.toggle(
+        f"Run on the Ray cluster (`{cluster}`)", key="batch_on_cluster",
+        help="The cluster reads the scans from the same folder (it must be mounted on every "
+             "node) and classifies them in parallel; progress shows here as on this server.")
     if st.button("Review this folder", key="batch_start_folder", type="primary",
                  disabled=running or not root_ok):
-        begin(lambda: folder_sources(root, folder.strip() or "."), f"folder `{folder.strip() or '.'}`")
+        begin(lambda: folder_sources(root, folder.strip() or "."), f"folder `{folder.strip() or '.'}`"
+              + (" on the Ray cluster" if on_cluster else ""), cluster if on_cluster else None)
 
 with upload_tab:
     kind = st.radio("Upload", ["A folder", "Files or one .zip"], horizontal=True,

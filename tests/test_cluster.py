@@ -103,6 +103,14 @@ def test_review_2000_on_two_nodes_survives_a_killed_worker(ray_cluster, brain_mo
     _same_answers(rows, local_rows)
 
 
+def test_importing_medcls_does_not_import_ray():
+    import subprocess
+
+    code = ("import sys, medcls, medcls.cluster, medcls.cli, medcls.review; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
 def test_workers_run_this_environment_on_both_nodes(ray_cluster):
     import ray
 
@@ -155,7 +163,7 @@ def test_cli_writes_csv_and_parquet_with_the_local_columns(ray_cluster, brain_mo
 
 
 def test_train_two_workers_gives_a_loadable_package(ray_cluster, data_dir, tmp_path):
-    """One epoch of a tiny seed-cnn (64 px, 200 training images) on 2 Ray Train workers: the
+    """One epoch of a tiny seed-cnn (64 px, 128 training images) on 2 Ray Train workers: the
     package is written in the local format, loads, and predicts."""
     from medcls.cli import main
     from medcls.inference import Predictor
@@ -164,7 +172,7 @@ def test_train_two_workers_gives_a_loadable_package(ray_cluster, data_dir, tmp_p
     brain = require(data_dir / "brain-mri")
     out = tmp_path / "models" / "tiny"
     assert main(["train", "--data", str(brain), "--arch", "seed-cnn", "--input-size", "64",
-                 "--epochs", "1", "--max-train", "200", "--batch-size", "32",
+                 "--epochs", "1", "--max-train", "128", "--batch-size", "32",
                  "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
                  "--workers", "2", "--address", ray_cluster.address]) == 0
     card = read_card(out)
@@ -175,3 +183,37 @@ def test_train_two_workers_gives_a_loadable_package(ray_cluster, data_dir, tmp_p
     pred = predictor.predict_file(scan_path)
     assert pred.label in card["classes"]
     assert np.isclose(pred.probabilities.sum(), 1.0, atol=1e-5)
+
+
+def test_batch_page_reviews_a_server_folder_on_the_cluster(ray_cluster, brain_model_dir, data_dir,
+                                                          tmp_path, monkeypatch):
+    """The batch page with a configured cluster: the toggle sends the folder review to Ray and
+    the page follows it to the same rows as this server's engine."""
+    from streamlit.testing.v1 import AppTest
+
+    from conftest import PROJECT_ROOT
+    from medcls.inference import Predictor
+    from medcls.review import folder_sources, run_review
+
+    brain = require(data_dir / "brain-mri")
+    root = tmp_path / "scans"
+    (root / "study").mkdir(parents=True)
+    for i, src in enumerate(sorted((brain / "pituitary").glob("*.jpg"))[:6]):
+        (root / "study" / f"img_{i}.jpg").write_bytes(src.read_bytes())
+    (root / "study" / "readme.txt").write_text("not a scan")
+    monkeypatch.setenv("MEDCLS_SCAN_ROOT", str(root))
+    monkeypatch.setenv("MEDCLS_MODELS", str(brain_model_dir.parent))
+    monkeypatch.setenv("MEDCLS_RAY_ADDRESS", ray_cluster.address)
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT))
+    at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "2_Batch_review.py"), default_timeout=300)
+    at.run()
+    at.toggle(key="batch_on_cluster").set_value(True)
+    at.text_input(key="batch_folder").input("study")
+    at.button(key="batch_start_folder").click()
+    at.run()
+    assert not at.exception, at.exception
+    job = at.session_state["batch_job"]
+    assert job["state"] == "done" and "Ray cluster" in job["origin"]
+    predictor = Predictor.from_path(job["model_path"])  # the model the page picked
+    local = list(run_review(predictor, folder_sources(root, "study")))
+    _same_answers(job["rows"], local)
