@@ -1,7 +1,8 @@
 """Review and training on a Ray cluster, for archives and retraining runs that outgrow one machine.
 
 Integrations layer: nothing here runs unless asked (``medcls review --engine ray``, ``medcls
-train --workers N``, the batch page's cluster option), and ``ray`` is imported inside the
+train --workers N``, the batch page's cluster option when ``ray_address`` is set in
+:mod:`medcls.settings`), and ``ray`` is imported inside the
 functions, so ``import medcls`` (and this module) never imports ray. The single-machine engine
 (:mod:`medcls.review`) stays the default and is reused, not copied:
 
@@ -50,6 +51,7 @@ from .package import CARD_FILE, GATE_FILE, MODEL_FILE, read_card
 from .calibration import InputGate
 from .preprocess import PreprocessSpec, preprocess
 from .review import Progress, ReviewRow, Source, row_from_item
+from .settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -63,27 +65,6 @@ TASK_CPUS = 0.25
 WORKER_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 
-# ----------------------------------------------------------------------------- settings
-
-def ray_address() -> str | None:
-    """The configured cluster: ``$MEDCLS_RAY_ADDRESS``, else ``ray_address`` in
-    ``.streamlit/secrets.toml``, else None (no cluster: reviews run on this server).
-    (One small reader until medcls.settings holds the app's settings.)"""
-    value = os.environ.get("MEDCLS_RAY_ADDRESS", "").strip()
-    if value:
-        return value
-    secrets = Path(os.environ.get("MEDCLS_SECRETS", ".streamlit/secrets.toml"))
-    if secrets.is_file():
-        import tomllib
-
-        try:
-            value = str(tomllib.loads(secrets.read_text()).get("ray_address", "")).strip()
-        except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError):
-            log.warning("%s could not be read; no Ray cluster configured", secrets)
-            value = ""
-    return value or None
-
-
 # ----------------------------------------------------------------------------- connection
 
 def runtime_env() -> dict:
@@ -94,7 +75,8 @@ def runtime_env() -> dict:
 
 def connect(address: str | None = None):
     """Connect this process to the cluster at ``address`` (``auto``, ``host:port``,
-    ``ray://host:10001``; None: ``$RAY_ADDRESS`` or a new local Ray). Once per process."""
+    ``ray://host:10001``; None: the ``ray_address`` setting, else ``$RAY_ADDRESS``, else a new
+    local Ray). Once per process."""
     try:
         import ray
     except ImportError:
@@ -102,6 +84,7 @@ def connect(address: str | None = None):
                            "machine and every node of the cluster).") from None
     if ray.is_initialized():
         return ray
+    address = address or load_settings().ray_address  # None: $RAY_ADDRESS, else a local Ray
     try:
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=False,
                  logging_level=logging.WARNING, include_dashboard=False if address is None else None)
@@ -394,11 +377,15 @@ def train_on_ray(cfg, workers: int, address: str | None = None, command: str | N
     from ray.train.tensorflow import TensorflowTrainer
 
     out = Path(cfg.out).resolve()
-    data = str(Path(cfg.data).resolve())
-    cache = str(Path(cfg.cache_dir).resolve()) if cfg.cache_dir else None
+
+    def absolute(path):  # workers do not run in this folder: paths are resolved here
+        return str(Path(path).resolve()) if path else path
+
+    paths = {"data": [absolute(d) for d in cfg.folders], "cache_dir": absolute(cfg.cache_dir),
+             "init": absolute(cfg.init), "weights": absolute(cfg.weights)}
     storage = Path(storage) if storage else out.parent / ".ray-train"
     storage.mkdir(parents=True, exist_ok=True)
-    config = {"cfg": asdict(cfg) | {"data": data, "cache_dir": cache}, "command": command or ""}
+    config = {"cfg": asdict(cfg) | paths, "command": command or ""}
     trainer = TensorflowTrainer(
         _train_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": 1}),

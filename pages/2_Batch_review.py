@@ -45,7 +45,7 @@ import streamlit as st
 
 import ui
 from medcls import MedclsError, load_scan
-from medcls.cluster import ray_address, review_stream
+from medcls.cluster import review_stream
 from medcls.review import (ArchiveRejectedError, Progress, folder_sources, summary,
                            upload_sources, write_csv)
 from medcls.render import overlay
@@ -214,7 +214,7 @@ with server_tab:
     if not root_ok:
         st.warning("The scan folder does not exist on this server. Set `MEDCLS_SCAN_ROOT` (or "
                    "`scan_root` in `.streamlit/secrets.toml`) to the folder that holds the scans.")
-    cluster = ray_address()
+    cluster = ui.settings().ray_address
     on_cluster = bool(cluster) and st.toggle(
         f"Run on the Ray cluster (`{cluster}`)", key="batch_on_cluster",
         help="The cluster reads the scans from the same folder (it must be mounted on every "
