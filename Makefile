@@ -29,9 +29,9 @@ run: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q
 
-# Everything but the browser and load tests.
+# Everything but the browser, load and Ray cluster tests.
 test-fast: $(VENV)/.installed-test
-	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q -m "not browser and not load"
+	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q -m "not browser and not load and not cluster"
 
 bench: $(VENV)/.installed-test
 	MEDCLS_DATA=$(DATA) $(PY) -m bench.all --data $(DATA)
