@@ -244,9 +244,12 @@ def review_stream(model_path: str | Path, sources: Sequence[Source], predictor, 
 
 
 def write_parquet(rows: Sequence[ReviewRow], classes: Sequence[str], out: str | Path) -> None:
-    """The worklist as Parquet: the CSV's columns (:meth:`ReviewRow.as_record`), typed."""
+    """The worklist as Parquet: the CSV's columns (:meth:`ReviewRow.as_record`), typed, with
+    the CSV's escaping of text cells (a Parquet file can be opened in a spreadsheet too)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from .export import escape_cell
 
     fields = [("file", pa.string()), ("predicted", pa.string()), ("confidence", pa.float64()),
               *[(f"p_{c}", pa.float64()) for c in classes],
@@ -255,7 +258,7 @@ def write_parquet(rows: Sequence[ReviewRow], classes: Sequence[str], out: str | 
               ("error", pa.string()), ("modality", pa.string()), ("series_number", pa.int64()),
               ("instance_number", pa.int64())]
     schema = pa.schema(fields)
-    records = [r.as_record(classes) for r in rows]
+    records = [{k: escape_cell(v) for k, v in r.as_record(classes).items()} for r in rows]
     if records and list(records[0]) != schema.names:  # the CSV's columns changed: follow them
         schema = pa.schema([f for f in fields if f[0] in records[0]])
     pq.write_table(pa.Table.from_pylist(records, schema=schema), out)
