@@ -51,12 +51,21 @@ def _measure(engine: str, nodes, run, sources) -> dict:
     load = _load()
     t1 = _timed(run, sources)
     t2 = _timed(run, list(sources) * 2)
-    n = len(sources)
-    per_scan = max(t2 - t1, 1e-9) / n
-    return {"engine": engine, "nodes": nodes, "scans": n, "wall_s": round(t1, 2),
-            "wall_2x_s": round(t2, 2), "scans_per_s": round(n / t1, 2),
-            "steady_scans_per_s": round(1 / per_scan, 2), "ms_per_scan": round(1000 * per_scan, 1),
-            "fixed_s": round(t1 - n * per_scan, 1), "load_before": load, "load_after": _load()}
+    return _derive({"engine": engine, "nodes": nodes, "scans": len(sources), "wall_s": round(t1, 2),
+                    "wall_2x_s": round(t2, 2), "load_before": load, "load_after": _load()})
+
+
+def _derive(r: dict) -> dict:
+    """Rates from the two wall times. When the doubled run was not clearly slower (the machine's
+    load changed between the runs) the steady figures are left out rather than made up."""
+    n, t1, t2 = r["scans"], r["wall_s"], r["wall_2x_s"]
+    r = dict(r, scans_per_s=round(n / t1, 2), scans_per_s_2x=round(2 * n / t2, 2),
+             steady_scans_per_s=None, ms_per_scan=None, fixed_s=None)
+    per_scan = (t2 - t1) / n
+    if t2 > 1.2 * t1 and t1 - n * per_scan >= 0:
+        r.update(steady_scans_per_s=round(1 / per_scan, 2), ms_per_scan=round(1000 * per_scan, 1),
+                 fixed_s=round(t1 - n * per_scan, 1))
+    return r
 
 
 def local_run(model, sources) -> dict:
@@ -87,11 +96,17 @@ def main(argv=None):
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model package (default: models/brain-mri-default)")
     p.add_argument("--repeat", type=int, default=1, help="runs of each configuration")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite the report from the runs in bench/results/scale.json")
     args = p.parse_args(argv)
     model = args.model or str(args.models / "brain-mri-default")
     sources = _sources(args.data, args.quick)
     runs = []
-    for _ in range(args.repeat):
+    if args.report_only:
+        import json
+
+        runs = [_derive(r) for r in json.loads((args.out / "scale.json").read_text())["runs"]]
+    for _ in range(0 if args.report_only else args.repeat):
         runs.append(local_run(model, sources))
         for nodes in (1, 2):
             runs.append(ray_run(model, sources, nodes))
@@ -102,6 +117,10 @@ def main(argv=None):
         return max(rs, key=lambda r: r["scans_per_s"])
 
     local = best("local", None)
+
+    def diff(a, b):
+        return None if a is None or b is None else round(a - b, 1)
+
     summary = []
     for nodes in (1, 2):
         r = best("ray", nodes)
@@ -109,7 +128,7 @@ def main(argv=None):
             "nodes": nodes, "scans_per_s": r["scans_per_s"], "steady_scans_per_s": r["steady_scans_per_s"],
             "fixed_s": r["fixed_s"],
             "overhead_ms_per_scan_end_to_end": round(1000 * (1 / r["scans_per_s"] - 1 / local["scans_per_s"]), 1),
-            "overhead_ms_per_scan_steady": round(r["ms_per_scan"] - local["ms_per_scan"], 1)})
+            "overhead_ms_per_scan_steady": diff(r["ms_per_scan"], local["ms_per_scan"])})
     result = {"command": command(), "machine": machine(), "model": os.path.basename(model),
               "scans": len(sources), "runs": runs, "local_scans_per_s": local["scans_per_s"],
               "ray": summary}
@@ -120,13 +139,15 @@ def main(argv=None):
           "no hardware here. Each configuration reviews the scans, then twice as many (the same "
           "files again): the difference gives the steady cost of a scan, the rest is the fixed "
           "cost of a run (for Ray: connecting and starting the model actors).", "",
-          table(["engine", "nodes", "scans/s end to end", "steady scans/s", "ms/scan steady",
+          table(["engine", "nodes", "scans/s end to end (1x)", "(2x)", "steady scans/s", "ms/scan steady",
                  "fixed s", "wall s (1x / 2x)", "load before", "load after"],
-                [[r["engine"], r["nodes"] or "", r["scans_per_s"], r["steady_scans_per_s"],
+                [[r["engine"], r["nodes"] or "", r["scans_per_s"], r["scans_per_s_2x"], r["steady_scans_per_s"],
                   r["ms_per_scan"], r["fixed_s"], f"{r['wall_s']} / {r['wall_2x_s']}",
                   " / ".join(map(str, r["load_before"])), " / ".join(map(str, r["load_after"]))]
                  for r in runs]), "",
-          "Ray's overhead against the best local run:", "",
+          "Ray's overhead against the best local run (a blank steady figure: the doubled run was "
+          "not clearly slower than the single one, i.e. the machine's load changed in between, so "
+          "no steady cost can be read from that pair):", "",
           table(["nodes", "overhead ms/scan (end to end)", "overhead ms/scan (steady)", "fixed s per run"],
                 [[s["nodes"], s["overhead_ms_per_scan_end_to_end"], s["overhead_ms_per_scan_steady"],
                   s["fixed_s"]] for s in summary])]
