@@ -41,12 +41,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import ClusterError, MedclsError
-from .inference import Prediction, StreamItem, check_modality, load_stream_item
+from .inference import Prediction, Predictor, StreamItem, check_modality, load_stream_item
 from .package import CARD_FILE, GATE_FILE, MODEL_FILE, read_card
 from .calibration import InputGate
 from .preprocess import PreprocessSpec, preprocess
@@ -139,7 +140,8 @@ def _decode(batch: dict, spec: dict, modality: str | None, model_name: str) -> d
             info = {}
         xs.append(pre.array.astype(np.float32) if pre is not None else np.zeros(shape, np.float32))
         errors.append(error)
-        infos.append(json.dumps({k: info.get(k) for k in ("modality", "series_number", "instance_number")}))
+        infos.append(json.dumps({k: info.get(k) for k in ("modality", "series_number", "instance_number",
+                                                          "plane")}))
     return {"index": batch["index"], "x": np.stack(xs), "error": np.array(errors, dtype=object),
             "info": np.array(infos, dtype=object)}
 
@@ -189,6 +191,7 @@ def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | 
     gate_threshold = (InputGate.load(Path(model_dir) / GATE_FILE).threshold
                       if (Path(model_dir) / GATE_FILE).is_file() else None)
     low = float(card["low_confidence_threshold"])
+    scope = SimpleNamespace(card=card, name=card["name"])  # what Predictor.within_scope reads
     files = package_files(model_dir)
     items = path_items(sources)
     t0 = time.perf_counter()
@@ -215,11 +218,14 @@ def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | 
             for j in range(len(b["index"])):
                 i = int(b["index"][j])
                 error = b["error"][j] or None
+                info = json.loads(b["info"][j])
                 pred = None if error else Prediction(
                     classes, b["probabilities"][j], b["logits"][j],
                     None if np.isnan(b["gate_score"][j]) else float(b["gate_score"][j]),
                     gate_threshold, low)
-                yield row_from_item(StreamItem(sources[i], pred, error, json.loads(b["info"][j])))
+                if pred is not None:  # the local engine's scope note (plane outside the card's)
+                    pred = Predictor.within_scope(scope, pred, info.get("plane"))
+                yield row_from_item(StreamItem(sources[i], pred, error, info))
                 done += 1
             if on_progress is not None:
                 on_progress(Progress(done, len(items), time.perf_counter() - t0))
