@@ -101,7 +101,10 @@ def main(argv=None):
     from medcls.inference import Predictor
     from medcls.package import list_packages, update_card
 
-    args = parser(__doc__).parse_args(argv)
+    p = parser(__doc__)
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other models' results of bench/results/speed.json")
+    args = p.parse_args(argv)
     runs = 8 if args.quick else RUNS
     with open(args.data / "brain-mri" / "labels.csv", newline="") as fh:
         test = [args.data / "brain-mri" / r["file"] for r in csv.DictReader(fh) if r["split"] == "test"]
@@ -114,6 +117,10 @@ def main(argv=None):
     peak = matmul_peak_gflops()
     result = {"command": command(), "machine": machine(), "cpu_model": machine()["cpu_model"],
               "matmul_peak_gflops": peak, "models": {}}
+    if args.merge and (args.out / "speed.json").is_file():
+        previous = json.loads((args.out / "speed.json").read_text())
+        result = previous | {"models": previous.get("models", {}),
+                             "command": previous.get("command", "") + f"; {result['command']}"}
     rows = []
     for folder, card in list_packages(args.models):
         predictor = Predictor.from_path(folder).warmup()
@@ -139,12 +146,13 @@ def main(argv=None):
                 "machine": f"{result['cpu_model']}, {machine()['cores']} cores",
                 "command": "python -m bench.speed"}})
         result["models"][card["name"]] = entry
-        rows.append([card["name"], entry["size_mb"], entry["flops_per_image"] / 1e9,
+        print(card["name"], json.dumps(entry), flush=True)
+    for name, entry in sorted(result["models"].items()):
+        rows.append([name, entry["size_mb"], entry["flops_per_image"] / 1e9,
                      entry["single_scan_ms"]["jpeg"]["median_ms"], entry["single_scan_ms"]["jpeg"]["p95_ms"],
                      entry["single_scan_ms"]["dicom"]["median_ms"], entry["single_scan_ms"]["dicom"]["p95_ms"],
                      entry.get("batch_scans_per_s"), entry.get("naive_scans_per_s"), entry.get("batch_vs_naive"),
                      entry.get("fraction_of_peak"), entry["cold_start_s"]])
-        print(card["name"], json.dumps(entry), flush=True)
     default = result["models"].get("brain-mri-default")
     if default:  # the headline keys the README quotes
         result.update({
