@@ -153,10 +153,13 @@ def show_error(exc: Exception, what: str = "This file") -> None:
                  f"({type(exc).__name__}). Please try another file; the app keeps working.")
 
 
+WINDOWED_FORMATS = ("dicom", "nifti")  # formats with window/level (plain images keep theirs)
+
+
 def window_controls(scan: Scan, key: str) -> tuple[float, float]:
-    """Window/level controls for DICOM (modality presets, percentile defaults); plain images
-    keep their own contrast."""
-    if scan.source_format != "dicom" or scan.is_color:
+    """Window/level controls for DICOM and NIfTI (modality presets, percentile defaults); plain
+    images keep their own contrast."""
+    if scan.source_format not in WINDOWED_FORMATS or scan.is_color:
         return scan.window_center, scan.window_width
     presets = {"File default" if scan.window_source == "dicom" else "Percentile 0.5-99.5 (default)":
                (scan.window_center, scan.window_width), **scan.window_presets}
@@ -174,7 +177,7 @@ def window_controls(scan: Scan, key: str) -> tuple[float, float]:
 
 
 def display(scan: Scan, center: float, width: float) -> np.ndarray:
-    if scan.source_format != "dicom" or scan.is_color:
+    if scan.source_format not in WINDOWED_FORMATS or scan.is_color:
         return display_image(scan)
     return display_image(scan, center, width)
 
@@ -242,3 +245,51 @@ def method_picker(key: str = "method") -> str:
     names = list(METHODS)
     return st.selectbox("Heatmap method", names, index=0, key=key,
                         format_func=lambda m: METHODS[m].label)
+
+
+# ----------------------------------------------------------------------------- heatmap regions
+
+def explain_for_display(predictor, scan: Scan, method: str, requested: bool):
+    """The heatmap to show: of the predicted class; on a no-finding answer, of the strongest
+    finding class when the user asked for it (``requested``)."""
+    from medcls.findings import is_finding_answer, strongest_finding_class
+
+    explanation = predictor.explain(scan, method)
+    pred = explanation.prediction
+    if requested and not is_finding_answer(pred, predictor.card) and \
+            pred.label == explanation.class_name:
+        explanation = predictor.explain(
+            scan, method, class_index=strongest_finding_class(pred.probabilities, predictor.card))
+    return explanation
+
+
+def heatmap_view(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
+                 requested: bool, key: str) -> None:
+    """The heatmap overlay with the region only where :func:`medcls.findings.may_show_region`
+    allows it; otherwise a sentence on what the heatmap means, and the explicit request."""
+    from medcls.findings import finding_noun, heatmap_meaning, is_finding_answer, may_show_region
+    from medcls.render import draw_region, overlay
+
+    pred = explanation.prediction
+    allowed = may_show_region(pred, card, requested)
+    region = explanation.region if allowed and show_region else None
+    over = overlay(gray, explanation.heatmap, alpha)
+    draw_region(over, region)
+    if allowed:
+        caption = (f"Red: the image regions that drove “{explanation.class_name}” most."
+                   + (" White outline: hottest region; green: its bounding box."
+                      if region is not None else ""))
+        if not is_finding_answer(pred, card):
+            caption = (f"Strongest “{explanation.class_name}” evidence, shown on request: the "
+                       f"answer is “{pred.label}”. " + caption)
+    else:
+        caption = heatmap_meaning(pred, card, explanation.class_name)
+    st.image(over, width="stretch", caption=caption)
+    if region is not None:
+        area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
+                else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
+        st.caption(f"Region above {region.threshold:.0%} of the peak: area {area}.")
+    if not is_finding_answer(pred, card):
+        st.toggle(f"Show the strongest {finding_noun(card)}-class evidence", key=key,
+                  help="Draws the heatmap, outline and area of the most likely tumour class, "
+                       "although the answer is not a tumour.")

@@ -563,7 +563,7 @@ def _order_stack(stack: list[SliceRef], meta: dict) -> Series:
     label = " · ".join(str(x) for x in (
         f"Series {number}" if number not in (None, "") else "Series", modality,
         (plane + (" (oblique)" if oblique else "")) if plane else None,
-        f"{len(unique)} slices") if x)
+        f"{len(unique)} slice" + ("s" if len(unique) != 1 else "")) if x)
     key = hashlib.sha256("".join(r.uid_hash for r in unique).encode()).hexdigest()[:12]
     return Series(key=key, label=label, kind="dicom", modality=modality, plane=plane,
                   oblique=oblique, slices=unique, positions=positions, pixel_spacing=pixel,
