@@ -17,10 +17,12 @@ ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibra
                "review.", tab_title="MedCLS")
 
 ui.require_models()
+warm_up = ui.warm_default_model()  # TensorFlow and the default model load while a file is picked
 
 with st.sidebar:
     st.header("Model")
     model_path = ui.pick_model("model")
+    ui.warm_up_status(warm_up)
     st.header("Heatmap")
     method = ui.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
