@@ -297,3 +297,29 @@ def test_no_region_on_a_no_tumour_or_withheld_answer_unless_asked():
     assert not may_show_region(normal, CARD) and not may_show_region(withheld, CARD)
     assert may_show_region(normal, CARD, requested=True)
     assert strongest_finding_class(normal.probabilities, CARD) == 1  # meningioma, not no_tumor
+
+
+def test_review_by_series_command_line(built_series, brain_model_dir, tmp_path):
+    """``medcls review --by-series``: one CSV row per series (summary, run, volume), the slice
+    rows with --slices, over a folder holding the tumour series and a NIfTI of its first 6
+    slices."""
+    import csv
+
+    from medcls.cli import main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, data in enumerate(built_series.dicom()):
+        (folder / f"s{(k * 7) % 16:02d}.dcm").write_bytes(data)
+    (folder / "normal.nii.gz").write_bytes(nifti_of(built_series.arrays[:6], 5.0, True))
+    out, slices = tmp_path / "series.csv", tmp_path / "slices.csv"
+    assert main(["review", str(folder), "--model", str(brain_model_dir), "--out", str(out),
+                 "--by-series", "--slices", str(slices)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert sorted(r["kind"] for r in rows) == ["dicom", "nifti"]
+    dicom = next(r for r in rows if r["kind"] == "dicom")
+    assert dicom["outcome"] == "suspected" and dicom["suspected_class"] == "meningioma"
+    assert (int(dicom["run_first_slice"]), int(dicom["run_last_slice"])) == (7, 11)
+    assert float(dicom["volume_mm3"]) > 0
+    assert next(r for r in rows if r["kind"] == "nifti")["outcome"] == "not_seen"
+    assert len(list(csv.DictReader(open(slices)))) == 16 + 6
