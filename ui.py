@@ -173,6 +173,7 @@ def current_scan_bytes(uploaded) -> bytes | None:
         if st.session_state.get("scan_bytes") != data:
             st.session_state["scan_bytes"] = data
             st.session_state.pop("_results", None)
+            st.session_state.pop("strongest_evidence", None)  # asked for one scan, not the next
     return st.session_state.get("scan_bytes")
 
 

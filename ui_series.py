@@ -52,7 +52,8 @@ def _uploads() -> list[tuple[str, bytes]] | None:
         items = [(f.name, f.getvalue()) for f in files]
         if st.session_state.get(FILES) != items:
             st.session_state[FILES] = items
-            st.session_state.pop(SLICE, None)
+            for key in (SLICE, "series_strongest"):  # a new series opens at slice 1, no request
+                st.session_state.pop(key, None)
     return st.session_state.get(FILES)
 
 

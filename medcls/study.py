@@ -79,7 +79,7 @@ class _Bytes:
 
 def bytes_source(name: str, data: bytes) -> SourceLike:
     """A source from a name and bytes (an upload held in memory)."""
-    return _Bytes(name, bytes(data))
+    return _Bytes(name, data if isinstance(data, bytes) else bytes(data))
 
 
 # ----------------------------------------------------------------------------- findings
