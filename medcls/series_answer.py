@@ -317,38 +317,21 @@ def review_by_series(predictor: Predictor, sources, min_run: int = MIN_RUN,
 
 
 def write_records_csv(records: Sequence[dict], out) -> None:
-    """Records as CSV (a path or a text stream); text cells that a spreadsheet would run as a
-    formula are quoted."""
+    """Records as CSV (a path or a text stream); every cell through
+    :func:`medcls.export.escape_cell` (no text runs as a spreadsheet formula)."""
     import csv
     from pathlib import Path
 
-    from .review import _no_formula
+    from .export import escape_header, escape_row
 
     own = isinstance(out, (str, Path))
     fh = open(out, "w", newline="") if own else out
     try:
         fields = list(records[0]) if records else ["series", "outcome", "summary"]
-        w = csv.DictWriter(fh, fieldnames=fields)
+        w = csv.DictWriter(fh, fieldnames=escape_header(fields))
         w.writeheader()
         for rec in records:
-            w.writerow({k: _no_formula(v) for k, v in rec.items()})
+            w.writerow(escape_row(rec))
     finally:
         if own:
             fh.close()
-
-
-def slice_explanation(predictor: Predictor, answer: SeriesAnswer, i: int, method: str = "gradcam",
-                      requested: bool = False):
-    """The heatmap of slice ``i``: of the run's class on a slice of the suspicious run, else of
-    the slice's answer; on a no-finding answer, of the strongest finding class when the user
-    asked for it (``requested``)."""
-    from .findings import is_finding_answer, strongest_finding_class
-
-    scan = answer.series.scan(i)
-    run, pred = answer.summary.run, answer.slices[i].prediction
-    if run is not None and i in run:
-        return predictor.explain(scan, method, class_index=run.class_index)
-    if requested and pred is not None and not is_finding_answer(pred, answer.card):
-        return predictor.explain(scan, method, class_index=strongest_finding_class(
-            pred.probabilities, answer.card))
-    return predictor.explain(scan, method)
