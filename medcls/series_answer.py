@@ -335,3 +335,20 @@ def write_records_csv(records: Sequence[dict], out) -> None:
     finally:
         if own:
             fh.close()
+
+
+def slice_explanation(predictor: Predictor, answer: SeriesAnswer, i: int, method: str = "gradcam",
+                      requested: bool = False):
+    """The heatmap of slice ``i``: of the run's class on a slice of the suspicious run, else of
+    the slice's answer; on a no-finding answer, of the strongest finding class when the user
+    asked for it (``requested``)."""
+    from .findings import is_finding_answer, strongest_finding_class
+
+    scan = answer.series.scan(i)
+    run, pred = answer.summary.run, answer.slices[i].prediction
+    if run is not None and i in run:
+        return predictor.explain(scan, method, class_index=run.class_index)
+    if requested and pred is not None and not is_finding_answer(pred, answer.card):
+        return predictor.explain(scan, method, class_index=strongest_finding_class(
+            pred.probabilities, answer.card))
+    return predictor.explain(scan, method)
