@@ -7,9 +7,9 @@ import time
 import streamlit as st
 
 import ui
+import ui_series
 from medcls import identifying_attributes
 from medcls.report import render_report
-from medcls.render import draw_region, overlay
 from medcls.saliency import METHODS
 
 ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibrated class "
@@ -17,10 +17,12 @@ ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibra
                "review.", tab_title="MedCLS")
 
 ui.require_models()
+warm_up = ui.warm_default_model()  # TensorFlow and the default model load while a file is picked
 
 with st.sidebar:
     st.header("Model")
     model_path = ui.pick_model("model")
+    ui.warm_up_status(warm_up)
     st.header("Heatmap")
     method = ui.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
@@ -29,6 +31,10 @@ with st.sidebar:
     show_phi = st.toggle("Show identifying tags", value=False, key="show_phi",
                          help="Shows patient name, ID and dates of a DICOM on screen only. "
                               "They are never stored, logged or exported.")
+
+if ui_series.series_mode():  # several files, a folder, a zip or a NIfTI: ui_series lays it out
+    ui_series.series_page(model_path, method, alpha, show_region)
+    st.stop()
 
 uploaded = st.file_uploader("Upload a scan: DICOM (with or without .dcm), PNG, JPEG, TIFF or BMP",
                             type=None, key="upload")
@@ -61,13 +67,14 @@ except Exception as exc:  # noqa: BLE001
 card = predictor.card
 
 # ---------------------------------------------------------------- prediction + heatmap
-key = (scan.sha256, frame, model_path, method)
+requested = bool(st.session_state.get("strongest_evidence"))  # the user asked for tumour evidence
+key = (scan.sha256, frame, model_path, method, requested)
 results = st.session_state.setdefault("_results", {})
 if key not in results:
     try:
         t0 = time.perf_counter()
         with st.spinner(f"Classifying and computing {METHODS[method].label}..."):
-            explanation = predictor.explain(scan, method)
+            explanation = ui.explain_for_display(predictor, scan, method, requested)
             outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
         results.clear()  # keep one result per session: memory stays bounded
         results[key] = (explanation, (time.perf_counter() - t0) * 1000, outline)
@@ -93,18 +100,9 @@ with right:
     st.subheader(f"Heatmap · {METHODS[method].label} for “{explanation.class_name}”: "
                  "what drove the class")
     gray = image if image.ndim == 2 else image.mean(axis=2)
-    over = overlay(gray, explanation.heatmap, alpha)
-    region = explanation.region
-    if heatmap_outline:
-        draw_region(over, region)
-    st.image(over, width="stretch",
-             caption="Red: the image regions that drove the prediction most."
-                     + (" White outline: hottest region; green: its bounding box."
-                        if heatmap_outline else ""))
-    if heatmap_outline and region is not None:
-        area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
-                else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
-        st.caption(f"Region above {region.threshold:.0%} of the peak: area {area}.")
+    # the heatmap's own region only without a segmenter (it is no lesion edge), or on request
+    ui.heatmap_view(gray, explanation, card, alpha, heatmap_outline or (show_region and requested),
+                    requested, key="strongest_evidence")
 
 st.subheader(f"Prediction: {pred.label}" if not pred.outside_training_distribution
              else "Prediction withheld: outside what this model was trained on")

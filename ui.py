@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +66,50 @@ def load_predictor(path: str):
     from medcls.inference import Predictor
 
     return Predictor.from_path(path).warmup()
+
+
+def default_model_path() -> str | None:
+    """The model the main page opens with: the brain task's ``*-default`` (else the first)."""
+    models = available_models()
+    if not models:
+        return None
+    tasks = sorted({c["task"] for _, c in models})
+    task = "brain-mri" if "brain-mri" in tasks else tasks[0]
+    return models_for_task(task)[0][0]
+
+
+@st.cache_resource(show_spinner=False)
+def warm_default_model() -> threading.Thread:
+    """Load TensorFlow and the default model on a background thread, once per server process,
+    from the first page run: the first upload is then answered in about a second instead of
+    waiting for the import, the model load and the tracing (about 5 s on 2 cores).
+    ``load_predictor``'s cache computes each model once, so an upload that arrives during the
+    warm-up waits for the same load rather than starting a second one."""
+    path = default_model_path()
+
+    def work() -> None:
+        t0 = time.perf_counter()
+        try:
+            if path is not None:
+                load_predictor(path)
+                # one line in the server log (benchmarks wait for it); names no patient data
+                print(f"medcls: default model warm after {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
+        except Exception as exc:  # noqa: BLE001 - the page reports it when the model is used
+            log.warning("background model warm-up failed: %s", type(exc).__name__)
+
+    thread = threading.Thread(target=work, name="medcls-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def warm_up_status(thread: threading.Thread) -> None:
+    """One line saying whether the default model is loaded yet (not polled: a script re-run
+    every second would collect garbage each time and slow the warm-up down)."""
+    if thread.is_alive():
+        st.caption("Loading TensorFlow and the default model in the background...")
+    else:
+        st.caption("Default model loaded: answers take about a second.")
 
 
 def available_models() -> list[tuple[str, dict[str, Any]]]:
@@ -126,6 +173,7 @@ def current_scan_bytes(uploaded) -> bytes | None:
         if st.session_state.get("scan_bytes") != data:
             st.session_state["scan_bytes"] = data
             st.session_state.pop("_results", None)
+            st.session_state.pop("strongest_evidence", None)  # asked for one scan, not the next
     return st.session_state.get("scan_bytes")
 
 
@@ -153,10 +201,13 @@ def show_error(exc: Exception, what: str = "This file") -> None:
                  f"({type(exc).__name__}). Please try another file; the app keeps working.")
 
 
+WINDOWED_FORMATS = ("dicom", "nifti")  # formats with window/level (plain images keep theirs)
+
+
 def window_controls(scan: Scan, key: str) -> tuple[float, float]:
-    """Window/level controls for DICOM (modality presets, percentile defaults); plain images
-    keep their own contrast."""
-    if scan.source_format != "dicom" or scan.is_color:
+    """Window/level controls for DICOM and NIfTI (modality presets, percentile defaults); plain
+    images keep their own contrast."""
+    if scan.source_format not in WINDOWED_FORMATS or scan.is_color:
         return scan.window_center, scan.window_width
     presets = {"File default" if scan.window_source == "dicom" else "Percentile 0.5-99.5 (default)":
                (scan.window_center, scan.window_width), **scan.window_presets}
@@ -174,7 +225,7 @@ def window_controls(scan: Scan, key: str) -> tuple[float, float]:
 
 
 def display(scan: Scan, center: float, width: float) -> np.ndarray:
-    if scan.source_format != "dicom" or scan.is_color:
+    if scan.source_format not in WINDOWED_FORMATS or scan.is_color:
         return display_image(scan)
     return display_image(scan, center, width)
 
@@ -242,3 +293,51 @@ def method_picker(key: str = "method") -> str:
     names = list(METHODS)
     return st.selectbox("Heatmap method", names, index=0, key=key,
                         format_func=lambda m: METHODS[m].label)
+
+
+# ----------------------------------------------------------------------------- heatmap regions
+
+def explain_for_display(predictor, scan: Scan, method: str, requested: bool):
+    """The heatmap to show: of the predicted class; on a no-finding answer, of the strongest
+    finding class when the user asked for it (``requested``)."""
+    from medcls.findings import is_finding_answer, strongest_finding_class
+
+    explanation = predictor.explain(scan, method)
+    pred = explanation.prediction
+    if requested and not is_finding_answer(pred, predictor.card) and \
+            pred.label == explanation.class_name:
+        explanation = predictor.explain(
+            scan, method, class_index=strongest_finding_class(pred.probabilities, predictor.card))
+    return explanation
+
+
+def heatmap_view(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
+                 requested: bool, key: str) -> None:
+    """The heatmap overlay with the region only where :func:`medcls.findings.may_show_region`
+    allows it; otherwise a sentence on what the heatmap means, and the explicit request."""
+    from medcls.findings import finding_noun, heatmap_meaning, is_finding_answer, may_show_region
+    from medcls.render import draw_region, overlay
+
+    pred = explanation.prediction
+    allowed = may_show_region(pred, card, requested)
+    region = explanation.region if allowed and show_region else None
+    over = overlay(gray, explanation.heatmap, alpha)
+    draw_region(over, region)
+    if allowed:
+        caption = (f"Red: the image regions that drove “{explanation.class_name}” most."
+                   + (" White outline: hottest region; green: its bounding box."
+                      if region is not None else ""))
+        if not is_finding_answer(pred, card):
+            caption = (f"Strongest “{explanation.class_name}” evidence, shown on request: the "
+                       f"answer is “{pred.label}”. " + caption)
+    else:
+        caption = heatmap_meaning(pred, card, explanation.class_name)
+    st.image(over, width="stretch", caption=caption)
+    if region is not None:
+        area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
+                else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
+        st.caption(f"Region above {region.threshold:.0%} of the peak: area {area}.")
+    if not is_finding_answer(pred, card):
+        st.toggle(f"Show the strongest {finding_noun(card)}-class evidence", key=key,
+                  help="Draws the heatmap, outline and area of the most likely tumour class, "
+                       "although the answer is not a tumour.")

@@ -3,11 +3,13 @@ batch review throughput against a naive per-file ``model.predict`` loop, cold st
 and FLOPs, and the fraction of the CPU's measured matmul peak that batch inference reaches.
 
     python -m bench.speed [--data ../shared/data] [--quick]
+    python -m bench.speed --app     # only the app in the browser: cold start, first upload, series
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -95,8 +97,112 @@ def cold_start(model_dir, file) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+SERIES_DONE = ("Tumour suspected", "No tumour seen", "Cannot answer")
+
+
+def app_timings(data) -> dict:
+    """The app as a user meets it, in headless Chromium against ``streamlit run app.py``:
+
+    - ``cold_start_to_first_answer_s``: from ``streamlit run`` to the first answer, for a JPEG
+      uploaded as soon as the uploader shows (the warm-up is still running then);
+    - ``first_upload_to_answer_s``: a fresh server; the page is shown and the background
+      warm-up (started by the first page view) has loaded the default model, as it does while a
+      user picks a file; then the first upload of the server until its answer;
+    - ``series_24_slices_s``: then the 24-slice MPRAGE folder in series mode, from the upload to
+      the study summary with its strip.
+    """
+    import csv
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from appserver import AppServer, browser
+
+    with open(data / "brain-mri" / "labels.csv", newline="") as fh:
+        jpeg = data / "brain-mri" / next(r["file"] for r in csv.DictReader(fh) if r["split"] == "test")
+    series = data / "dicom" / "mprage-series"
+    out: dict = {}
+    timeout = 300_000
+    with browser() as chromium:
+        srv = AppServer().start()
+        try:
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(srv.url, timeout=timeout)
+            uploader = page.locator('[data-testid="stFileUploaderDropzoneInput"]').first
+            uploader.wait_for(state="attached", timeout=timeout)
+            out["page_ready_s"] = time.perf_counter() - srv.started_at
+            t = time.perf_counter()
+            uploader.set_input_files(str(jpeg))
+            page.get_by_text("Prediction").first.wait_for(timeout=timeout)
+            out["immediate_upload_to_answer_s"] = time.perf_counter() - t
+            out["cold_start_to_first_answer_s"] = time.perf_counter() - srv.started_at
+        finally:
+            srv.stop()
+        srv = AppServer().start()
+        try:
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(srv.url, timeout=timeout)
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.wait_for(
+                state="attached", timeout=timeout)
+            deadline = time.time() + timeout / 1000
+            while "default model warm" not in srv.log_path.read_text() and time.time() < deadline:
+                time.sleep(0.2)  # the background warm-up's line in the server log
+            out["warm_up_done_s"] = time.perf_counter() - srv.started_at
+            t = time.perf_counter()
+            page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(jpeg))
+            page.get_by_text("Prediction").first.wait_for(timeout=timeout)
+            out["first_upload_to_answer_s"] = time.perf_counter() - t
+            page.get_by_text("A series", exact=True).click()
+            page.get_by_text("A folder", exact=True).click()
+            box = page.locator('[data-testid="stFileUploaderDropzoneInput"][webkitdirectory]').first
+            box.wait_for(state="attached", timeout=timeout)
+            t = time.perf_counter()
+            box.set_input_files(str(series))
+            page.locator('[data-testid="stAlert"]').filter(
+                has_text=__import__("re").compile("|".join(SERIES_DONE))).first.wait_for(timeout=timeout)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=timeout)
+            out["series_24_slices_s"] = time.perf_counter() - t
+        finally:
+            srv.stop()
+    return out
+
+
+def write_app_timings(data, out_dir) -> dict:
+    """Run only :func:`app_timings` and merge its figures into speed.json / speed.md."""
+    from bench.common import RESULTS
+
+    path = (out_dir or RESULTS) / "speed.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"command": command()}
+    load_before = os.getloadavg()[0]
+    timings = app_timings(data)
+    timings["load_average_1min"] = max(load_before, os.getloadavg()[0])  # 2 cores: 2 = busy
+    print(json.dumps(timings), flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.update(timings)
+    result["app_timings_command"] = "python -m bench.speed --app"
+    md_path = path.with_suffix(".md")
+    md = md_path.read_text() if md_path.is_file() else "# Speed (2-core CPU)\n"
+    md = md.split("\n## App in the browser")[0].rstrip() + "\n\n" + "\n".join([
+        "## App in the browser (`python -m bench.speed --app`)", "",
+        table(["measure", "s"], [[k, v] for k, v in timings.items()]), "",
+        "cold start: `streamlit run` to the first answer for an upload made as soon as the "
+        "uploader shows; first upload: a fresh server, upload once the page is shown and the "
+        "background warm-up is done (`warm_up_done_s` after `streamlit run`); series: the 24-slice MPRAGE folder in series mode, upload "
+        "to summary and strip. `load_average_1min`: the machine's load while measuring (2 "
+        "cores: above 2 the figures are slower than on an idle machine)."])
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(md + "\n")
+    print(json.dumps(timings, indent=2))
+    return timings
+
+
 def main(argv=None):
     import csv
+
+    if argv is None and "--app" in sys.argv:
+        p = parser(__doc__)
+        p.add_argument("--app", action="store_true")
+        args = p.parse_args()
+        write_app_timings(args.data, args.out)
+        return
 
     from medcls.inference import Predictor
     from medcls.package import list_packages, update_card

@@ -9,12 +9,17 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import textwrap
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .findings import may_show_region
 from .inference import Explanation, Prediction
 from .render import overlay
 from .segmentation import size_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .series_answer import SeriesAnswer
 
 DISCLAIMER = ("Research tool - not a diagnosis. The result must be reviewed by a qualified "
               "clinician; the heatmap shows what drove the model, not a lesion boundary.")
@@ -45,9 +50,10 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     ax1.set_title("Image" + (" and tumour outline" if segmentation is not None else ""))
     ax1.axis("off")
     ax2 = fig.add_axes([0.52, 0.55, 0.43, 0.38])
+    region = _shown_region(explanation, prediction, card)
     if explanation is not None:
         ax2.imshow(overlay(gray, explanation.heatmap, alpha))
-        if explanation.region is not None:
+        if region is not None:
             x0, y0, x1, y1 = explanation.region.box
             ax2.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.5))
         ax2.set_title(f"Heatmap: {method_label or explanation.method} ({explanation.class_name})")
@@ -75,9 +81,9 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
                      "the prediction is not meaningful.")
     if segmentation is not None:
         lines.append(f"Tumour size, by {segmentation.method}: {size_text(segmentation)}")
-    elif explanation is not None and explanation.region is not None and explanation.region.area_mm2 \
-            and not card.get("segmentation"):  # a heatmap is no lesion boundary where a segmenter exists
-        lines.append(f"Heatmap region area: {explanation.region.area_mm2:.0f} mm2")
+    elif region is not None and region.area_mm2 and not card.get("segmentation"):
+        # a heatmap is no lesion boundary where a segmenter exists
+        lines.append(f"Heatmap region area: {region.area_mm2:.0f} mm2")
     lines += [
         f"Model: {card['name']} v{card['version']} ({card['architecture']}), "
         f"trained {card['training'].get('date', '?')}",
@@ -94,5 +100,105 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     # PHI scan can read (matplotlib's default Type 3 fonts draw each glyph as a picture).
     with matplotlib.rc_context({"pdf.fonttype": 42, "svg.fonttype": "none"}):
         fig.savefig(buf, format=fmt)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _shown_region(explanation: Explanation | None, prediction: Prediction, card: dict):
+    """The region the report may draw (medcls.findings' rule): a heatmap of another class than
+    the answer's was asked for explicitly."""
+    if explanation is None or explanation.region is None:
+        return None
+    if "classes" not in card:  # a minimal card without its classes: nothing to decide on
+        return explanation.region
+    requested = explanation.class_name != prediction.label
+    return explanation.region if may_show_region(prediction, card, requested) else None
+
+
+def strip_axes(ax, answer: "SeriesAnswer") -> None:
+    """The series strip on matplotlib axes: class probabilities over slice position, the
+    suspicious run shaded, slices outside the training distribution marked."""
+    series, summary = answer.series, answer.summary
+    x = np.array([series.position_of(i) for i in range(len(series))])
+    probs = answer.probabilities()
+    for c, name in enumerate(answer.classes):
+        ax.plot(x, probs[:, c], marker=".", lw=1.2, label=name)
+    for run in (summary.run, *summary.other_runs):
+        if run is not None:
+            ax.axvspan(x[run.start], x[run.stop - 1], color="#d62728",
+                       alpha=0.15 if run is summary.run else 0.07, lw=0)
+    outside = [i for i, s in enumerate(answer.slices)
+               if s.prediction is not None and s.prediction.outside_training_distribution]
+    if outside:
+        ax.scatter(x[outside], np.full(len(outside), 1.04), marker="x", color="#555555",
+                   label="outside training distribution", clip_on=False)
+    ax.axhline(summary.threshold, ls="--", lw=0.8, color="#888888")
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("slice position (mm)" if series.positions is not None else "slice")
+    ax.set_ylabel("calibrated probability")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+
+
+def render_series_report(answer: "SeriesAnswer", image01: np.ndarray | None,
+                         explanation: Explanation | None, slice_index: int | None,
+                         fmt: str = "png", method_label: str = "", alpha: float = 0.4) -> bytes:
+    """A one-page report for a series: the study summary, the strip, the most suspicious slice
+    (``slice_index``, its image and heatmap), the model and the inputs' hash. No file names, no
+    UIDs, no patient tags."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if fmt not in ("png", "pdf"):
+        raise ValueError("fmt must be 'png' or 'pdf'")
+    card, series, summary = answer.card, answer.series, answer.summary
+    fig = plt.figure(figsize=(8.27, 11.69), dpi=100)
+    fig.suptitle("MedCLS series report", fontsize=16, fontweight="bold", y=0.975)
+    fig.text(0.05, 0.935, textwrap.fill(summary.text, 90), fontsize=11, va="top",
+             fontweight="bold", color="#b00000" if summary.run is not None else "#000000")
+    ax = fig.add_axes([0.1, 0.66, 0.62, 0.2])
+    strip_axes(ax, answer)
+    if image01 is not None and slice_index is not None:
+        gray = image01 if image01.ndim == 2 else image01.mean(axis=2)
+        ax1 = fig.add_axes([0.05, 0.33, 0.43, 0.28])
+        ax1.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        ax1.set_title(f"Most suspicious slice: {slice_index + 1} of {len(series)}", fontsize=10)
+        ax1.axis("off")
+        ax2 = fig.add_axes([0.52, 0.33, 0.43, 0.28])
+        if explanation is not None:
+            ax2.imshow(overlay(gray, explanation.heatmap, alpha))
+            pred = answer.slices[slice_index].prediction
+            region = _shown_region(explanation, pred, card) if pred is not None else None
+            if region is not None:
+                from matplotlib.patches import Rectangle
+
+                x0, y0, x1, y1 = region.box
+                ax2.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.5))
+            ax2.set_title(f"Heatmap: {method_label or explanation.method} "
+                          f"({explanation.class_name})", fontsize=10)
+        ax2.axis("off")
+    lines = [
+        f"Series: {series.label}; ordered by {series.ordered_by}"
+        + (f"; slice spacing {series.slice_spacing:.2f} mm" if series.slice_spacing else ""),
+        f"Answered slices: {summary.n_answered} of {summary.n_slices} (outside the training "
+        f"distribution: {summary.n_outside}; unreadable: {summary.n_slices - summary.n_readable})",
+    ]
+    if answer.volume_mm3 is not None:
+        lines.append(f"Suspicious region volume: {answer.volume_mm3:.0f} mm3 ({answer.volume_note})")
+    lines += [f"Input findings: {f.message}" for f in series.findings]
+    lines += [
+        f"Rule: {summary.rule}",
+        f"Model: {card['name']} v{card['version']} ({card['architecture']}), model SHA-256 "
+        f"{card.get('model_sha256', '?')}",
+        f"Input SHA-256 (all slices, in order): {series.sha256}",
+        f"Generated: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
+    ]
+    fig.text(0.05, 0.3, "\n".join(textwrap.fill(x, 100, subsequent_indent="  ") for x in lines),
+             fontsize=8.5, va="top", family="monospace")
+    fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000",
+             fontweight="bold")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt)
     plt.close(fig)
     return buf.getvalue()

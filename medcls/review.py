@@ -302,6 +302,10 @@ def add_review_parser(sub) -> None:
     r.add_argument("--out", required=True, help="CSV file to write")
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--workers", type=int, default=2)
+    r.add_argument("--by-series", action="store_true",
+                   help="one row per DICOM series / NIfTI volume with its study summary "
+                        "(every slice and frame answered)")
+    r.add_argument("--slices", help="with --by-series: also write one row per slice to this CSV")
     r.set_defaults(func=_cmd_review)
     return r
 
@@ -311,6 +315,8 @@ def _cmd_review(args) -> int:
 
     sources = cli_sources(args.folder)
     predictor = Predictor.from_path(args.model)
+    if args.by_series:
+        return _cmd_review_by_series(args, predictor, sources)
     rows: list[ReviewRow] = []
     with tqdm(total=len(sources), unit="scan", desc="review") as bar:
         for row in run_review(predictor, sources, args.batch_size, args.workers):
@@ -321,4 +327,19 @@ def _cmd_review(args) -> int:
     print(f"{s['total']} scans -> {args.out}: " + ", ".join(f"{k} {v}" for k, v in s["per_class"].items())
           + f"; unreadable {s['unreadable']}, low confidence {s['low_confidence']}, "
             f"outside distribution {s['outside_distribution']}")
+    return 0
+
+
+def _cmd_review_by_series(args, predictor: Predictor, sources) -> int:
+    from .series_answer import review_by_series, write_records_csv
+
+    study, answers = review_by_series(predictor, sources)
+    write_records_csv([a.as_record() for a in answers], args.out)
+    if args.slices:
+        write_records_csv([r for a in answers for r in a.slice_records()], args.slices)
+    for f in study.findings:
+        print(f.message)
+    for a in answers:
+        print(f"{a.series.label}: {a.summary.text}")
+    print(f"{len(answers)} series -> {args.out}")
     return 0

@@ -44,6 +44,7 @@ import plotly.express as px
 import streamlit as st
 
 import ui
+import ui_series
 from medcls import MedclsError, load_scan
 from medcls.cluster import review_stream
 from medcls.review import (ArchiveRejectedError, Progress, folder_sources, summary,
@@ -291,6 +292,13 @@ if len(readable):
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05,
                       title="How sure the model is")
     st.plotly_chart(fig, width="stretch", key="batch_hist")
+
+# ---------------------------------------------------------------- series
+if st.toggle("Group by series", key="batch_by_series",
+             help="One row per DICOM series or NIfTI volume with its study summary: every slice "
+                  "and frame answered, ordered along the slice normal (see the main page's "
+                  "series mode for the rule)."):
+    ui_series.batch_series_table(job, ui.load_predictor(job["model_path"]))
 
 # ---------------------------------------------------------------- table
 f1, f2, f3 = st.columns([1, 2, 2])

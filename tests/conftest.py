@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,64 @@ def orthanc():
     server = Orthanc().start()
     yield server
     server.cleanup()
+
+
+# ----------------------------------------------------------------------------- series
+
+@dataclass
+class BuiltSeries:
+    """A brain MRI series built from brain-mri test images: normal slices around a run of
+    tumour slices the default model answers confidently (chosen by the model, so the run is
+    real), as 16-bit arrays in body order."""
+
+    arrays: list  # (rows, cols) uint16, in body order
+    tumour: range  # indices of the tumour slices
+    tumour_class: str
+    spacing_mm: float = 5.0
+
+    def dicom(self, **kwargs) -> list[bytes]:
+        from dicom_factory import series_files
+
+        return series_files(self.arrays, self.spacing_mm, **kwargs)
+
+
+def _brain_array(path: Path, size: int = 256):
+    import cv2
+    import numpy as np
+
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return (img.astype(np.uint16) * 16)  # 12-bit values, as an MR slice stores them
+
+
+@pytest.fixture(scope="session")
+def built_series(data_dir, brain_model_dir) -> BuiltSeries:
+    """6 normal, 5 tumour (one class), 5 normal slices; each chosen because the default model
+    answers it confidently and inside its training distribution."""
+    import csv
+
+    from medcls.findings import finding_probability
+    from medcls.inference import Predictor
+    from medcls.scan import scan_from_array
+
+    predictor = Predictor.from_path(brain_model_dir)
+    card, thr = predictor.card, float(predictor.card["low_confidence_threshold"])
+    with open(data_dir / "brain-mri" / "labels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+
+    def confident(label: str, want: int, tumour: bool) -> list:
+        out = []
+        for r in (r for r in rows if r["label"] == label):
+            arr = _brain_array(data_dir / "brain-mri" / r["file"])
+            p = predictor.predict(scan_from_array(arr))
+            pf = float(finding_probability(p.probabilities, card))
+            if not p.outside_training_distribution and (pf >= thr if tumour else pf <= 1 - thr) \
+                    and (not tumour or p.label == label):
+                out.append(arr)
+                if len(out) == want:
+                    return out
+        pytest.fail(f"fewer than {want} confident {label} test images")
+
+    normal = confident("no_tumor", 11, tumour=False)
+    tumour = confident("meningioma", 5, tumour=True)
+    return BuiltSeries(normal[:6] + tumour + normal[6:], range(6, 11), "meningioma")

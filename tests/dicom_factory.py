@@ -40,3 +40,51 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+MR_IMAGE = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def mr_slice(pixels, position=None, orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+             spacing=(1.0, 1.0), thickness: float | None = 5.0, instance: int | None = None,
+             study_uid: str | None = None, series_uid: str | None = None,
+             series_number: int = 1) -> Dataset:
+    """One MR slice of a series: 16-bit ``pixels`` (rows, cols) at ``position`` (LPS, mm) with
+    ``orientation`` (row then column direction cosines). ``None`` leaves an attribute out."""
+    import numpy as np
+
+    pixels = np.ascontiguousarray(pixels, dtype=np.uint16)
+    ds = grayscale16(new_dataset(sop_class=MR_IMAGE, modality="MR"), *pixels.shape)
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.SeriesNumber = series_number
+    if instance is not None:
+        ds.InstanceNumber = instance
+    if position is not None:
+        ds.ImagePositionPatient = [float(v) for v in position]
+    if orientation is not None:
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.PixelSpacing = [float(v) for v in spacing]
+    if thickness is not None:
+        ds.SliceThickness = thickness
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def series_files(slices, spacing_mm: float = 5.0, orientation=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+                 instance_numbers: bool = True, positions: bool = True,
+                 series_number: int = 1) -> list[bytes]:
+    """One DICOM file per 2-D array of ``slices``, in order along the slice normal of
+    ``orientation``, ``spacing_mm`` apart, all in one new study and series."""
+    import numpy as np
+
+    study, series = generate_uid(), generate_uid()
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row, col)
+    out = []
+    for i, pixels in enumerate(slices):
+        pos = (np.array([-100.0, -100.0, -40.0]) + i * spacing_mm * normal) if positions else None
+        out.append(to_bytes(mr_slice(pixels, pos, orientation, instance=i + 1 if instance_numbers
+                                     else None, study_uid=study, series_uid=series,
+                                     series_number=series_number, thickness=spacing_mm)))
+    return out

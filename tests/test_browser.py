@@ -89,6 +89,12 @@ def test_main_page_dicom_jpeg_and_text(server, chromium, data_dir, clear_case, t
     upload(page, data_dir / "dicom" / "mprage-series" / "100.dcm")
     page.get_by_text("Window preset").wait_for(timeout=TIMEOUT)
     page.get_by_text("Prediction").first.wait_for(timeout=TIMEOUT)
+    page.get_by_text("Heatmap ·").first.wait_for(timeout=TIMEOUT)
+    # a no-tumour answer shows no region or area until the user asks for tumour evidence
+    strongest = page.get_by_text("Show the strongest tumour-class evidence")
+    if strongest.count():
+        assert page.get_by_text("Region above").count() == 0
+        strongest.click()
     page.get_by_text("mm²").first.wait_for(timeout=TIMEOUT)  # pixel spacing known: area in mm²
     page.wait_for_timeout(1000)
     page.screenshot(path=str(OUTPUT / "main-dicom.png"), full_page=True)

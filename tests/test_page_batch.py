@@ -195,3 +195,26 @@ def test_scan_root_from_secrets(page, monkeypatch):
     at = _review(page, "study")
     assert not at.error
     assert _metric(at, "Scans") == "4"
+
+
+def test_group_by_series(page, data_dir):
+    """A folder with 6 MPRAGE slices (names in reverse order): one series row with its summary;
+    slice rows on request, in body order, without patient tags."""
+    import os
+    from pathlib import Path
+
+    mri = Path(os.environ["MEDCLS_SCAN_ROOT"]) / "mri"
+    mri.mkdir()
+    files = sorted((data_dir / "dicom" / "mprage-series").glob("*.dcm"))[:6]
+    for k, f in enumerate(reversed(files)):
+        (mri / f"x{k}.dcm").write_bytes(f.read_bytes())
+    at = _review(page, "mri")
+    at.toggle(key="batch_by_series").set_value(True).run()
+    assert not at.exception, at.exception
+    series = at.dataframe[0].value
+    assert list(series["slices"]) == [6] and series["ordered_by"].iloc[0] == "position"
+    assert series["summary"].iloc[0].startswith(("Tumour suspected", "No tumour seen",
+                                                 "Cannot answer"))
+    at.toggle(key="batch_series_slices").set_value(True).run()
+    slices = at.dataframe[1].value
+    assert list(slices["slice"]) == [1, 2, 3, 4, 5, 6] and "Doe" not in slices.to_csv()

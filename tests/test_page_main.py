@@ -87,7 +87,21 @@ def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
     assert not at.exception, texts(at)
     assert "Window preset" in [s.label for s in at.selectbox]
     assert {"Level (centre)", "Window (width)"} <= {s.label for s in at.slider}
-    assert any("mm²" in c.value for c in at.caption)  # pixel spacing known: area in mm²
+    # a no-tumour (or withheld) answer shows no region and no area (a lesion would be read into
+    # them); asked for explicitly, the strongest tumour-class region comes with its mm²
+    from medcls.findings import is_finding_answer
+    from medcls.inference import Predictor
+
+    predictor = Predictor.from_path(PROJECT_ROOT / "models" / "brain-mri-default")
+    captions = lambda: "\n".join(c for im in at.image for c in im.captions)  # noqa: E731
+    if is_finding_answer(predictor.predict_file(path), predictor.card):
+        assert any("mm²" in c.value for c in at.caption)
+    else:
+        assert not any("Region above" in c.value for c in at.caption)
+        assert "no region" in captions()
+        at.toggle(key="strongest_evidence").set_value(True).run()
+        assert any("mm²" in c.value for c in at.caption)  # pixel spacing known: area in mm²
+        assert "shown on request" in captions()
     assert name not in str([j.value for j in at.json])
     at.toggle(key="show_phi").set_value(True).run()
     assert name in str([j.value for j in at.json])

@@ -387,3 +387,35 @@ def test_write_guard_catches_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     assert len(guard.attempts) == 5
     assert not list(tmp_path.iterdir())
+
+
+def test_series_summary_report_and_logs_hold_no_identifying_value(series_files, needles,
+                                                                   brain_predictor, caplog,
+                                                                   capfd) -> None:
+    """The whole MPRAGE series through the series path: the study, its labels and findings, the
+    summary, the by-series and slice CSVs, the series report (PNG and PDF) and every log line."""
+    from medcls.report import render_series_report
+    from medcls.series_answer import answer_series, slice_explanation, write_records_csv
+    from medcls.study import bytes_source, gather
+
+    caplog.set_level(logging.DEBUG)
+    study = gather([bytes_source(f"slice-{i}", f.read_bytes()) for i, f in enumerate(series_files)])
+    answer = answer_series(brain_predictor, study.series[0])
+    i = answer.summary.most_suspicious
+    scan = answer.series.scan(i)
+    explanation = slice_explanation(brain_predictor, answer, i)
+    buf = io.StringIO()
+    write_records_csv([answer.as_record()], buf)
+    write_records_csv(answer.slice_records(), buf)
+    texts = [repr(study.series), answer.series.label, str(answer.series.metadata),
+             answer.summary.text, str([f.message for f in study.all_findings]), buf.getvalue()]
+    assert "Series 3 · MR" in answer.series.label  # the texts searched are the real ones
+    for fmt in ("png", "pdf"):
+        data = render_series_report(answer, display_image(scan), explanation, i, fmt=fmt)
+        assert not raw_leaks(data, needles), fmt
+        texts.append(pdf_text(data) if fmt == "pdf" else png_text(data))
+    pdf = texts[-1]  # the text the PDF shows, then its raw bytes
+    assert "MedCLS series report" in pdf and answer.summary.text[:14] in pdf, pdf[:2000]
+    out, err = capfd.readouterr()
+    texts += [caplog.text, out, err]
+    assert not leaks("\n".join(texts), needles)
