@@ -35,8 +35,9 @@ def grayscale16(ds: Dataset, rows: int, cols: int, frames: int = 1, bits_stored:
     return ds
 
 
-def to_bytes(ds: Dataset) -> bytes:
-    """The dataset as a DICOM Part 10 file."""
+def to_bytes(ds: Dataset, file_format: bool = True) -> bytes:
+    """The dataset as a DICOM Part 10 file; ``file_format=False`` writes it as it stands (a
+    dataset read with dcmread and then damaged keeps its own preamble and file meta)."""
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    ds.save_as(buf, enforce_file_format=file_format)
     return buf.getvalue()

@@ -26,6 +26,7 @@ import pydicom
 import pytest
 
 from conftest import require
+from dicom_factory import to_bytes
 from medcls import identifying_attributes, load_scan
 from medcls.errors import MedclsError
 from medcls.inference import Prediction
@@ -167,20 +168,15 @@ def _corrupted_copies(raw: bytes, seed: int) -> list[bytes]:
         out.append(bytes(data))
     ds = pydicom.dcmread(io.BytesIO(raw))
     del ds.PixelData
-    out.append(_dicom_bytes(ds))
+    out.append(to_bytes(ds, file_format=False))
     ds = pydicom.dcmread(io.BytesIO(raw))
     ds.Rows = 300
-    out.append(_dicom_bytes(ds))
+    out.append(to_bytes(ds, file_format=False))
     ds = pydicom.dcmread(io.BytesIO(raw))
     ds.BitsAllocated = 8
-    out.append(_dicom_bytes(ds))
+    out.append(to_bytes(ds, file_format=False))
     return out
 
-
-def _dicom_bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
 
 
 def _exception_text(exc: BaseException) -> str:

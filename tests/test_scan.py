@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from conftest import require
-from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset
+from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, to_bytes
 from medcls.errors import MedclsError, ScanTooLargeError, UnreadableScanError
 from medcls.scan import display_image, identifying_attributes, load_scan, sniff_format
 
@@ -60,11 +60,6 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
     p.write_bytes(data)
     return p
 
-
-def _dicom_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
 
 
 def _identifying_needles(files: list[Path]) -> set[str]:
@@ -179,10 +174,10 @@ def test_series_spacing_and_no_identifying_values(series_files: list[Path], tmp_
     raw = series_files[0].read_bytes()
     ds = pydicom.dcmread(series_files[0])
     del ds.PixelData
-    no_pixels = _dicom_bytes(ds)
+    no_pixels = to_bytes(ds, file_format=False)
     ds = pydicom.dcmread(series_files[0])
     ds.Rows = 300
-    bad_rows = _dicom_bytes(ds)
+    bad_rows = to_bytes(ds, file_format=False)
     for bad in (raw[: int(0.6 * len(raw))], raw[: int(0.95 * len(raw))], no_pixels, bad_rows,
                 raw[:132] + b"\x00" * 200):
         with pytest.raises(UnreadableScanError) as ei:
@@ -307,7 +302,7 @@ def test_huge_dicom_is_refused(series_files: list[Path]) -> None:
     ds.Rows = ds.Columns = 30000
     t0 = time.perf_counter()
     with pytest.raises(ScanTooLargeError):
-        load_scan(_dicom_bytes(ds))
+        load_scan(to_bytes(ds, file_format=False))
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -458,9 +453,7 @@ def _synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 
         ds["PixelData"].is_undefined_length = True
     else:
         ds.PixelData = pixel_data
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return to_bytes(ds)
 
 
 @pytest.mark.parametrize("bits,samples", [(32, 1), (32, 3), (1, 3)])
@@ -551,7 +544,7 @@ def test_float_pixel_data_with_nan_and_inf(tmp_path: Path) -> None:
             ds.Rows = ds.Columns = 64
             ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 32
             ds.FloatPixelData = img.tobytes()
-            data = _dicom_bytes(ds)
+            data = to_bytes(ds, file_format=False)
         scan = load_scan(data)
         assert np.isfinite(scan.values).all(), kind
         assert scan.values.min() == -5 and scan.values.max() == 5, kind  # NaN/inf -> the extremes
@@ -614,7 +607,7 @@ def test_multiframe_dicom_memory_is_bounded(compressed: bool) -> None:
     ds.PixelData = frames.tobytes()
     if compressed:
         ds.compress(RLELossless)
-    data = _dicom_bytes(ds)
+    data = to_bytes(ds, file_format=False)
     stack_bytes = frames.nbytes
     load_scan(data, frame=1)  # imports and decoder set-up outside the measurement
     tracemalloc.start()
