@@ -74,7 +74,8 @@ def page_header(title: str, caption: str, icon: str = "🧠", tab_title: str | N
 def settings() -> Settings:
     """The app's settings: environment, then ``st.secrets``, then defaults (see
     :mod:`medcls.settings`). Read on every run: cheap, and a changed environment is seen."""
-    return load_settings(secrets=_secrets())
+    with user_errors("The app's settings"):  # a bad value: its message, not a trace
+        return load_settings(secrets=_secrets())
 
 
 def _secrets() -> dict:
