@@ -1,5 +1,6 @@
-"""Page helpers shared by app.py and pages/: cached model loading, the model picker, the
-image viewer with window/level, probability charts, model cards and error display.
+"""Page helpers shared by app.py and pages/: the navigation, the settings, cached model
+loading, the model picker, the image viewer with window/level, probability charts, model cards
+and error display (``with user_errors(...)``).
 
 Only layout lives here and in the pages; every computation is a call into ``medcls``.
 """
@@ -12,7 +13,7 @@ import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import plotly.graph_objects as go
@@ -100,13 +101,13 @@ def load_predictor(path: str):
     return Predictor.from_path(path).warmup()
 
 
-def available_models() -> list[tuple[str, dict[str, Any]]]:
+def available_models() -> list[tuple[str, ModelCard]]:
     """(folder, card) of every valid model package, sorted by task and name."""
     return _packages(str(models_root()))
 
 
 @st.cache_data(ttl=60, show_spinner=False)
-def _packages(root: str) -> list[tuple[str, dict[str, Any]]]:
+def _packages(root: str) -> list[tuple[str, ModelCard]]:
     return [(str(p), card) for p, card in list_packages(root)]
 
 
