@@ -38,3 +38,17 @@ def run_page(page: Path = APP, scan_bytes: bytes | None = None, at=None, **state
 def page_text(at) -> str:
     """Every text the page shows (titles, messages, markdown, captions), one per line."""
     return "\n".join(str(e.value) for kind in TEXT_ELEMENTS for e in getattr(at, kind))
+
+
+def assert_no_exception(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Traceback" not in page_text(at)
+
+
+def assert_prediction(at) -> str:
+    assert_no_exception(at)
+    assert not at.error or all("Outside what this model was trained on" in e.value
+                               for e in at.error), [e.value for e in at.error]
+    heads = [h.value for h in at.subheader if h.value.startswith("Prediction")]
+    assert len(heads) == 1, page_text(at)
+    return heads[0]

@@ -136,3 +136,28 @@ def predictors():
         return cache[name]
 
     return get
+
+
+# ----------------------------------------------------------------------------- the app
+
+@pytest.fixture(scope="module")
+def app_env(brain_model_dir: Path):
+    """The app's environment for a test module: the models folder of the brain-MRI package,
+    the project folder on sys.path (pages import ``ui``), the cached model list forgotten."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDCLS_MODELS", str(brain_model_dir.parent))
+    mp.syspath_prepend(str(PROJECT_ROOT))  # app.py imports ui from the app folder
+    _clear_model_list()
+    yield brain_model_dir
+    _clear_model_list()
+    mp.undo()
+
+
+def _clear_model_list() -> None:
+    """The model list is cached per process (st.cache_data): forget it, so the page lists the
+    packages of this module's MEDCLS_MODELS."""
+    import ui
+
+    for fn in (getattr(ui, "available_models", None), getattr(ui, "_packages", None)):
+        if hasattr(fn, "clear"):
+            fn.clear()

@@ -110,3 +110,11 @@ def test_cli_lists_every_subcommand(capsys):
     usage = capsys.readouterr().out
     for command in ("train", "evaluate", "fit-region", "clean", "review"):
         assert command in usage
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and helpers live in conftest.py, apptest.py, appserver.py and
+    dicom_factory.py; a test module importing another would run its tests' module code twice."""
+    for path in sorted((PROJECT_ROOT / "tests").glob("test_*.py")):
+        others = {d for d in imports(path) if d.split(".")[0].startswith("test_")}
+        assert not others, f"{path.name} imports {sorted(others)}"

@@ -8,7 +8,6 @@ holds fewer than two brain-mri packages.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -23,34 +23,12 @@ import numpy as np
 import pydicom
 import pytest
 
-from apptest import page_text, run_page
+from apptest import assert_no_exception, assert_prediction, page_text, run_page
 from conftest import PROJECT_ROOT, require
 from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, to_bytes
 
 
 # ----------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module")
-def app_env(brain_model_dir: Path):
-    """The app's environment for this module: the models folder of the brain-MRI package."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MEDCLS_MODELS", str(brain_model_dir.parent))
-    mp.syspath_prepend(str(PROJECT_ROOT))  # app.py imports ui from the app folder
-    _clear_model_list()
-    yield brain_model_dir
-    _clear_model_list()
-    mp.undo()
-
-
-def _clear_model_list() -> None:
-    """The model list is cached per process (st.cache_data): forget it, so the page lists the
-    packages of this module's MEDCLS_MODELS."""
-    import ui
-
-    for fn in (getattr(ui, "available_models", None), getattr(ui, "_packages", None)):
-        if hasattr(fn, "clear"):
-            fn.clear()
-
 
 @pytest.fixture(scope="module")
 def good_jpeg(brain_test_jpeg: Path) -> bytes:
@@ -67,20 +45,6 @@ def warm(app_env, good_jpeg):
 
 def image_captions(at) -> str:
     return "\n".join(c for im in at.image for c in im.captions)
-
-
-def assert_no_exception(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert "Traceback" not in page_text(at)
-
-
-def assert_prediction(at) -> str:
-    assert_no_exception(at)
-    assert not at.error or all("Outside what this model was trained on" in e.value
-                               for e in at.error), [e.value for e in at.error]
-    heads = [h.value for h in at.subheader if h.value.startswith("Prediction")]
-    assert len(heads) == 1, page_text(at)
-    return heads[0]
 
 
 def assert_clear_error(at, *expected: str) -> str:

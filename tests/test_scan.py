@@ -20,11 +20,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from conftest import require
-from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, to_bytes
+from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, synthetic_dicom, to_bytes
 from medcls.errors import MedclsError, ScanTooLargeError, UnreadableScanError
 from medcls.scan import display_image, identifying_attributes, load_scan, sniff_format
 
@@ -428,34 +426,6 @@ def test_dicom_without_preamble(dicom_dir: Path, rel: str) -> None:
 # ----------------------------------------------------------------------------- hardening
 # Regression tests of what tests/test_fuzz.py found; each failed before the fix in medcls/scan.py.
 
-def _synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 16,
-                     frames: int = 1, pixel_data: bytes | None = None, **attrs) -> bytes:
-    from pydicom.dataelem import RawDataElement
-    from pydicom.tag import Tag
-
-    ds = grayscale16(new_dataset(syntax), rows, cols, frames)
-    for k, v in attrs.items():
-        if isinstance(v, str) and k in ("RescaleSlope", "RescaleIntercept", "WindowCenter",
-                                        "WindowWidth"):  # as written in the file, even "nan"
-            raw = v.encode() + b" " * (len(v) % 2)
-            ds[Tag(k)] = RawDataElement(Tag(k), "DS", len(raw), raw, 0, False, True)
-        else:
-            setattr(ds, k, v)
-    if pixel_data is None:
-        n = rows * cols * frames * ds.SamplesPerPixel * (ds.BitsAllocated // 8)
-        pixel_data = np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
-    if syntax.is_compressed:
-        item = b"\xfe\xff\x00\xe0"
-        pixel_data = (item + b"\x00" * 4 + item + len(pixel_data).to_bytes(4, "little")
-                      + pixel_data + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
-        ds.PixelData = pixel_data
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    else:
-        ds.PixelData = pixel_data
-    return to_bytes(ds)
-
-
 @pytest.mark.parametrize("bits,samples", [(32, 1), (32, 3), (1, 3)])
 def test_compressed_dicom_with_impossible_bits_is_refused_without_crashing(tmp_path: Path,
                                                                            bits: int,
@@ -469,7 +439,7 @@ def test_compressed_dicom_with_impossible_bits_is_refused_without_crashing(tmp_p
     from pydicom.uid import JPEGBaseline8Bit
 
     photometric = "RGB" if samples == 3 else "MONOCHROME2"
-    data = _synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=bits, BitsStored=bits,
+    data = synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=bits, BitsStored=bits,
                             HighBit=bits - 1, SamplesPerPixel=samples,
                             PhotometricInterpretation=photometric,
                             pixel_data=np.random.default_rng(1).integers(0, 256, 64, np.uint8).tobytes())
@@ -522,7 +492,7 @@ def test_truncated_compressed_dicom_is_called_incomplete(dicom_dir: Path, rel: s
 def test_non_finite_rescale_or_window_gives_a_finite_image(attrs: dict) -> None:
     from medcls.preprocess import PreprocessSpec, preprocess
 
-    scan = load_scan(_synthetic_dicom(**attrs))
+    scan = load_scan(synthetic_dicom(**attrs))
     assert np.isfinite(scan.values).all()
     assert np.isfinite(scan.window_center) and np.isfinite(scan.window_width)
     assert np.isfinite(display_image(scan)).all()
