@@ -271,6 +271,9 @@ def probability_chart(classes, probs, title: str = "", highlight: int | None = N
 def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]:
     """(kind, text): a plain statement of how sure the model is. The validation figure behind
     the low-confidence threshold is quoted only when the card records it."""
+    if pred.outside_scope and not pred.gate_outside:  # the gate passed: give the scope's reason
+        return "error", (f"Outside what this model was trained on: {pred.scope_note}, so its "
+                         "prediction is not a finding.")
     if pred.outside_training_distribution:
         return "error", ("Outside what this model was trained on: this scan does not look like "
                          "the model's training images, so its prediction is not a finding. "

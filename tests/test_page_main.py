@@ -138,3 +138,9 @@ def test_low_confidence_sentence_quotes_only_what_the_card_records(monkeypatch):
     recorded = ModelCard.from_dict(card.to_dict() | {"low_confidence_val_accuracy": 0.973})
     kind, text = ui.confidence_statement(pred, recorded)
     assert "validation predictions were 97% correct" in text
+    # a scan outside the card's validated scope (the gate passed): the scope's reason, no gate figures
+    import dataclasses
+
+    note = "a sagittal slice: brain-mri-default was validated on normal anatomy in axial slices only"
+    kind, text = ui.confidence_statement(dataclasses.replace(pred, scope_note=note), card)
+    assert kind == "error" and note in text and "input-gate" not in text
