@@ -32,6 +32,23 @@ def data_dir() -> Path:
     return require(DATA_DIR)
 
 
+def pdf_text(pdf: bytes) -> str:
+    """The text a PDF shows, as a reader extracts it (poppler's ``pdftotext``: what a person's
+    search or copy finds), plus the file's raw bytes (document info and any uncompressed part).
+    Fails if the PDF holds no extractable text, so a report drawn as glyph pictures fails."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("pdftotext")
+    if exe is None:
+        pytest.fail("pdftotext is not installed (apt-get install poppler-utils; .ci/run does)")
+    proc = subprocess.run([exe, "-enc", "UTF-8", "-", "-"], input=pdf, capture_output=True,
+                          timeout=60, check=True)
+    shown = proc.stdout.decode("utf-8")
+    assert shown.strip(), "the PDF has no extractable text"
+    return shown + "\n" + pdf.decode("latin-1")
+
+
 def split_rows(data_dir: Path, task: str, split: str = "test", label: str | None = None) -> list[dict]:
     """The rows of ``<data>/<task>/labels.csv`` in ``split`` (and of ``label``), each with
     ``path``: the file's absolute path. Skips the calling test without the data set."""

@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import require
+from conftest import pdf_text, require
 from dicom_factory import to_bytes
 from medcls import identifying_attributes, load_scan
 from medcls.errors import MedclsError
@@ -107,23 +107,6 @@ def raw_leaks(data: bytes, needles: dict[str, str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- file text
-
-def pdf_text(pdf: bytes) -> str:
-    """The text a PDF shows, as a reader extracts it (poppler's ``pdftotext``: what a person's
-    search or copy finds), plus the file's raw bytes (document info and any uncompressed part).
-    Fails if the PDF holds no extractable text, so a report drawn as glyph pictures fails."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("pdftotext")
-    if exe is None:
-        pytest.fail("pdftotext is not installed (apt-get install poppler-utils; .ci/run does)")
-    proc = subprocess.run([exe, "-enc", "UTF-8", "-", "-"], input=pdf, capture_output=True,
-                          timeout=60, check=True)
-    shown = proc.stdout.decode("utf-8")
-    assert shown.strip(), "the PDF has no extractable text"
-    return shown + "\n" + pdf.decode("latin-1")
-
 
 def png_text(png: bytes) -> str:
     """The text chunks (tEXt, zTXt, iTXt) of a PNG: where metadata would be written."""
