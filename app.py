@@ -12,6 +12,8 @@ from medcls import identifying_attributes
 from medcls.report import render_report
 from medcls.saliency import METHODS
 
+ui.navigation()  # runs the chosen page; returns here when it is this one
+
 ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibrated class "
                "probabilities and see where the model looked; every result needs a clinician's "
                "review.", tab_title="MedCLS")
@@ -44,26 +46,17 @@ if data is None:
             "pick the task in the sidebar.")
     st.stop()
 
-try:
+with ui.user_errors():  # every failure becomes a message, never a trace
     scan = ui.cached_scan(data)
-except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a trace
-    ui.show_error(exc)
-    st.stop()
 
 frame = 0
 if scan.n_frames > 1:
     frame = st.slider("Frame", 1, scan.n_frames, 1, key="frame") - 1
-    try:
+    with ui.user_errors():
         scan = ui.cached_scan(data, frame)
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error(exc)
-        st.stop()
 
-try:
+with ui.user_errors("The model"):
     predictor = ui.load_predictor(model_path)
-except Exception as exc:  # noqa: BLE001
-    ui.show_error(exc, "The model")
-    st.stop()
 card = predictor.card
 
 # ---------------------------------------------------------------- prediction + heatmap
@@ -71,16 +64,13 @@ requested = bool(st.session_state.get("strongest_evidence"))  # the user asked f
 key = (scan.sha256, frame, model_path, method, requested)
 results = st.session_state.setdefault("_results", {})
 if key not in results:
-    try:
+    with ui.user_errors():
         t0 = time.perf_counter()
         with st.spinner(f"Classifying and computing {METHODS[method].label}..."):
             explanation = ui.explain_for_display(predictor, scan, method, requested)
             outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
         results.clear()  # keep one result per session: memory stays bounded
         results[key] = (explanation, (time.perf_counter() - t0) * 1000, outline)
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error(exc)
-        st.stop()
 explanation, elapsed_ms, outline = results[key]
 heatmap_outline = show_region and predictor.segmenter is None  # the heatmap is not a lesion edge
 pred = explanation.prediction
@@ -131,11 +121,9 @@ with st.expander("Model card: which model answered, its test figures and limits"
 with st.expander("Scan metadata (de-identified)"):
     st.json(scan.metadata, expanded=False)
     if show_phi:
-        try:
+        phi = {}
+        with ui.user_errors(stop=False):
             phi = identifying_attributes(data)
-        except Exception as exc:  # noqa: BLE001
-            phi = {}
-            ui.show_error(exc)
         if phi:
             st.warning("Identifying tags, shown on request only; not stored or exported.")
             st.json(phi)

@@ -1,5 +1,6 @@
-"""Page helpers shared by app.py and pages/: cached model loading, the model picker, the
-image viewer with window/level, probability charts, model cards and error display.
+"""Page helpers shared by app.py and pages/: the navigation, the settings, cached model
+loading, the model picker, the image viewer with window/level, probability charts, model cards
+and error display (``with user_errors(...)``).
 
 Only layout lives here and in the pages; every computation is a call into ``medcls``.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 import numpy as np
 import plotly.graph_objects as go
@@ -27,10 +30,41 @@ from medcls.settings import Settings, load_settings
 log = logging.getLogger("medcls.app")
 
 APP_DIR = Path(__file__).resolve().parent
+PAGES_DIR = APP_DIR / "pages"
+MAIN_PAGE_TITLE = "Classify a scan"
 MAX_CACHED_SCAN_BYTES = 256 << 20  # per session: the open scan and a few frames of it
 
 
 NOT_A_DEVICE = "Research tool, not a diagnostic device."
+
+
+_navigating = threading.local()  # per session thread: inside the chosen page's run
+
+
+def navigation() -> None:
+    """The app's navigation: app.py first, titled :data:`MAIN_PAGE_TITLE` (not the file name),
+    then every page of ``pages/`` in the order of its number prefix, titled from its file name
+    as Streamlit does (``2_Batch_review.py`` -> "Batch review", URL ``/Batch_review``).
+
+    Call it first thing in app.py: it runs the chosen page and ends the script run. When the
+    chosen page is app.py itself, its nested run calls this again, which returns at once so
+    the rest of app.py lays out the main page. Page files still run on their own (AppTest)."""
+    if getattr(_navigating, "inside", False):
+        return
+    pages = [st.Page(APP_DIR / "app.py", title=MAIN_PAGE_TITLE, default=True)]
+    pages += [st.Page(path) for path in sorted(PAGES_DIR.glob("*.py"), key=_page_order)]
+    page = st.navigation(pages)
+    _navigating.inside = True
+    try:
+        page.run()
+    finally:
+        _navigating.inside = False
+    st.stop()
+
+
+def _page_order(path: Path) -> tuple[float, str]:
+    number = re.match(r"\d+", path.name)
+    return (int(number.group()) if number else float("inf"), path.name)
 
 
 def page_header(title: str, caption: str, icon: str = "🧠", tab_title: str | None = None) -> None:
@@ -43,7 +77,8 @@ def page_header(title: str, caption: str, icon: str = "🧠", tab_title: str | N
 def settings() -> Settings:
     """The app's settings: environment, then ``st.secrets``, then defaults (see
     :mod:`medcls.settings`). Read on every run: cheap, and a changed environment is seen."""
-    return load_settings(secrets=_secrets())
+    with user_errors("The app's settings"):  # a bad value: its message, not a trace
+        return load_settings(secrets=_secrets())
 
 
 def _secrets() -> dict:
@@ -112,13 +147,13 @@ def warm_up_status(thread: threading.Thread) -> None:
         st.caption("Default model loaded: answers take about a second.")
 
 
-def available_models() -> list[tuple[str, dict[str, Any]]]:
+def available_models() -> list[tuple[str, ModelCard]]:
     """(folder, card) of every valid model package, sorted by task and name."""
     return _packages(str(models_root()))
 
 
 @st.cache_data(ttl=60, show_spinner=False)
-def _packages(root: str) -> list[tuple[str, dict[str, Any]]]:
+def _packages(root: str) -> list[tuple[str, ModelCard]]:
     return [(str(p), card) for p, card in list_packages(root)]
 
 
@@ -191,8 +226,9 @@ def cached_scan(data: bytes, frame: int = 0) -> Scan:
     return cache[key]
 
 
-def show_error(exc: Exception, what: str = "This file") -> None:
-    """A typed medcls error as a clear message; anything else without a stack trace."""
+def show_error(exc: BaseException, what: str = "This file") -> None:
+    """A typed medcls error as its own message; anything else as a generic one (its type goes to
+    the log; its text may quote file values, so it is not shown or logged)."""
     if isinstance(exc, MedclsError):
         st.error(f"{what} could not be used: {exc}")
     else:
@@ -202,6 +238,31 @@ def show_error(exc: Exception, what: str = "This file") -> None:
 
 
 WINDOWED_FORMATS = ("dicom", "nifti")  # formats with window/level (plain images keep theirs)
+
+
+class Outcome:
+    """What :func:`user_errors` saw: ``failed`` after an error was shown."""
+
+    failed = False
+
+
+@contextmanager
+def user_errors(what: str = "This file", stop: bool = True) -> Iterator[Outcome]:
+    """Turn any failure in the block into a message (:func:`show_error`) and keep the session:
+    never a traceback. ``stop``: end this run of the page after the message (else go on, and
+    read ``outcome.failed``)::
+
+        with ui.user_errors("The model"):
+            predictor = ui.load_predictor(path)
+    """
+    outcome = Outcome()
+    try:
+        yield outcome
+    except Exception as exc:  # noqa: BLE001 - st.stop/st.rerun are BaseExceptions: they pass
+        outcome.failed = True
+        show_error(exc, what)
+        if stop:
+            st.stop()
 
 
 def window_controls(scan: Scan, key: str) -> tuple[float, float]:
@@ -260,6 +321,9 @@ def probability_chart(classes, probs, title: str = "", highlight: int | None = N
 def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]:
     """(kind, text): a plain statement of how sure the model is. The validation figure behind
     the low-confidence threshold is quoted only when the card records it."""
+    if pred.outside_scope and not pred.gate_outside:  # the gate passed: give the scope's reason
+        return "error", (f"Outside what this model was trained on: {pred.scope_note}, so its "
+                         "prediction is not a finding.")
     if pred.outside_training_distribution:
         return "error", ("Outside what this model was trained on: this scan does not look like "
                          "the model's training images, so its prediction is not a finding. "

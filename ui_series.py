@@ -269,17 +269,17 @@ def _report_buttons(predictor, answer, method, alpha, center, width) -> None:
 
 # ----------------------------------------------------------------------------- batch page
 
-def batch_series_table(job: dict, predictor) -> None:
+def batch_series_table(job, predictor) -> None:
     """The batch review's worklist grouped by series: one row per series with its summary,
-    slice rows on request. Answered once per job (kept in the job)."""
+    slice rows on request. Answered once per job (kept on the :class:`ReviewJob`)."""
     import pandas as pd
 
     from medcls.series_answer import review_by_series
 
-    if job.get("series") is None:
+    if getattr(job, "series_answers", None) is None:
         with st.spinner("Grouping the files into series and answering every slice..."):
-            job["series"] = review_by_series(predictor, job["sources"])
-    study, answers = job["series"]
+            job.series_answers = review_by_series(predictor, job.sources)
+    study, answers = job.series_answers
     for f in study.findings:
         st.caption(f.message)
     if not answers:
@@ -288,10 +288,10 @@ def batch_series_table(job: dict, predictor) -> None:
     order = {Outcome.SUSPECTED: 0, Outcome.CANNOT_ANSWER: 1, Outcome.NOT_SEEN: 2}
     answers = sorted(answers, key=lambda a: order[a.summary.outcome])
     st.dataframe(pd.DataFrame([a.as_record() for a in answers]), hide_index=True,
-                 key=f"batch_series_{job['id']}",
+                 key=f"batch_series_{id(job)}",
                  column_order=["series", "outcome", "summary", "suspected_class", "volume_mm3",
                                "most_suspicious_slice", "slices", "answered",
                                "outside_distribution", "findings", "plane", "ordered_by"])
     if st.toggle("Show slice rows", key="batch_series_slices"):
         st.dataframe(pd.DataFrame([r for a in answers for r in a.slice_records()]),
-                     hide_index=True, key=f"batch_series_slices_{job['id']}")
+                     hide_index=True, key=f"batch_series_slices_{id(job)}")

@@ -142,7 +142,7 @@ def _rescaled_spacing(spacing: tuple[float, float] | None, full_shape: tuple[int
         return spacing
     return (spacing[0] * full_shape[0] / shape[0], spacing[1] * full_shape[1] / shape[1])
 
-Source = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
+ScanInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]  # what load_scan reads
 
 # Technical DICOM attributes safe to show (none is in the PS3.15 basic profile's
 # list of attributes to remove or replace). Anything not listed is left out.
@@ -233,7 +233,7 @@ class Scan:
 
 # ----------------------------------------------------------------------------- input
 
-def _read_source(src: Source) -> bytes:
+def _read_source(src: ScanInput) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         data = bytes(src)
     elif isinstance(src, (str, os.PathLike)):
@@ -278,7 +278,7 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def load_scan(src: Source, frame: int = 0) -> Scan:
+def load_scan(src: ScanInput, frame: int = 0) -> Scan:
     """Load a scan from a path, bytes or a binary file object.
 
     ``frame`` selects one frame of a multi-frame DICOM; only that frame is decoded.
@@ -573,7 +573,7 @@ def _safe_metadata(ds) -> dict[str, Any]:
     return meta
 
 
-def identifying_attributes(src: Source) -> dict[str, str]:
+def identifying_attributes(src: ScanInput) -> dict[str, str]:
     """The identifying DICOM attributes of a file, for a deliberate "show identifying tags" view.
 
     Callers must not log, store or export the result. Plain images have none.

@@ -111,49 +111,34 @@ if data is None:
     st.info("Upload a scan, or open one on the main page: it is compared here as well.")
     st.stop()
 
-try:
+with ui.user_errors():  # every failure becomes a message, never a trace
     scan = ui.cached_scan(data)
     frame = 0
     if scan.n_frames > 1:
         frame = st.slider("Frame", 1, scan.n_frames, 1, key="cmp_frame") - 1
         scan = ui.cached_scan(data, frame)
-except Exception as exc:  # noqa: BLE001 - every failure becomes a message, never a trace
-    ui.show_error(exc)
-    st.stop()
 
 if len(chosen) < 2:
     st.info(f"Pick two to {MAX_MODELS} models in the sidebar to compare them.")
     st.stop()
 
-try:
+with ui.user_errors("These models"):
     check_compatible([cards_by_path[p] for p in chosen])
-except Exception as exc:  # noqa: BLE001
-    ui.show_error(exc, "These models")
-    st.stop()
 
 # ----------------------------------------------------------------------------- run
 
 results: dict[str, ModelResult] = {}
-failed: dict[str, Exception] = {}
 for path in chosen:
-    name = cards_by_path[path]["name"]
-    try:
+    name = cards_by_path[path].name
+    with ui.user_errors(f"Model {name}", stop=False):  # the others still answer
         predictor = ui.load_predictor(path)  # cached per folder: other models are not reloaded
         with st.spinner(f"{name}: classifying and computing {METHODS[method].label}..."):
             results[path] = cached_result(predictor, scan, (scan.sha256, frame), path, method)
-    except Exception as exc:  # noqa: BLE001
-        failed[path] = exc
-
-for path, exc in failed.items():
-    ui.show_error(exc, f"Model {cards_by_path[path]['name']}")
 
 comparison = None
 if len(results) >= 2:
-    try:
+    with ui.user_errors("These models"):
         comparison = summarize(list(results.values()), method)
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error(exc, "These models")
-        st.stop()
 else:
     st.warning("Fewer than two of the chosen models could answer, so there is nothing to compare.")
 

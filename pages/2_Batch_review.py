@@ -1,43 +1,17 @@
 """Batch review: triage a folder of scans (hundreds to thousands) into a worklist: what each
 scan looks like to the model, which are uncertain, which could not be read.
 
-Input is a folder on the server, only inside the allowed scan folder (``MEDCLS_SCAN_ROOT``,
-else ``scan_root`` in ``.streamlit/secrets.toml``, else ``scans/`` next to app.py), or a
-folder, several files or one .zip uploaded through the browser. All the work is done by
-:mod:`medcls.review`; this page is layout.
-
-How a run proceeds and how Stop really stops
---------------------------------------------
-A review is a *job* kept in ``st.session_state["batch_job"]``: its sources, the
-:func:`medcls.review.run_review` generator (or :func:`medcls.cluster.run_review` when the review
-runs on the configured Ray cluster: same rows, same order), the rows so far and a
-``threading.Event``.
-Each script run advances the generator for about ``CHUNK_SECONDS`` (one batch at least),
-updating the progress bar after every batch, then calls ``st.rerun()``. A click on any
-widget makes Streamlit interrupt the running chunk at its next Streamlit call (the progress
-update after the batch in progress) and rerun the script, so the page answers within about
-one batch; the new run picks the job up where it was.
-
-The Stop button's ``on_click`` callback sets the job's Event. Callbacks run before the script
-on the next run, so that run sees the Event and closes the generator (which stops feeding
-files and shuts the decoding threads down); the rows done so far stay as the result. A click
-that arrives in the middle of a chunk interrupts the script at its next Streamlit call, but
-no row is lost: every row is appended to the job before any Streamlit call, and the suspended
-generator simply resumes (or is closed) on the next run.
-
-Memory stays bounded: the job keeps the rows (a few numbers each) and the sources (paths, or
-the bytes the browser uploaded anyway), never decoded images; the stream holds at most two
-batches. The selected row's image and heatmap are recomputed on demand (one kept per
-session).
+Input is a folder on the server, only inside the allowed scan folder (``scan_root`` of
+:mod:`medcls.settings`: ``MEDCLS_SCAN_ROOT``, else ``.streamlit/secrets.toml``, else
+``scans/`` next to app.py), or a folder, several files or one .zip uploaded through the
+browser. The run is a :class:`medcls.review.ReviewJob` kept in the session (on this server, or on the
+configured Ray cluster through :func:`medcls.cluster.review_stream`) (its docstring
+tells how a run proceeds across reruns and how Stop really stops); this page is layout.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import threading
-import time
-import uuid
 
 import pandas as pd
 import plotly.express as px
@@ -45,11 +19,10 @@ import streamlit as st
 
 import ui
 import ui_series
-from medcls import MedclsError, load_scan
+
 from medcls.cluster import review_stream
-from medcls.review import (ArchiveRejectedError, Progress, folder_sources, summary,
-                           upload_sources, write_csv)
 from medcls.render import overlay
+from medcls.review import ReviewJob, folder_sources, upload_sources
 from medcls.saliency import METHODS
 
 BATCH_SIZE = 16
@@ -65,79 +38,14 @@ ui.page_header("Batch review", "Triage a folder of scans: predicted class, calib
                "model was trained on, unreadable).", icon="🗂️")
 
 
-# ----------------------------------------------------------------------------- job
+# ----------------------------------------------------------------------------- layout helpers
 
-def start_job(sources, origin: str, model_path: str, predictor, address: str | None = None) -> None:
-    """Replace this session's review with a new one over ``sources`` (on the Ray cluster at
-    ``address`` when given)."""
-    close_job(st.session_state.get(JOB), "stopped")
-    stop = threading.Event()
-    st.session_state[JOB] = {
-        "id": uuid.uuid4().hex[:8], "origin": origin, "model_path": model_path,
-        "card": predictor.card, "classes": tuple(predictor.classes),
-        "sources": sources, "rows": [], "stop": stop, "state": "running", "error": None,
-        "gen": review_stream(model_path, sources, predictor, address, batch_size=BATCH_SIZE,
-                             workers=WORKERS, stop=stop),
-        "t0": time.perf_counter(), "elapsed": None, "table": None,
-    }
-    st.session_state.pop(SELECTED, None)
-
-
-def close_job(job: dict | None, state: str) -> None:
-    if not job or job.get("gen") is None:
-        return
-    job["stop"].set()
-    try:
-        job["gen"].close()  # ends the stream and its decoding threads
-    except Exception:  # noqa: BLE001 - closing never fails the page
-        pass
-    job["gen"] = None
-    job["state"] = state
-    job["elapsed"] = time.perf_counter() - job["t0"]
-
-
-def request_stop() -> None:
-    """on_click of Stop: runs before the next script run, which then closes the job."""
-    job = st.session_state.get(JOB)
-    if job is not None:
-        job["stop"].set()
-
-
-def progress_text(job: dict) -> tuple[float, str]:
-    done, total = len(job["rows"]), len(job["sources"])
-    p = Progress(done, total, time.perf_counter() - job["t0"])
+def progress_text(job: ReviewJob) -> tuple[float, str]:
+    p = job.progress
     left = p.remaining_s
-    text = (f"{done} / {total} scans · {p.rate:.1f} scans/s · "
+    text = (f"{p.done} / {p.total} scans · {p.rate:.1f} scans/s · "
             + (f"about {left:.0f} s left" if left is not None else "estimating time left..."))
-    return (done / total if total else 1.0), text
-
-
-def advance(job: dict, bar) -> None:
-    """Pull rows for about CHUNK_SECONDS; each row is stored before any Streamlit call."""
-    deadline = time.monotonic() + CHUNK_SECONDS
-    rows = job["rows"]
-    while not job["stop"].is_set():
-        try:
-            row = next(job["gen"])
-        except StopIteration:
-            close_job(job, "done")
-            return
-        except Exception as exc:  # noqa: BLE001 - the engine failed: keep what is done
-            close_job(job, "failed")
-            job["error"] = exc
-            return
-        rows.append(row)
-        if len(rows) % BATCH_SIZE == 0:
-            bar.progress(*progress_text(job))
-            if time.monotonic() > deadline:
-                return
-
-
-def table_csv(rows, classes) -> str:
-    """The worklist CSV of ``rows`` (file names, predictions, flags; no DICOM tag values)."""
-    buf = io.StringIO()
-    write_csv(rows, classes, buf)
-    return buf.getvalue()
+    return (p.done / p.total if p.total else 1.0), text
 
 
 def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
@@ -147,17 +55,15 @@ def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
                          method_label=METHODS[HEATMAP_METHOD].label)
 
 
-def job_table(job: dict) -> pd.DataFrame:
-    """The rows as a DataFrame (index = row number), built once per finished job."""
-    if job["table"] is None or len(job["table"]) != len(job["rows"]):
-        records = [r.as_record(job["classes"]) for r in job["rows"]]
-        table = pd.DataFrame.from_records(records) if records else pd.DataFrame(
-            columns=["file", "predicted", "confidence", "needs_attention", "error"])
-        for col in ("series_number", "instance_number"):
-            if col in table:
-                table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
-        job["table"] = table
-    return job["table"]
+def table_of(job: ReviewJob, indices: list[int]) -> pd.DataFrame:
+    """The rows at ``indices`` as a DataFrame indexed by row number."""
+    records = job.records(indices)
+    table = pd.DataFrame.from_records(records, index=indices) if records else pd.DataFrame(
+        columns=["file", "predicted", "confidence", "needs_attention", "error"])
+    for col in ("series_number", "instance_number"):  # whole numbers, blank when missing
+        if col in table:
+            table[col] = pd.to_numeric(table[col], errors="coerce").astype("Int64")
+    return table
 
 
 # ----------------------------------------------------------------------------- model
@@ -170,32 +76,35 @@ with st.sidebar:
     st.caption("Every scan is classified by this model; flags use its low-confidence "
                "threshold and input gate (see its card).")
 
-job = st.session_state.get(JOB)
-if job is not None and job["state"] == "running" and job["stop"].is_set():
-    close_job(job, "stopped")  # Stop was clicked: its callback ran before this run
-running = bool(job and job["state"] == "running")
+job: ReviewJob | None = st.session_state.get(JOB)
+if job is not None:
+    job.close_if_stopped()  # Stop was clicked: its callback ran before this run
+running = bool(job and job.running)
 
 
 def begin(make_sources, origin: str, address: str | None = None) -> None:
-    """Build the sources and start a job; refusals become messages, never traces."""
-    try:
+    """Build the sources and start a job (replacing this session's); refusals become
+    messages, never traces, and keep the earlier results."""
+    with ui.user_errors("The input", stop=False) as outcome:
         sources = make_sources()
-    except (ArchiveRejectedError, MedclsError) as exc:  # PathNotAllowedError is a MedclsError
-        st.error(str(exc))
-        return
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error(exc, "The input")
+    if outcome.failed:
         return
     if not sources:
         st.warning("No files were found there (hidden files, DICOMDIR and labels.csv are "
                    "skipped).")
         return
-    try:
+    with ui.user_errors("The model", stop=False) as outcome:
         predictor = ui.load_predictor(model_path)
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error(exc, "The model")
+    if outcome.failed:
         return
-    start_job(sources, origin, model_path, predictor, address)
+    old = st.session_state.get(JOB)
+    if old is not None:
+        old.stop()
+    st.session_state[JOB] = ReviewJob(
+        predictor, sources, origin, model_path, batch_size=BATCH_SIZE, workers=WORKERS,
+        make_stream=lambda stop: review_stream(model_path, sources, predictor, address,
+                                               batch_size=BATCH_SIZE, workers=WORKERS, stop=stop))
+    st.session_state.pop(SELECTED, None)
 
 
 # ----------------------------------------------------------------------------- input
@@ -244,11 +153,11 @@ job = st.session_state.get(JOB)
 
 # ----------------------------------------------------------------------------- progress
 
-if job is not None and job["state"] == "running":
+if job is not None and job.running:
     bar = st.progress(*progress_text(job))
-    st.button("Stop", key="batch_stop", on_click=request_stop,
+    st.button("Stop", key="batch_stop", on_click=job.request_stop,
               help="Stops after the batch in progress; the scans done so far are kept.")
-    advance(job, bar)
+    job.advance(CHUNK_SECONDS, on_batch=lambda _: bar.progress(*progress_text(job)))
     st.rerun()  # the next chunk after serving any click, or the results once finished
 
 if job is None:
@@ -257,20 +166,20 @@ if job is None:
 
 # ----------------------------------------------------------------------------- results
 
-rows, classes, card = job["rows"], job["classes"], job["card"]
-n_total = len(job["sources"])
-if job["state"] == "failed":
-    ui.show_error(job["error"], "The review")
-status = {"done": "finished", "stopped": "stopped", "failed": "ended by an error"}[job["state"]]
-st.subheader(f"Results: {job['origin']}")
-st.caption(f"{len(rows)} of {n_total} scans, {status} in {job['elapsed']:.1f} s · model "
-           f"{card['name']} v{card['version']}")
-if job["state"] == "stopped" and len(rows) < n_total:
-    st.warning(f"Stopped: {n_total - len(rows)} scans were not reviewed.")
+rows, classes, card = job.rows, job.classes, job.card
+n_total = len(job.sources)
+if job.state == "failed":
+    ui.show_error(job.error, "The review")
+status = {"done": "finished", "stopped": "stopped", "failed": "ended by an error"}[job.state]
+st.subheader(f"Results: {job.origin}")
+st.caption(f"{len(rows)} of {n_total} scans, {status} in {job.elapsed_s:.1f} s · model "
+           f"{card.name} v{card.version}")
+if job.state == "stopped" and job.not_reviewed:
+    st.warning(f"Stopped: {job.not_reviewed} scans were not reviewed.")
 if not rows:
     st.stop()
 
-s = summary(rows, classes)
+s = job.summary()
 cols = st.columns(len(classes) + 1)
 cols[0].metric("Scans", s["total"])
 for col, c in zip(cols[1:], classes):
@@ -281,10 +190,10 @@ cols[1].metric("Low confidence", s["low_confidence"])
 cols[2].metric("Outside training distribution", s["outside_distribution"])
 cols[3].metric("Unreadable", s["unreadable"])
 
-table = job_table(job)
+table = table_of(job, list(range(len(rows))))
 readable = table[table["error"].isna()]
 if len(readable):
-    threshold = float(card["low_confidence_threshold"])
+    threshold = card.low_confidence_threshold
     fig = px.histogram(readable, x="confidence", color="predicted", nbins=20, range_x=[0, 1],
                        category_orders={"predicted": list(classes)},
                        labels={"confidence": "top calibrated probability", "predicted": "class"})
@@ -298,7 +207,7 @@ if st.toggle("Group by series", key="batch_by_series",
              help="One row per DICOM series or NIfTI volume with its study summary: every slice "
                   "and frame answered, ordered along the slice normal (see the main page's "
                   "series mode for the rule)."):
-    ui_series.batch_series_table(job, ui.load_predictor(job["model_path"]))
+    ui_series.batch_series_table(job, ui.load_predictor(job.model_path))
 
 # ---------------------------------------------------------------- table
 f1, f2, f3 = st.columns([1, 2, 2])
@@ -308,16 +217,7 @@ chosen = f2.multiselect("Predicted class", [*classes, "unreadable"], key="batch_
                         placeholder="All classes")
 name_filter = f3.text_input("File name contains", key="batch_name").strip()
 
-view = table
-if attention_only:
-    view = view[view["needs_attention"]]
-if chosen:
-    keep = view["predicted"].isin(chosen)
-    if "unreadable" in chosen:
-        keep |= view["error"].notna()
-    view = view[keep]
-if name_filter:
-    view = view[view["file"].str.contains(name_filter, case=False, regex=False)]
+view = table_of(job, job.filter(attention_only, chosen, name_filter))
 
 prob_cols = [f"p_{c}" for c in classes]
 column_config = {
@@ -342,7 +242,7 @@ order = ["file", "predicted", "confidence", *prob_cols, "flags", "outside_distri
          "low_confidence", "gate_score", "error", "modality", "series_number", "instance_number"]
 # the selection is positions in `view`: a new filter gets a new table (and no stale selection)
 view_key = hashlib.sha1(repr((attention_only, chosen, name_filter)).encode()).hexdigest()[:8]
-event = st.dataframe(view, key=f"batch_table_{job['id']}_{view_key}", hide_index=True,
+event = st.dataframe(view, key=f"batch_table_{job.id}_{view_key}", hide_index=True,
                      column_order=[c for c in order if c in view.columns],
                      column_config=column_config, on_select="rerun",
                      selection_mode="single-row", height=min(420, 38 + 35 * max(len(view), 1)))
@@ -350,9 +250,9 @@ st.caption(f"{len(view)} of {len(table)} rows shown. Click a column header to so
            "row to see its image and heatmap.")
 
 
-shown = [rows[i] for i in view.index]
+shown = list(view.index)
 st.download_button(f"Download CSV ({len(shown)} rows shown)",
-                   data=lambda shown=shown, classes=classes: table_csv(shown, classes),
+                   data=lambda shown=shown: job.csv(shown),
                    file_name="medcls-review.csv", mime="text/csv", key="batch_csv",
                    on_click="ignore",
                    help="File names, predictions, probabilities, flags and series/instance "
@@ -370,16 +270,13 @@ if row.error is not None:
     st.stop()
 
 cache = st.session_state.setdefault(SELECTED, {})
-key = (job["id"], index, HEATMAP_METHOD)
+key = (job.id, index, HEATMAP_METHOD)
 if key not in cache:
-    try:
+    with ui.user_errors():
         with st.spinner("Reloading the scan and computing its heatmap..."):
-            scan = load_scan(job["sources"][index].read())
-            predictor = ui.load_predictor(job["model_path"])
+            scan = job.load(index)
+            predictor = ui.load_predictor(job.model_path)
             explanation = predictor.explain(scan, HEATMAP_METHOD)
-    except Exception as exc:  # noqa: BLE001
-        ui.show_error(exc)
-        st.stop()
     cache.clear()  # one selected scan per session
     cache[key] = (scan, explanation)
 scan, explanation = cache[key]

@@ -1,7 +1,12 @@
-"""Shared fixtures. The read-only data folder is $MEDCLS_DATA, else <project>/../shared/data."""
+"""Shared fixtures and helpers (test modules import this one, never each other).
+
+The read-only data folder is $MEDCLS_DATA, else <project>/../shared/data. Model packages come
+from the settings' models folder ($MEDCLS_MODELS, else <project>/models).
+"""
 
 from __future__ import annotations
 
+import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +33,44 @@ def data_dir() -> Path:
     return require(DATA_DIR)
 
 
+def pdf_text(pdf: bytes) -> str:
+    """The text a PDF shows, as a reader extracts it (poppler's ``pdftotext``: what a person's
+    search or copy finds), plus the file's raw bytes (document info and any uncompressed part).
+    Fails if the PDF holds no extractable text, so a report drawn as glyph pictures fails."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("pdftotext")
+    if exe is None:
+        pytest.fail("pdftotext is not installed (apt-get install poppler-utils; .ci/run does)")
+    proc = subprocess.run([exe, "-enc", "UTF-8", "-", "-"], input=pdf, capture_output=True,
+                          timeout=60, check=True)
+    shown = proc.stdout.decode("utf-8")
+    assert shown.strip(), "the PDF has no extractable text"
+    return shown + "\n" + pdf.decode("latin-1")
+
+
+def split_rows(data_dir: Path, task: str, split: str = "test", label: str | None = None) -> list[dict]:
+    """The rows of ``<data>/<task>/labels.csv`` in ``split`` (and of ``label``), each with
+    ``path``: the file's absolute path. Skips the calling test without the data set."""
+    root = require(Path(data_dir) / task)
+    with open(require(root / "labels.csv"), newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)
+                if r.get("split") == split and (label is None or r["label"] == label)]
+    for r in rows:
+        r["path"] = root / r["file"]
+    return rows
+
+
+@pytest.fixture(scope="session")
+def brain_test_jpeg(data_dir) -> Path:
+    """The first test-split JPEG of the brain-MRI data set."""
+    for row in split_rows(data_dir, "brain-mri"):
+        if row["file"].lower().endswith((".jpg", ".jpeg")):
+            return require(row["path"])
+    pytest.skip("no test-split JPEG in brain-mri/labels.csv")
+
+
 # ----------------------------------------------------------------------------- model packages
 
 MODELS_DIR = load_settings().models_dir.resolve()
@@ -46,6 +89,16 @@ def model_package(task: str) -> Path:
                     "MEDCLS_MODELS)")
     found.sort(key=lambda pc: (not pc[1]["name"].endswith("-default"), pc[1]["name"]))
     return found[0][0]
+
+
+def model_packages(task: str, n: int) -> list[Path]:
+    """The first ``n`` packages of ``task`` in the models folder (sorted by name), or skip."""
+    from medcls.package import list_packages
+
+    found = [p for p, card in list_packages(MODELS_DIR) if card.task == task]
+    if len(found) < n:
+        pytest.skip(f"needs {n} {task} model packages in {MODELS_DIR}, found {len(found)}")
+    return found[:n]
 
 
 @pytest.fixture(scope="session")
@@ -134,3 +187,55 @@ def built_series(data_dir, brain_model_dir) -> BuiltSeries:
     normal = confident("no_tumor", 11, tumour=False)
     tumour = confident("meningioma", 5, tumour=True)
     return BuiltSeries(normal[:6] + tumour + normal[6:], range(6, 11), "meningioma")
+
+# ----------------------------------------------------------------------------- the shipped models
+
+SHIPPED = ["brain-mri-default", "brain-mri-compact-cnn", "brain-mri-seed-cnn", "chest-xray-default"]
+
+
+def shipped_package(name: str) -> Path:
+    """The folder of a shipped model in <project>/models (a missing one fails: they ship)."""
+    path = PROJECT_ROOT / "models" / name
+    if not (path / "card.json").is_file():
+        pytest.fail(f"shipped model {name} is missing from models/")
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictors():
+    """``predictors(name)``: a Predictor of a shipped model, loaded once per test module."""
+    from medcls.inference import Predictor
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = Predictor.from_path(shipped_package(name))
+        return cache[name]
+
+    return get
+
+
+# ----------------------------------------------------------------------------- the app
+
+@pytest.fixture(scope="module")
+def app_env(brain_model_dir: Path):
+    """The app's environment for a test module: the models folder of the brain-MRI package,
+    the project folder on sys.path (pages import ``ui``), the cached model list forgotten."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEDCLS_MODELS", str(brain_model_dir.parent))
+    mp.syspath_prepend(str(PROJECT_ROOT))  # app.py imports ui from the app folder
+    _clear_model_list()
+    yield brain_model_dir
+    _clear_model_list()
+    mp.undo()
+
+
+def _clear_model_list() -> None:
+    """The model list is cached per process (st.cache_data): forget it, so the page lists the
+    packages of this module's MEDCLS_MODELS."""
+    import ui
+
+    for fn in (getattr(ui, "available_models", None), getattr(ui, "_packages", None)):
+        if hasattr(fn, "clear"):
+            fn.clear()

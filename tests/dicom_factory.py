@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -35,10 +36,11 @@ def grayscale16(ds: Dataset, rows: int, cols: int, frames: int = 1, bits_stored:
     return ds
 
 
-def to_bytes(ds: Dataset) -> bytes:
-    """The dataset as a DICOM Part 10 file."""
+def to_bytes(ds: Dataset, file_format: bool = True) -> bytes:
+    """The dataset as a DICOM Part 10 file; ``file_format=False`` writes it as it stands (a
+    dataset read with dcmread and then damaged keeps its own preamble and file meta)."""
     buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    ds.save_as(buf, enforce_file_format=file_format)
     return buf.getvalue()
 
 
@@ -88,3 +90,32 @@ def series_files(slices, spacing_mm: float = 5.0, orientation=(1.0, 0.0, 0.0, 0.
                                      else None, study_uid=study, series_uid=series,
                                      series_number=series_number, thickness=spacing_mm)))
     return out
+
+def synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 16,
+                    frames: int = 1, pixel_data: bytes | None = None, **attrs) -> bytes:
+    """A 16-bit grayscale DICOM file with ``attrs`` set as written (DS values as raw text, even
+    "nan"), random pixels unless given, encapsulated for a compressed ``syntax``."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    ds = grayscale16(new_dataset(syntax), rows, cols, frames)
+    for k, v in attrs.items():
+        if isinstance(v, str) and k in ("RescaleSlope", "RescaleIntercept", "WindowCenter",
+                                        "WindowWidth"):  # as written in the file, even "nan"
+            raw = v.encode() + b" " * (len(v) % 2)
+            ds[Tag(k)] = RawDataElement(Tag(k), "DS", len(raw), raw, 0, False, True)
+        else:
+            setattr(ds, k, v)
+    if pixel_data is None:
+        n = rows * cols * frames * ds.SamplesPerPixel * (ds.BitsAllocated // 8)
+        pixel_data = np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
+    if syntax.is_compressed:
+        item = b"\xfe\xff\x00\xe0"
+        pixel_data = (item + b"\x00" * 4 + item + len(pixel_data).to_bytes(4, "little")
+                      + pixel_data + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+        ds.PixelData = pixel_data
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    else:
+        ds.PixelData = pixel_data
+    return to_bytes(ds)

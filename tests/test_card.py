@@ -114,3 +114,14 @@ def test_embedding_layer_is_the_one_every_architecture_names():
         names = {layer.name for layer in model.layers}
         assert EMBEDDING_LAYER in names and arch.cam_layer in names
     assert [a.name for a in ARCHITECTURES.values() if a.transfer] == ["mobilenet-tl"]
+
+
+def test_registries_refuse_unknown_names_with_a_typed_error():
+    from medcls.architectures import get_architecture
+    from medcls.errors import MedclsError, UnknownChoiceError
+    from medcls.saliency import get_method
+
+    for lookup, name in ((get_architecture, "resnet-9000"), (get_method, "lime")):
+        with pytest.raises(UnknownChoiceError, match=name) as info:
+            lookup(name)
+        assert isinstance(info.value, MedclsError) and isinstance(info.value, ValueError)

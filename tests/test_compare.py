@@ -8,46 +8,17 @@ holds fewer than two brain-mri packages.
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, require
+from conftest import PROJECT_ROOT, model_packages
 from medcls.compare import (agreement, card_table, check_compatible, compare, heatmap_mask,
                             mask_iou, summarize)
 from medcls.errors import IncompatibleModelsError, MedclsError
-from medcls.localization import box_iou
-from medcls.settings import load_settings
 
 CLASSES = ["glioma", "meningioma", "no_tumor"]
-
-
-def models_root() -> Path:
-    return load_settings().models_dir
-
-
-def brain_packages(n: int) -> list[Path]:
-    """The first ``n`` brain-mri packages of the models folder, or skip."""
-    from medcls.package import list_packages
-
-    found = [p for p, card in list_packages(models_root()) if card["task"] == "brain-mri"]
-    if len(found) < n:
-        pytest.skip(f"needs {n} brain-mri model packages in {models_root()}, found {len(found)} "
-                    "(the real models are copied there before the final run)")
-    return found[:n]
-
-
-def brain_test_jpeg(data_dir: Path) -> Path:
-    """The first test-split image of the brain-MRI data set's labels.csv."""
-    root = require(data_dir / "brain-mri")
-    with open(require(root / "labels.csv"), newline="") as fh:
-        for row in csv.DictReader(fh):
-            if row["split"] == "test" and row["file"].lower().endswith((".jpg", ".jpeg")):
-                return require(root / row["file"])
-    pytest.skip("no test-split JPEG in brain-mri/labels.csv")
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -110,17 +81,6 @@ def test_compare_refuses_mismatched_models_before_running_them():
 
 
 # ----------------------------------------------------------------------------- overlap
-
-def test_box_iou_known_values():
-    assert box_iou((10, 20, 50, 60), (10, 20, 50, 60)) == 1.0
-    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching: ends are exclusive
-    assert box_iou((0, 0, 10, 10), (30, 30, 40, 40)) == 0.0
-    # 10x10 boxes offset by 5 in x and y: intersection 25, union 175
-    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(1 / 7)
-    # a box inside another: IoU = small area / big area
-    assert box_iou((0, 0, 10, 10), (0, 0, 5, 10)) == 0.5
-    assert box_iou(None, (0, 0, 1, 1)) is None
-
 
 def test_mask_iou_of_thresholded_heatmaps():
     a = np.zeros((10, 10), np.float32)
@@ -186,12 +146,12 @@ def test_card_table_reads_test_split_size_and_speed():
 
 # ----------------------------------------------------------------------------- real run
 
-def test_compare_two_shipped_models_on_a_real_brain_mri(data_dir):
+def test_compare_two_shipped_models_on_a_real_brain_mri(brain_test_jpeg):
     from medcls.inference import Predictor
     from medcls.scan import load_scan
 
-    paths = brain_packages(2)
-    scan = load_scan(brain_test_jpeg(data_dir))
+    paths = model_packages("brain-mri", 2)
+    scan = load_scan(brain_test_jpeg)
     predictors = [Predictor.from_path(p) for p in paths]
     c = compare(predictors, scan, "gradcam")
     assert len(c.results) == 2

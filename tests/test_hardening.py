@@ -31,7 +31,6 @@ import numpy as np
 import pytest
 
 from conftest import PROJECT_ROOT, require
-from test_page_errors import app_env  # noqa: F401 - fixture: the app's models folder
 from dicom_factory import grayscale16, new_dataset, to_bytes
 from medcls import scan as scan_module
 from medcls.errors import (DecodeBudgetError, DecoderFailedError, MedclsError,
@@ -190,9 +189,9 @@ def _held_bytes(obj, seen=None) -> int:
 def test_main_page_session_keeps_under_300_mb(bomb, app_env):
     """The main page on the PNG answers (prediction or a clear error), and what the session
     holds afterwards (upload, decoded scans, results) stays under 300 MB."""
-    from test_page_errors import assert_prediction, run_app
+    from apptest import assert_prediction, run_page
 
-    at = run_app(bomb.read_bytes())
+    at = run_page(scan_bytes=bomb.read_bytes())
     assert_prediction(at)
     held = _held_bytes({k: at.session_state[k] for k in ("scan_bytes", "_scan_cache", "_results")
                         if k in at.session_state})
@@ -292,9 +291,9 @@ def test_uncompressed_dicom_never_goes_to_the_worker(data_dir, monkeypatch):
 def _gdcm_abort_dicom() -> bytes:
     """JPEG data declaring 32 bits allocated: GDCM aborts its process on it (C++ terminate)."""
     from pydicom.uid import JPEGBaseline8Bit
-    from test_scan import _synthetic_dicom
+    from dicom_factory import synthetic_dicom
 
-    return _synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=32, BitsStored=32, HighBit=31,
+    return synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=32, BitsStored=32, HighBit=31,
                             SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
                             pixel_data=np.random.default_rng(1).integers(0, 256, 64, np.uint8).tobytes())
 
@@ -524,9 +523,8 @@ def test_three_uploads_at_once_leave_the_server_answering(bomb, data_dir, brain_
     import asyncio
     import json
 
-    from appserver import CHROMIUM_ARGS, OUTPUT, AppServer, chromium_path
+    from appserver import CHROMIUM_ARGS, OUTPUT, AppServer, RssSampler, chromium_path
     from playwright.async_api import async_playwright
-    from test_load import RssSampler
 
     jpeg = sorted(require(data_dir / "brain-mri" / "glioma").glob("*.jpg"))[0]
 

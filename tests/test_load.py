@@ -17,13 +17,12 @@ import csv
 import json
 import re
 import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from appserver import CHROMIUM_ARGS, OUTPUT, PROJECT_ROOT, AppServer, chromium_path
+from appserver import (CHROMIUM_ARGS, OUTPUT, PROJECT_ROOT, AppServer, RssSampler, chromium_path,
+                       process_tree, status_kb)
 from conftest import require
 
 pytestmark = pytest.mark.load
@@ -108,56 +107,6 @@ def scans(data_dir):
                     f"labels in {MAX_PREDICTIONS} predictions: {sorted(by_pred)}")
     del predictor
     return picked
-
-
-# ----------------------------------------------------------------------------- memory
-
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants (via /proc/<pid>/task/*/children)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
-def _status_kb(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class RssSampler(threading.Thread):
-    """Samples the summed VmRSS of the server's process tree every 0.5 s."""
-
-    def __init__(self, pid: int, interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.pid, self.interval = pid, interval
-        self.peak_kb = 0
-        self.samples = 0
-        self._halt = threading.Event()
-
-    def rss_kb(self) -> int:
-        return sum(_status_kb(p, "VmRSS") for p in _tree(self.pid))
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak_kb = max(self.peak_kb, self.rss_kb())
-            self.samples += 1
-            self._halt.wait(self.interval)
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(5)
 
 
 # ----------------------------------------------------------------------------- server
@@ -276,7 +225,7 @@ def test_eight_concurrent_sessions(server, scans):
         out = asyncio.run(_run(server.url, warm, firsts, seconds, scans, sampler))
     finally:
         sampler.stop()
-    hwm_kb = sum(_status_kb(p, "VmHWM") for p in _tree(server.proc.pid))
+    hwm_kb = sum(status_kb(p, "VmHWM") for p in process_tree(server.proc.pid))
     end_kb = sampler.rss_kb()
 
     peak_mb = max(sampler.peak_kb, hwm_kb) / 1024

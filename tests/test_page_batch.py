@@ -75,11 +75,11 @@ def test_server_folder_review(page):
     at = _review(page, "study")
     assert not at.error, [e.value for e in at.error]
     job = at.session_state["batch_job"]
-    assert job["state"] == "done"
+    assert job.state == "done"
 
     assert _metric(at, "Scans") == "4"
     assert _metric(at, "Unreadable") == "1"
-    classes = job["classes"]
+    classes = job.classes
     assert sum(int(_metric(at, c)) for c in classes) == 3
     assert int(_metric(at, "Needs attention")) >= 1
 
@@ -104,7 +104,7 @@ def test_server_folder_review(page):
     assert "readme.txt" in set(flagged["file"])
     assert len(flagged) == int(_metric(at, "Needs attention"))
     # a rerun does not recompute: the same job is still there
-    assert at.session_state["batch_job"]["id"] == job["id"]
+    assert at.session_state["batch_job"].id == job.id
 
 
 def test_whole_root_by_default(page):
@@ -127,10 +127,10 @@ def test_paths_outside_the_root_are_refused_and_the_page_keeps_working(page, fol
 
 def test_refusal_keeps_earlier_results(page):
     at = _review(page, "study")
-    job_id = at.session_state["batch_job"]["id"]
+    job_id = at.session_state["batch_job"].id
     at = _review(at, "../outside")
     assert any("outside" in e.value for e in at.error)
-    assert at.session_state["batch_job"]["id"] == job_id
+    assert at.session_state["batch_job"].id == job_id
     assert len(at.dataframe[0].value) == 4
 
 
@@ -166,23 +166,33 @@ def test_selected_row_shows_image_heatmap_and_report(page):
 
 
 def test_stop_keeps_the_rows_done(page):
-    """What Stop's callback leads to: a running job whose Event is set is closed as stopped
-    on the next run, keeping its rows (AppTest runs a whole review in one run(), so the job
-    is put back into the running state by hand)."""
+    """What Stop's callback leads to: a running job whose stop was requested is closed as
+    stopped on the next run, keeping its rows (AppTest runs a whole review in one run(), so a
+    new job over the same sources is started by hand and advanced by one batch; the job
+    itself is tested in tests/test_review.py)."""
+    from medcls.review import ReviewJob
+
     at = _review(page, "study")
-    job = at.session_state["batch_job"]
-    job["rows"] = job["rows"][:1]
-    job["table"] = None
-    job["state"] = "running"
-    job["gen"] = (r for r in ())
-    job["stop"].set()
+    done = at.session_state["batch_job"]
+    job = ReviewJob(_predictor(done.model_path), done.sources, done.origin, done.model_path,
+                    batch_size=1)
+    job.advance(0)  # one batch of one scan
+    assert job.running and len(job.rows) == 1
+    job.request_stop()  # what the Stop button's on_click does
+    at.session_state["batch_job"] = job
     at.run()
     assert not at.exception, at.exception
-    assert job["state"] == "stopped" and job["gen"] is None
+    assert job.state == "stopped"
     assert any("3 scans were not reviewed" in w.value for w in at.warning)
     assert _metric(at, "Scans") == "1"
     assert len(at.dataframe[0].value) == 1
     assert not at.button(key="batch_start_folder").disabled
+
+
+def _predictor(path):
+    import ui
+
+    return ui.load_predictor(path)  # the page's cached predictor: no second load
 
 
 def test_scan_root_from_secrets(page, monkeypatch):

@@ -9,38 +9,25 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PROJECT_ROOT
-from test_compare import brain_packages, brain_test_jpeg
-
-PAGE = PROJECT_ROOT / "pages" / "1_Compare_models.py"
-TIMEOUT = 300  # first run loads TensorFlow and the models on a shared CPU
+from apptest import COMPARE_PAGE, page_text, run_page
+from conftest import model_packages
 
 
-def run_page(scan_bytes: bytes, models: list[str] | None = None):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(PAGE), default_timeout=TIMEOUT)
-    at.session_state["scan_bytes"] = scan_bytes
-    at.run()
+def run_compare(scan_bytes: bytes, models: list[str] | None = None):
+    """The page on ``scan_bytes``, with ``models`` chosen (else its default choice)."""
+    at = run_page(COMPARE_PAGE, scan_bytes)
     if models is not None:
-        at.multiselect(key="cmp_models_brain-mri").set_value(models)
-        at.run()
+        at.multiselect(key="cmp_models_brain-mri").set_value(models).run()
     return at
 
 
-def texts(at) -> str:
-    parts = [e.value for kind in ("success", "error", "warning", "info", "markdown", "caption")
-             for e in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
-
-
 @pytest.mark.parametrize("n", [2, 3])
-def test_page_compares_chosen_models(data_dir, n):
+def test_page_compares_chosen_models(brain_test_jpeg, n):
     from medcls.package import read_card
 
-    paths = [str(p) for p in brain_packages(n)]
+    paths = [str(p) for p in model_packages("brain-mri", n)]
     names = [read_card(p)["name"] for p in paths]
-    at = run_page(brain_test_jpeg(data_dir).read_bytes(), paths)
+    at = run_compare(brain_test_jpeg.read_bytes(), paths)
     assert not at.exception, [e.value for e in at.exception]
     assert at.multiselect(key="cmp_models_brain-mri").value == paths
     # one panel per chosen model, headed by its name
@@ -51,27 +38,27 @@ def test_page_compares_chosen_models(data_dir, n):
     # the agreement statement, as an agree message or a "Models disagree" flag
     statement = [e.value for e in (*at.success, *at.error)
                  if "models agree" in e.value or "Models disagree" in e.value]
-    assert len(statement) == 1, texts(at)
+    assert len(statement) == 1, page_text(at)
     if "Models disagree" in statement[0]:
         assert "probability spread" in statement[0]
     # the per-model latency and the test-split table with one row per chosen model
-    assert texts(at).count("ms for this scan") == n
+    assert page_text(at).count("ms for this scan") == n
     table = next(d for d in at.dataframe if "accuracy" in d.value.columns)
     assert list(table.value["model"]) == names
     assert {"macro-F1", "ECE", "size (MB)", "ms this scan"} <= set(table.value.columns)
     assert (table.value["ms this scan"] > 0).all()
 
 
-def test_page_unreadable_scan_shows_an_error(data_dir):
-    brain_packages(2)
-    at = run_page(b"this is a text file, not a scan\n" * 20)
+def test_page_unreadable_scan_shows_an_error():
+    model_packages("brain-mri", 2)
+    at = run_compare(b"this is a text file, not a scan\n" * 20)
     assert not at.exception, [e.value for e in at.exception]
     errors = [e.value for e in at.error]
-    assert errors and any("could not be" in e for e in errors), texts(at)
+    assert errors and any("could not be" in e for e in errors), page_text(at)
     assert not at.dataframe  # nothing was compared
 
 
-def test_page_flags_disagreement(data_dir, monkeypatch):
+def test_page_flags_disagreement(brain_test_jpeg, monkeypatch):
     """Real models rarely disagree on a given scan, so the last model's probabilities are
     rotated by one class (same values, other top-1): the page must show the flag and spread."""
     import dataclasses
@@ -80,7 +67,7 @@ def test_page_flags_disagreement(data_dir, monkeypatch):
 
     import medcls.compare as mc
 
-    paths = [str(p) for p in brain_packages(2)]
+    paths = [str(p) for p in model_packages("brain-mri", 2)]
     real_run = mc.run_model
 
     def rotated(predictor, scan, method="gradcam"):
@@ -93,22 +80,20 @@ def test_page_flags_disagreement(data_dir, monkeypatch):
                                                                         prediction=pred))
 
     monkeypatch.setattr(mc, "run_model", rotated)
-    at = run_page(brain_test_jpeg(data_dir).read_bytes(), paths)
+    at = run_compare(brain_test_jpeg.read_bytes(), paths)
     assert not at.exception, [e.value for e in at.exception]
     flag = [e.value for e in at.error if "Models disagree" in e.value]
-    assert len(flag) == 1 and "probability spread" in flag[0], texts(at)
+    assert len(flag) == 1 and "probability spread" in flag[0], page_text(at)
     assert not any("models agree" in e.value for e in at.success)
     spread = next(m for m in at.metric if m.label == "Largest probability spread")
     assert spread.value != "0%"
 
 
-def test_page_needs_two_models_of_the_task(data_dir, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(PROJECT_ROOT))
-
-    only = brain_packages(2)[0]
+def test_page_needs_two_models_of_the_task(brain_test_jpeg, tmp_path, monkeypatch):
+    only = model_packages("brain-mri", 2)[0]
     (tmp_path / only.name).symlink_to(only, target_is_directory=True)
     monkeypatch.setenv("MEDCLS_MODELS", str(tmp_path))  # the model list is cached per folder
-    at = run_page(brain_test_jpeg(data_dir).read_bytes())
+    at = run_compare(brain_test_jpeg.read_bytes())
     assert not at.exception, [e.value for e in at.exception]
-    assert any("two or more models" in w.value for w in at.warning), texts(at)
+    assert any("two or more models" in w.value for w in at.warning), page_text(at)
     assert not at.dataframe and not at.subheader

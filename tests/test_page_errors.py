@@ -13,7 +13,6 @@ loads once.
 
 from __future__ import annotations
 
-import io
 import struct
 import tomllib
 import zlib
@@ -24,83 +23,28 @@ import numpy as np
 import pydicom
 import pytest
 
+from apptest import assert_no_exception, assert_prediction, page_text, run_page
 from conftest import PROJECT_ROOT, require
 from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, to_bytes
-from test_compare import brain_test_jpeg
-
-APP = PROJECT_ROOT / "app.py"
-TIMEOUT = 300  # the first run loads TensorFlow and the model on a shared CPU
 
 
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def app_env(brain_model_dir: Path):
-    """The app's environment for this module: the models folder of the brain-MRI package."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MEDCLS_MODELS", str(brain_model_dir.parent))
-    mp.syspath_prepend(str(PROJECT_ROOT))  # app.py imports ui from the app folder
-    _clear_model_list()
-    yield brain_model_dir
-    _clear_model_list()
-    mp.undo()
-
-
-def _clear_model_list() -> None:
-    """The model list is cached per process (st.cache_data): forget it, so the page lists the
-    packages of this module's MEDCLS_MODELS."""
-    import ui
-
-    for fn in (getattr(ui, "available_models", None), getattr(ui, "_packages", None)):
-        if hasattr(fn, "clear"):
-            fn.clear()
-
-
-@pytest.fixture(scope="module")
-def good_jpeg(data_dir: Path) -> bytes:
-    return brain_test_jpeg(data_dir).read_bytes()
+def good_jpeg(brain_test_jpeg: Path) -> bytes:
+    return brain_test_jpeg.read_bytes()
 
 
 @pytest.fixture(scope="module")
 def warm(app_env, good_jpeg):
     """One full run, so the model and TensorFlow are loaded before the timed cases."""
-    at = run_app(good_jpeg)
+    at = run_page(scan_bytes=good_jpeg)
     assert_prediction(at)
     return True
 
 
-def run_app(data: bytes, at=None):
-    from streamlit.testing.v1 import AppTest
-
-    if at is None:
-        at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
-    at.session_state["scan_bytes"] = data
-    at.run()
-    return at
-
-
-def page_text(at) -> str:
-    parts = [e.value for kind in ("error", "warning", "info", "success", "markdown", "caption",
-                                  "subheader", "title") for e in getattr(at, kind)]
-    return "\n".join(str(p) for p in parts)
-
-
 def image_captions(at) -> str:
     return "\n".join(c for im in at.image for c in im.captions)
-
-
-def assert_no_exception(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert "Traceback" not in page_text(at)
-
-
-def assert_prediction(at) -> str:
-    assert_no_exception(at)
-    assert not at.error or all("Outside what this model was trained on" in e.value
-                               for e in at.error), [e.value for e in at.error]
-    heads = [h.value for h in at.subheader if h.value.startswith("Prediction")]
-    assert len(heads) == 1, page_text(at)
-    return heads[0]
 
 
 def assert_clear_error(at, *expected: str) -> str:
@@ -137,11 +81,6 @@ def _bomb_png() -> bytes:
             + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 30001)) + _png_chunk(b"IEND", b""))
 
 
-def _dicom_bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
-
 
 def _series_file(d: Path) -> Path:
     return require(d / "dicom" / "mprage-series" / "100.dcm")
@@ -150,14 +89,14 @@ def _series_file(d: Path) -> Path:
 def _no_pixels(d: Path) -> bytes:
     ds = pydicom.dcmread(_series_file(d))
     del ds.PixelData
-    return _dicom_bytes(ds)
+    return to_bytes(ds, file_format=False)
 
 
 def _with(d: Path, **attrs) -> bytes:
     ds = pydicom.dcmread(_series_file(d))
     for k, v in attrs.items():
         setattr(ds, k, v)
-    return _dicom_bytes(ds)
+    return to_bytes(ds, file_format=False)
 
 
 def _pydicom_file(name: str) -> bytes:
@@ -208,13 +147,13 @@ def test_bad_input_gives_a_clear_message_and_the_session_goes_on(name, data_dir,
             pytest.skip("this machine decodes 12-bit lossy JPEG: it is not a bad input here")
         except UnreadableScanError:
             pass
-    at = run_app(data)
+    at = run_page(scan_bytes=data)
     assert_clear_error(at, *expected)
     # the same session, a good scan: classified
-    run_app(good_jpeg, at)
+    run_page(scan_bytes=good_jpeg, at=at)
     assert_prediction(at)
     # and a bad one again after the good one: the error, not the previous result
-    run_app(data, at)
+    run_page(scan_bytes=data, at=at)
     assert_clear_error(at, *expected)
 
 
@@ -267,7 +206,7 @@ GOOD = {"png_4_channels": _png_rgba, "tiff_16_bit": _tiff16, "one_pixel": _one_p
 @pytest.mark.parametrize("name", list(GOOD))
 def test_unusual_valid_files_are_classified(name, good_jpeg, warm):
     data = GOOD[name](good_jpeg)
-    at = run_app(data)
+    at = run_page(scan_bytes=data)
     assert_prediction(at)
     if name == "dicom_300_frames":
         slider = at.slider(key="frame")

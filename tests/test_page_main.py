@@ -7,30 +7,14 @@ from __future__ import annotations
 import csv
 
 import pytest
-from streamlit.testing.v1 import AppTest
 
+from apptest import page_text, run_page
 from conftest import PROJECT_ROOT, require
-
-APP = str(PROJECT_ROOT / "app.py")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _models():
     require(PROJECT_ROOT / "models" / "brain-mri-default")
-
-
-def run(data: bytes | None = None, **state) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=180)
-    if data is not None:
-        at.session_state["scan_bytes"] = data
-    for k, v in state.items():
-        at.session_state[k] = v
-    return at.run()
-
-
-def texts(at) -> str:
-    return " | ".join(str(x.value) for kind in (at.subheader, at.error, at.warning, at.success,
-                                                 at.info, at.caption, at.markdown) for x in kind)
 
 
 def brain_file(data_dir, label="glioma"):
@@ -40,7 +24,7 @@ def brain_file(data_dir, label="glioma"):
 
 
 def test_page_without_a_scan_offers_the_upload():
-    at = run()
+    at = run_page()
     assert not at.exception
     assert any("Upload a scan" in i.value for i in at.info)
     labels = [s.label for s in at.selectbox]
@@ -55,14 +39,14 @@ def test_brain_jpeg_prediction_heatmap_and_card(data_dir):
 
     path = brain_file(data_dir)
     expected = Predictor.from_path(PROJECT_ROOT / "models" / "brain-mri-default").predict_file(path)
-    at = run(path.read_bytes())
-    assert not at.exception, texts(at)
+    at = run_page(scan_bytes=path.read_bytes())
+    assert not at.exception, page_text(at)
     heads = [s.value for s in at.subheader]
     assert f"Prediction: {expected.label}" in heads or expected.outside_training_distribution
     assert any(h.startswith("Heatmap · Grad-CAM") for h in heads)
     assert len(at.get("plotly_chart")) == 1
     assert len(at.get("image")) == 2  # the scan and the heatmap overlay, side by side
-    assert f"{expected.confidence:.0%}" in texts(at)
+    assert f"{expected.confidence:.0%}" in page_text(at)
     expanders = [e.label for e in at.expander]
     assert any("Model card" in e for e in expanders) and any("metadata" in e for e in expanders)
     assert any("Test split" in m.value for m in at.markdown)
@@ -70,7 +54,7 @@ def test_brain_jpeg_prediction_heatmap_and_card(data_dir):
 
 
 def test_method_switch_recomputes_the_heatmap(data_dir):
-    at = run(brain_file(data_dir, "meningioma").read_bytes())
+    at = run_page(scan_bytes=brain_file(data_dir, "meningioma").read_bytes())
     at.selectbox(key="method").set_value("gradcam++").run()
     assert not at.exception
     assert any(s.value.startswith("Heatmap · Grad-CAM++") for s in at.subheader)
@@ -83,8 +67,8 @@ def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
 
     path = data_dir / "dicom" / "mprage-series" / "100.dcm"
     name = identifying_attributes(path)["PatientName"]
-    at = run(path.read_bytes())
-    assert not at.exception, texts(at)
+    at = run_page(scan_bytes=path.read_bytes())
+    assert not at.exception, page_text(at)
     assert "Window preset" in [s.label for s in at.selectbox]
     assert {"Level (centre)", "Window (width)"} <= {s.label for s in at.slider}
     # a no-tumour (or withheld) answer shows no region and no area (a lesion would be read into
@@ -112,14 +96,14 @@ def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
 def test_chest_radiograph_to_the_brain_model_triggers_the_input_gate(data_dir):
     with open(require(data_dir / "chest-xray" / "labels.csv"), newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["split"] == "test")
-    at = run((data_dir / "chest-xray" / row["file"]).read_bytes())
+    at = run_page(scan_bytes=(data_dir / "chest-xray" / row["file"]).read_bytes())
     assert not at.exception
-    assert any("Outside what this model was trained on" in e.value for e in at.error), texts(at)
+    assert any("Outside what this model was trained on" in e.value for e in at.error), page_text(at)
     assert any("withheld" in s.value for s in at.subheader)
 
 
 def test_unreadable_file_gives_a_message_and_the_session_goes_on(data_dir):
-    at = run(b"just some text, not a scan")
+    at = run_page(scan_bytes=b"just some text, not a scan")
     assert not at.exception
     assert any("not an image or DICOM" in e.value for e in at.error)
     at.session_state["scan_bytes"] = brain_file(data_dir).read_bytes()
@@ -138,11 +122,39 @@ def test_chest_task_predicts_chest_and_gates_brain_scans(data_dir):
         row = next(r for r in csv.DictReader(fh) if r["split"] == "test" and r["label"] == "pneumonia")
     path = data_dir / "chest-xray" / row["file"]
     expected = Predictor.from_path(chest_model).predict_file(path)
-    at = run(path.read_bytes())
+    at = run_page(scan_bytes=path.read_bytes())
     at.selectbox(key="model_task").set_value("chest-xray").run()
     assert not at.exception
     assert "chest-xray-default" in str(at.selectbox(key="model").value)
-    assert f"Prediction: {expected.label}" in [s.value for s in at.subheader], texts(at)
+    assert f"Prediction: {expected.label}" in [s.value for s in at.subheader], page_text(at)
     at.session_state["scan_bytes"] = brain_file(data_dir).read_bytes()
     at.run()
-    assert any("Outside what this model was trained on" in e.value for e in at.error), texts(at)
+    assert any("Outside what this model was trained on" in e.value for e in at.error), page_text(at)
+
+
+def test_low_confidence_sentence_quotes_only_what_the_card_records(monkeypatch):
+    """The figure behind the low-confidence threshold comes from the card; a card without it
+    gets no invented figure."""
+    import numpy as np
+
+    import ui
+    from medcls.card import ModelCard
+    from medcls.inference import Prediction
+    from medcls.package import read_card
+
+    monkeypatch.syspath_prepend(str(PROJECT_ROOT))
+    card = read_card(require(PROJECT_ROOT / "models" / "brain-mri-default"))
+    pred = Prediction(card.classes, np.array([0.6, 0.2, 0.1, 0.1]), np.zeros(4), None, None,
+                      card.low_confidence_threshold)
+    kind, text = ui.confidence_statement(pred, card)
+    assert kind == "warning" and "60%" in text and f"{card.low_confidence_threshold:.0%}" in text
+    assert "correct" not in text  # the shipped card records no validation accuracy
+    recorded = ModelCard.from_dict(card.to_dict() | {"low_confidence_val_accuracy": 0.973})
+    kind, text = ui.confidence_statement(pred, recorded)
+    assert "validation predictions were 97% correct" in text
+    # a scan outside the card's validated scope (the gate passed): the scope's reason, no gate figures
+    import dataclasses
+
+    note = "a sagittal slice: brain-mri-default was validated on normal anatomy in axial slices only"
+    kind, text = ui.confidence_statement(dataclasses.replace(pred, scope_note=note), card)
+    assert kind == "error" and note in text and "input-gate" not in text

@@ -25,7 +25,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import require
+from conftest import pdf_text, require
+from dicom_factory import to_bytes
 from medcls import identifying_attributes, load_scan
 from medcls.errors import MedclsError
 from medcls.inference import Prediction
@@ -107,23 +108,6 @@ def raw_leaks(data: bytes, needles: dict[str, str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- file text
 
-def pdf_text(pdf: bytes) -> str:
-    """The text a PDF shows, as a reader extracts it (poppler's ``pdftotext``: what a person's
-    search or copy finds), plus the file's raw bytes (document info and any uncompressed part).
-    Fails if the PDF holds no extractable text, so a report drawn as glyph pictures fails."""
-    import shutil
-    import subprocess
-
-    exe = shutil.which("pdftotext")
-    if exe is None:
-        pytest.fail("pdftotext is not installed (apt-get install poppler-utils; .ci/run does)")
-    proc = subprocess.run([exe, "-enc", "UTF-8", "-", "-"], input=pdf, capture_output=True,
-                          timeout=60, check=True)
-    shown = proc.stdout.decode("utf-8")
-    assert shown.strip(), "the PDF has no extractable text"
-    return shown + "\n" + pdf.decode("latin-1")
-
-
 def png_text(png: bytes) -> str:
     """The text chunks (tEXt, zTXt, iTXt) of a PNG: where metadata would be written."""
     from PIL import Image
@@ -167,20 +151,15 @@ def _corrupted_copies(raw: bytes, seed: int) -> list[bytes]:
         out.append(bytes(data))
     ds = pydicom.dcmread(io.BytesIO(raw))
     del ds.PixelData
-    out.append(_dicom_bytes(ds))
+    out.append(to_bytes(ds, file_format=False))
     ds = pydicom.dcmread(io.BytesIO(raw))
     ds.Rows = 300
-    out.append(_dicom_bytes(ds))
+    out.append(to_bytes(ds, file_format=False))
     ds = pydicom.dcmread(io.BytesIO(raw))
     ds.BitsAllocated = 8
-    out.append(_dicom_bytes(ds))
+    out.append(to_bytes(ds, file_format=False))
     return out
 
-
-def _dicom_bytes(ds) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
 
 
 def _exception_text(exc: BaseException) -> str:

@@ -24,8 +24,9 @@ import pytest
 from conftest import require
 from medcls import identifying_attributes
 from medcls.errors import PathNotAllowedError
-from medcls.review import (ArchiveRejectedError, Progress, Source, folder_sources, resolve_inside,
-                           run_review, summary, upload_sources, write_csv, zip_sources)
+from medcls.errors import ArchiveRejectedError
+from medcls.review import (Progress, ReviewJob, Source, folder_sources, resolve_inside, run_review,
+                           summary, upload_sources, write_csv, zip_sources)
 
 N_JPEGS = 3
 
@@ -222,6 +223,56 @@ def test_closing_the_stream_early_is_clean(brain_predictor, scan_root):
     assert first.file
     with pytest.raises(StopIteration):
         next(gen)
+
+
+# ----------------------------------------------------------------------------- the job a page drives
+
+def test_job_advances_in_chunks_then_finishes(brain_predictor, scan_root, review):
+    _, rows, _ = review
+    job = ReviewJob(brain_predictor, folder_sources(scan_root), "root", batch_size=2)
+    batches: list[Progress] = []
+    job.advance(0, on_batch=batches.append)  # one batch, then the deadline has passed
+    assert job.running and len(job.rows) == 2 and [p.done for p in batches] == [2]
+    assert job.progress.total == len(EXPECTED_FILES) and job.not_reviewed == len(EXPECTED_FILES) - 2
+    job.advance(600)
+    assert job.state == "done" and not job.running and job.error is None
+    assert [r.as_record(job.classes) for r in job.rows] == [r.as_record(job.classes) for r in rows]
+    assert job.summary() == summary(rows, brain_predictor.classes)
+    elapsed = job.elapsed_s
+    time.sleep(0.01)
+    assert job.elapsed_s == elapsed  # frozen when the run ends
+
+
+def test_job_stop_keeps_the_rows_done(brain_predictor, scan_root):
+    job = ReviewJob(brain_predictor, folder_sources(scan_root), batch_size=1, workers=1)
+    job.advance(0)
+    job.request_stop()  # what a Stop button's callback does: only sets the Event
+    assert job.running
+    job.close_if_stopped()  # the next script run
+    assert job.state == "stopped" and len(job.rows) == 1 and job.not_reviewed == len(EXPECTED_FILES) - 1
+    job.advance(600)  # a stopped job does not move
+    assert len(job.rows) == 1
+
+
+def test_job_filter_records_and_csv(brain_predictor, scan_root):
+    job = ReviewJob(brain_predictor, folder_sources(scan_root))
+    job.advance(600)
+    rows = job.rows
+    every = list(range(len(rows)))
+    assert job.filter() == every
+    assert job.filter(attention_only=True) == [i for i, r in enumerate(rows) if r.needs_attention]
+    assert {rows[i].file for i in job.filter(classes=["unreadable"])} == BAD_FILES
+    label = next(r.predicted for r in rows if r.predicted)
+    assert job.filter(classes=[label]) == [i for i, r in enumerate(rows) if r.predicted == label]
+    assert [rows[i].file for i in job.filter(name_contains="SCAN_")] == [
+        "scan_0.jpg", "scan_1.jpg", "scan_2.jpg"]
+    picked = job.filter(classes=["unreadable"], name_contains=".dcm")
+    assert [rows[i].file for i in picked] == ["empty.dcm"]
+    assert [r["file"] for r in job.records(picked)] == ["empty.dcm"]
+    lines = job.csv(picked).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("empty.dcm,")
+    scan = job.load(every[-1])  # series/100.dcm reloaded from its source
+    assert scan.source_format == "dicom"
 
 
 # ----------------------------------------------------------------------------- allowed root

@@ -20,11 +20,9 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
 
 from conftest import require
-from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset
+from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, synthetic_dicom, to_bytes
 from medcls.errors import MedclsError, ScanTooLargeError, UnreadableScanError
 from medcls.scan import display_image, identifying_attributes, load_scan, sniff_format
 
@@ -60,11 +58,6 @@ def _write(tmp_path: Path, name: str, data: bytes) -> Path:
     p.write_bytes(data)
     return p
 
-
-def _dicom_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    return buf.getvalue()
 
 
 def _identifying_needles(files: list[Path]) -> set[str]:
@@ -179,10 +172,10 @@ def test_series_spacing_and_no_identifying_values(series_files: list[Path], tmp_
     raw = series_files[0].read_bytes()
     ds = pydicom.dcmread(series_files[0])
     del ds.PixelData
-    no_pixels = _dicom_bytes(ds)
+    no_pixels = to_bytes(ds, file_format=False)
     ds = pydicom.dcmread(series_files[0])
     ds.Rows = 300
-    bad_rows = _dicom_bytes(ds)
+    bad_rows = to_bytes(ds, file_format=False)
     for bad in (raw[: int(0.6 * len(raw))], raw[: int(0.95 * len(raw))], no_pixels, bad_rows,
                 raw[:132] + b"\x00" * 200):
         with pytest.raises(UnreadableScanError) as ei:
@@ -307,7 +300,7 @@ def test_huge_dicom_is_refused(series_files: list[Path]) -> None:
     ds.Rows = ds.Columns = 30000
     t0 = time.perf_counter()
     with pytest.raises(ScanTooLargeError):
-        load_scan(_dicom_bytes(ds))
+        load_scan(to_bytes(ds, file_format=False))
     assert time.perf_counter() - t0 < 1.0
 
 
@@ -433,36 +426,6 @@ def test_dicom_without_preamble(dicom_dir: Path, rel: str) -> None:
 # ----------------------------------------------------------------------------- hardening
 # Regression tests of what tests/test_fuzz.py found; each failed before the fix in medcls/scan.py.
 
-def _synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 16,
-                     frames: int = 1, pixel_data: bytes | None = None, **attrs) -> bytes:
-    from pydicom.dataelem import RawDataElement
-    from pydicom.tag import Tag
-
-    ds = grayscale16(new_dataset(syntax), rows, cols, frames)
-    for k, v in attrs.items():
-        if isinstance(v, str) and k in ("RescaleSlope", "RescaleIntercept", "WindowCenter",
-                                        "WindowWidth"):  # as written in the file, even "nan"
-            raw = v.encode() + b" " * (len(v) % 2)
-            ds[Tag(k)] = RawDataElement(Tag(k), "DS", len(raw), raw, 0, False, True)
-        else:
-            setattr(ds, k, v)
-    if pixel_data is None:
-        n = rows * cols * frames * ds.SamplesPerPixel * (ds.BitsAllocated // 8)
-        pixel_data = np.random.default_rng(0).integers(0, 256, n, np.uint8).tobytes()
-    if syntax.is_compressed:
-        item = b"\xfe\xff\x00\xe0"
-        pixel_data = (item + b"\x00" * 4 + item + len(pixel_data).to_bytes(4, "little")
-                      + pixel_data + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
-        ds.PixelData = pixel_data
-        ds["PixelData"].VR = "OB"
-        ds["PixelData"].is_undefined_length = True
-    else:
-        ds.PixelData = pixel_data
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 @pytest.mark.parametrize("bits,samples", [(32, 1), (32, 3), (1, 3)])
 def test_compressed_dicom_with_impossible_bits_is_refused_without_crashing(tmp_path: Path,
                                                                            bits: int,
@@ -476,7 +439,7 @@ def test_compressed_dicom_with_impossible_bits_is_refused_without_crashing(tmp_p
     from pydicom.uid import JPEGBaseline8Bit
 
     photometric = "RGB" if samples == 3 else "MONOCHROME2"
-    data = _synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=bits, BitsStored=bits,
+    data = synthetic_dicom(JPEGBaseline8Bit, BitsAllocated=bits, BitsStored=bits,
                             HighBit=bits - 1, SamplesPerPixel=samples,
                             PhotometricInterpretation=photometric,
                             pixel_data=np.random.default_rng(1).integers(0, 256, 64, np.uint8).tobytes())
@@ -529,7 +492,7 @@ def test_truncated_compressed_dicom_is_called_incomplete(dicom_dir: Path, rel: s
 def test_non_finite_rescale_or_window_gives_a_finite_image(attrs: dict) -> None:
     from medcls.preprocess import PreprocessSpec, preprocess
 
-    scan = load_scan(_synthetic_dicom(**attrs))
+    scan = load_scan(synthetic_dicom(**attrs))
     assert np.isfinite(scan.values).all()
     assert np.isfinite(scan.window_center) and np.isfinite(scan.window_width)
     assert np.isfinite(display_image(scan)).all()
@@ -551,7 +514,7 @@ def test_float_pixel_data_with_nan_and_inf(tmp_path: Path) -> None:
             ds.Rows = ds.Columns = 64
             ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated = 1, "MONOCHROME2", 32
             ds.FloatPixelData = img.tobytes()
-            data = _dicom_bytes(ds)
+            data = to_bytes(ds, file_format=False)
         scan = load_scan(data)
         assert np.isfinite(scan.values).all(), kind
         assert scan.values.min() == -5 and scan.values.max() == 5, kind  # NaN/inf -> the extremes
@@ -614,7 +577,7 @@ def test_multiframe_dicom_memory_is_bounded(compressed: bool) -> None:
     ds.PixelData = frames.tobytes()
     if compressed:
         ds.compress(RLELossless)
-    data = _dicom_bytes(ds)
+    data = to_bytes(ds, file_format=False)
     stack_bytes = frames.nbytes
     load_scan(data, frame=1)  # imports and decoder set-up outside the measurement
     tracemalloc.start()

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, require
+from conftest import PROJECT_ROOT, pdf_text, require
 
 SEG_DIR = PROJECT_ROOT / "models" / "brain-mri-seg"
 
@@ -275,8 +275,6 @@ def test_outline_is_drawn_on_the_image():
 
 
 def test_report_carries_the_measured_size(brain, companion_predictor):
-    from test_privacy import pdf_text
-
     from medcls.report import render_report
     from medcls.scan import display_image, load_scan
 

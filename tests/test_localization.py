@@ -1,5 +1,5 @@
-"""The benchmark metric code on constructed cases with known answers, and quick smoke runs of
-the benchmark scripts (figures themselves are not asserted)."""
+"""Localisation and faithfulness metrics (medcls.localization) on constructed cases with known
+answers, and quick smoke runs of the localisation benchmark (figures are not asserted)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,13 @@ def test_box_iou_known_values():
     assert box_iou(BOX, (70, 70, 90, 90)) == 0.0
     # (0,0,10,10) vs (5,0,15,10): intersection 50, union 150
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+    assert box_iou((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0  # touching: ends are exclusive
+    assert box_iou((0, 0, 10, 10), (5, 5, 15, 15)) == pytest.approx(1 / 7)
+    assert box_iou((0, 0, 10, 10), (0, 0, 5, 10)) == 0.5
+    # undefined, not zero: a missing box, or two empty ones
+    assert box_iou(None, (0, 0, 1, 1)) is None and box_iou((0, 0, 1, 1), None) is None
+    assert box_iou((3, 3, 3, 3), (5, 5, 5, 5)) is None
+    assert box_iou((3, 3, 3, 3), (0, 0, 10, 10)) == 0.0
 
 
 def test_normalised_box_to_pixels():
