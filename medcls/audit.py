@@ -66,7 +66,7 @@ answers = sa.Table(
     sa.Column("confidence", sa.Float, nullable=False),
     sa.Column("probabilities", sa.JSON, nullable=False),  # {class: calibrated probability}
     sa.Column("low_confidence", sa.Boolean, nullable=False),
-    sa.Column("withheld", sa.Boolean, nullable=False),  # input gate: outside training data
+    sa.Column("withheld", sa.Boolean, nullable=False),  # input gate or card scope: no answer given
     sa.Column("gate_score", sa.Float),
     sa.Column("heatmap_method", sa.String(40)),
 )

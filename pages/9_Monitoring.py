@@ -48,7 +48,8 @@ c[0].metric("Answers", len(frame))
 c[1].metric("With a verdict", int(frame["verdict"].notna().sum()))
 c[2].metric("Agreement", f"{(frame['verdict'] == 'agree').sum() / decided.sum():.0%}"
             if decided.any() else "–", help="agree / (agree + disagree); 'unsure' is left out")
-c[3].metric("Withheld by the input gate", f"{frame['withheld'].mean():.1%}")
+c[3].metric("Withheld", f"{frame['withheld'].mean():.1%}",
+            help="Outside what the model was trained on (input gate) or its validated scope")
 
 # ----------------------------------------------------------------------------- volume and drift
 daily = mon.per_day(frame)
@@ -56,7 +57,7 @@ left, right = st.columns(2)
 left.plotly_chart(px.bar(daily, x="day", y="answers", title="Answers per day", height=280),
                   width="stretch", key="mon_daily")
 drift = go.Figure()
-drift.add_scatter(x=daily["day"], y=daily["withheld_share"] * 100, name="withheld (input gate)",
+drift.add_scatter(x=daily["day"], y=daily["withheld_share"] * 100, name="withheld (input gate or scope)",
                   mode="lines+markers")
 drift.add_scatter(x=daily["day"], y=daily["low_confidence_share"] * 100, name="low confidence",
                   mode="lines+markers")
