@@ -75,8 +75,9 @@ def test_main_page_records_the_answer_and_the_verdict(db, data_dir, brain_model_
     assert f"Prediction: {row['predicted']}" in heads or row["withheld"]
     assert row["input_sha256"] == hashlib.sha256(data).hexdigest()
     assert row["input_source"] == "upload" and row["input_path"] is None
-    card = at.session_state["_results"]  # the page's own result
-    (expl, _), = card.values()
+    results = at.session_state["_results"]  # the page's own result (explanation first)
+    assert len(results) == 1
+    expl = next(iter(results.values()))[0]
     assert row["probabilities"] == pytest.approx(dict(zip(expl.prediction.classes,
                                                           map(float, expl.prediction.probabilities))))
     assert (row["user"], row["page"], row["heatmap_method"]) == ("local", "main", "gradcam")
