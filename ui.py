@@ -398,6 +398,16 @@ def audit_rows(job: dict, page: str, scan_root: Path | None) -> list[int] | None
     return job["answer_ids"]
 
 
+def record_export(kind: str, page: str, answer_id: int | None = None, n_answers: int = 1,
+                  target: str | None = None) -> None:
+    """Record an export or a PACS send (``target``: e.g. the stored objects' UIDs)."""
+    try:
+        audit_store().record_export(current_user().name, page, kind, answer_id, n_answers,
+                                    (target or None) and target[:1024])
+    except AuditError as exc:
+        audit_warning(exc)
+
+
 def export_logger(answer_id: int | None, kind: str, page: str, n_answers: int = 1):
     """An on_click callback that records an export (report, CSV) in the audit trail."""
     def record():
