@@ -379,6 +379,8 @@ def audit_rows(job: dict, page: str, scan_root: Path | None) -> list[int] | None
             path = Path(target).resolve()
             if root in path.parents:
                 inputs.update(input_source="server-folder", input_path=str(path.relative_to(root)))
+        if not (inputs.get("input_sha256") or inputs.get("input_path")):
+            continue  # nothing names this input (a row from an engine without hashes)
         answers.append(Answer(
             user=user.name, page=page, model_name=card["name"], model_version=str(card["version"]),
             model_sha256=card["model_sha256"], task=card.get("task"), predicted=row.predicted,
