@@ -103,6 +103,8 @@ st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="s
 st.caption(f"Answered by {card['name']} v{card['version']} in {elapsed_ms:.0f} ms "
            "(preprocess, predict and heatmap). Probabilities are calibrated "
            f"(temperature {predictor.package.temperature:.2f}, fitted on the validation split).")
+answer_id = ui.audit_answer(key, pred, card, "main", input_sha256=scan.sha256, frame=frame,
+                            heatmap_method=method)
 
 # ---------------------------------------------------------------- export
 c1, c2 = st.columns(2)
@@ -113,7 +115,8 @@ for col, fmt in ((c1, "png"), (c2, "pdf")):
                             method_label=METHODS[method].label, alpha=alpha,
                             segmentation=outline),  # built on click
                         file_name=f"medcls-report-{scan.short_id}.{fmt}",
-                        mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}")
+                        mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}",
+                        on_click=ui.export_logger(answer_id, f"report-{fmt}", "main"))
 
 # ---------------------------------------------------------------- model + metadata
 with st.expander("Model card: which model answered, its test figures and limits"):

@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     review.set_defaults(func=cmd_review)
     add_pacs_parser(sub)
 
+    from .monitoring import add_audit_parser
+    add_audit_parser(sub)
+
     args = p.parse_args(argv)
     _setup_logging(args.log, args.verbose)
     try:

@@ -83,3 +83,15 @@ class NotAnImageError(PacsError):
 
 class ClusterError(MedclsError):
     """The Ray cluster cannot be reached or a job on it failed."""
+
+
+class AuditError(MedclsError):
+    """The audit database cannot record or read: unreachable, locked or read-only."""
+
+
+class AuditSchemaError(AuditError):
+    """The audit database holds a schema this version of medcls does not know."""
+
+
+class AccessDeniedError(MedclsError):
+    """The signed-in user may not use this page or action."""

@@ -188,6 +188,7 @@ class ReviewRow:
     modality: str | None = None
     series_number: int | None = None
     instance_number: int | None = None
+    sha256: str | None = None  # of the file's bytes: the audit trail's name for the input
 
     @property
     def needs_attention(self) -> bool:
@@ -241,7 +242,7 @@ def row_from_item(item: StreamItem) -> ReviewRow:
     return ReviewRow(src.name, p.label, p.confidence,
                      dict(zip(p.classes, map(float, p.probabilities))), p.low_confidence,
                      p.outside_training_distribution, p.gate_score, None, info.get("modality"),
-                     info.get("series_number"), info.get("instance_number"))
+                     info.get("series_number"), info.get("instance_number"), info.get("sha256"))
 
 
 def run_review(predictor: Predictor, sources: Sequence[Source], batch_size: int = 32,

@@ -95,8 +95,12 @@ class PacsSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    allow: tuple[str, ...] = setting("MEDCLS_AUTH_ALLOW", "allow", (), names)  # allowed users
+    """Who may use the app once signed in (medcls.access). They sit in secrets' ``[auth]``
+    beside Streamlit's own sign-in keys (client_id, ...), which Streamlit reads itself."""
+
+    allow: tuple[str, ...] = setting("MEDCLS_AUTH_ALLOW", "allow", (), names)  # addresses, @domains
     roles: dict[str, str] = setting("MEDCLS_AUTH_ROLES", "roles", parse=name_map, factory=dict)
+    default_role: str = setting("MEDCLS_AUTH_DEFAULT_ROLE", "default_role", "clinician")
 
 
 def at_least_one(value: Any) -> int:
@@ -118,7 +122,7 @@ class DecodeSettings:  # memory and time limits of decoding one image (medcls.sc
 class Settings:
     models_dir: Path = setting("MEDCLS_MODELS", "models_dir", PROJECT_DIR / "models", project_path)
     scan_root: Path = setting("MEDCLS_SCAN_ROOT", "scan_root", PROJECT_DIR / "scans", project_path)
-    database_url: str | None = setting("MEDCLS_DATABASE_URL", "database_url")  # None: embedded
+    database_url: str | None = setting("MEDCLS_DATABASE_URL", "database_url")  # None: var/audit.sqlite
     ray_address: str | None = setting("MEDCLS_RAY_ADDRESS", "ray_address")  # None: local engine
     pacs: PacsSettings = section("pacs", PacsSettings)
     auth: AuthSettings = section("auth", AuthSettings)

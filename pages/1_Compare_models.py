@@ -192,6 +192,8 @@ for i, (col, path) in enumerate(zip(cols, chosen)):
             continue
         res = results[path]
         pred, expl = res.prediction, res.explanation
+        ui.log_answer((scan.sha256, frame, path, method), pred, card, "compare",
+                      input_sha256=scan.sha256, frame=frame, heatmap_method=method)
         st.markdown(f"**Prediction: {pred.label}** ({pred.confidence:.0%})"
                     if not pred.outside_training_distribution
                     else "**Prediction withheld:** outside what this model was trained on")

@@ -112,6 +112,7 @@ def begin(make_sources, origin: str, address: str | None = None) -> None:
 server_tab, upload_tab = st.tabs(["Folder on the server", "Upload from this computer"])
 
 with server_tab:
+    folder_allowed = ui.permitted("server-folder")  # reviewers and admins only
     root = ui.settings().scan_root
     # the folder's name only: its absolute path tells anyone how the server is laid out
     st.caption(f"Allowed scan folder: `{root.name or 'scans'}`. Only folders inside it can be reviewed; "
@@ -130,7 +131,7 @@ with server_tab:
         help="The cluster reads the scans from the same folder (it must be mounted on every "
              "node) and classifies them in parallel; progress shows here as on this server.")
     if st.button("Review this folder", key="batch_start_folder", type="primary",
-                 disabled=running or not root_ok):
+                 disabled=running or not root_ok or not folder_allowed) and folder_allowed:
         begin(lambda: folder_sources(root, folder.strip() or "."), f"folder `{folder.strip() or '.'}`"
               + (" on the Ray cluster" if on_cluster else ""), cluster if on_cluster else None)
 
@@ -167,6 +168,7 @@ if job is None:
 # ----------------------------------------------------------------------------- results
 
 rows, classes, card = job.rows, job.classes, job.card
+answer_ids = ui.audit_rows(job, "batch", ui.settings().scan_root)
 n_total = len(job.sources)
 if job.state == "failed":
     ui.show_error(job.error, "The review")
@@ -254,7 +256,7 @@ shown = list(view.index)
 st.download_button(f"Download CSV ({len(shown)} rows shown)",
                    data=lambda shown=shown: job.csv(shown),
                    file_name="medcls-review.csv", mime="text/csv", key="batch_csv",
-                   on_click="ignore",
+                   on_click=ui.export_logger(None, "worklist-csv", "batch", len(shown)),
                    help="File names, predictions, probabilities, flags and series/instance "
                         "numbers; no patient tags.")
 
@@ -294,6 +296,8 @@ with c3:
     getattr(st, kind)(text)
     st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
                     key="batch_probs")
+    ui.verdict_control(answer_ids[index] if answer_ids else None, row.predicted, classes,
+                       key=f"batch_verdict_{id(job)}_{index}")
     for fmt in ("pdf", "png"):  # built on click; no file name or patient tag goes in
         st.download_button(
             f"Report for this scan ({fmt.upper()})",

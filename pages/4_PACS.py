@@ -117,10 +117,14 @@ for uid, review in ws.reviews.items():
                 "(found by QIDO-RS); they are not sent again.")
         st.code("\n".join(f"SR series {s.series_uid}" for s in review.prior_results))
     elif outcome is None and st.button("Send results to PACS", key=f"send-{uid}",
-                                       disabled=not review.answered):
+                                       disabled=not review.answered
+                                       or not ui.permitted("pacs-send")) and ui.permitted("pacs-send", False):
         try:
             with st.spinner("Storing the SR and the captures (STOW-RS)..."):
                 outcome = ws.send(client, uid)
+            if outcome.sent:
+                ui.record_export("pacs-send", "pacs", n_answers=len(review.series),
+                                 target=" ".join(outcome.sop_instance_uids))
         except MedclsError as exc:
             ui.show_error(exc, "Sending")
     if outcome is not None:

@@ -36,8 +36,10 @@ def free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, env: dict | None = None):
-        self.port = free_port()
+    def __init__(self, env: dict | None = None, args: list[str] | None = None,
+                 port: int | None = None):
+        self.port = port or free_port()
+        self.args = list(args or [])  # extra `streamlit run` options, e.g. --secrets.files
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
         self.proc: subprocess.Popen | None = None
@@ -51,7 +53,7 @@ class AppServer:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(self.port),
              "--server.address", "127.0.0.1", "--server.headless", "true",
-             "--browser.gatherUsageStats", "false"],
+             "--browser.gatherUsageStats", "false", *self.args],
             cwd=PROJECT_ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:

@@ -19,6 +19,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDCLS_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _audit_database(tmp_path_factory):
+    """Pages record every answer: in the tests they go to a temporary SQLite file (and the
+    servers the tests start inherit it), never to the project's var/audit.sqlite."""
+    if "MEDCLS_DATABASE_URL" not in os.environ:
+        path = tmp_path_factory.mktemp("audit") / "audit.sqlite"
+        os.environ["MEDCLS_DATABASE_URL"] = f"sqlite:///{path}"
+    yield os.environ["MEDCLS_DATABASE_URL"]
+
+
 def require(path: Path) -> Path:
     """``path`` if it exists, else skip the calling test (the data set is not on this machine)."""
     path = Path(path)
