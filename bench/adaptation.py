@@ -114,7 +114,22 @@ def main() -> None:
                 _report(runs, args.out)
 
 
+def _merged(runs: list[dict], out: Path) -> list[dict]:
+    """This invocation's runs over those already in ``out`` (same site, parent, recipe and seed
+    replaced), so sites and parents can be run one at a time."""
+    def key(r):
+        return r["site"], r["parent"]["name"], r["parent"]["version"], r["recipe"], r["seed"]
+
+    try:
+        old = json.loads((out / "adaptation.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        old = []
+    mine = {key(r) for r in runs}
+    return [r for r in old if key(r) not in mine] + runs
+
+
 def _report(runs: list[dict], out: Path) -> None:
+    runs = _merged(runs, out)
     def ci(fig: dict, key: str) -> str:
         c = fig.get(key + "_ci95")
         return f"{fig[key]:.3f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
@@ -122,13 +137,15 @@ def _report(runs: list[dict], out: Path) -> None:
     rows = [[r["site"], f"{r['parent']['name']} {r['parent']['version']}", r["recipe"], r["seed"],
              f"{r['local_cases']} / {r['check_cases']}", ci(r["before"], "accuracy"), ci(r["after"], "accuracy"),
              f"{r['after']['accuracy'] - r['before']['accuracy']:+.3f}",
+             " / ".join(f"{k[7:]} {r['before'][k]:.2f}->{r['after'][k]:.2f}" for k in r["after"]
+                        if k.startswith("recall_") and not k.endswith("_ci95")),
              (f"{r['reference']['accuracy_before']:.3f} -> {r['reference']['accuracy_after']:.3f}"
               if r["reference"] else "n/a"), "yes" if r["accepted"] else "no", r["wall_s"]] for r in runs]
     md = ("# Site adaptation: recipes compared\n\nAccuracy on the site's check cases (every case "
           "but the 60 adapted on), parent vs adapted, 95% bootstrap CIs; reference = the "
           "reference folder's test split (largest accepted drop 0.02).\n\n"
           + table(["site", "parent", "recipe", "seed", "adapt / check", "parent acc", "adapted acc",
-                   "gain", "reference acc", "accepted", "wall s"], rows))
+                   "gain", "recall per label", "reference acc", "accepted", "wall s"], rows))
     write("adaptation", {"command": command(), "machine": machine(), "runs": runs}, md, out)
 
 

@@ -88,6 +88,7 @@ RECIPES = {
                     source_augment=False, label_smoothing=0.0, refit=False),
     "last-blocks": Recipe(name="last-blocks", reference_n=0, local_share=1.0, source_augment=False),
     "mixed": Recipe(),
+    "mixed-long": Recipe(name="mixed-long", epochs=14, local_share=0.6),
 }
 
 
