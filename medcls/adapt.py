@@ -26,6 +26,7 @@ admin page.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
@@ -188,7 +189,28 @@ class AdaptConfig:
 def adapt(cfg: AdaptConfig, command: str = "", on_progress: Callable[[str, float], None] | None = None) -> dict:
     """Adapt ``cfg.model`` to the site ``cfg.data``; write the package to ``cfg.out``; return
     the adaptation record (also in the card under ``adaptation``). Raises
-    :class:`TooFewCasesError` before any training when the local cases cannot measure anything."""
+    :class:`TooFewCasesError` before any training when the local cases cannot measure anything.
+    The same seed gives the same figures: TensorFlow's op determinism is on during the run
+    (the source randomisation's random ops in parallel tf.data maps otherwise draw in thread
+    order), and restored afterwards."""
+    with _deterministic():
+        return _adapt(cfg, command, on_progress)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    from tensorflow.python.framework import config as tf_config  # the public API cannot disable
+
+    was = tf_config.is_op_determinism_enabled()
+    tf_config.enable_op_determinism()
+    try:
+        yield
+    finally:
+        if not was:
+            tf_config.disable_op_determinism()
+
+
+def _adapt(cfg: AdaptConfig, command: str, on_progress) -> dict:
     import keras
 
     from .package import load_package, read_card
@@ -355,7 +377,7 @@ def _forward(model, x_gray: np.ndarray, batch_size: int = 32) -> tuple[np.ndarra
 
     if len(x_gray) == 0:
         return np.zeros((0, model.output_shape[-1])), np.zeros((0, 1))
-    return _features(model, np.repeat(x_gray, 3, axis=-1), batch_size)
+    return _features(model, x_gray, batch_size)  # expands gray to the model's channels per chunk
 
 
 def _probs(model, x_gray, temperature: float) -> np.ndarray:
