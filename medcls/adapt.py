@@ -219,6 +219,7 @@ def _adapt(cfg: AdaptConfig, command: str, on_progress) -> dict:
     progress = on_progress or (lambda stage, frac: None)
     recipe = cfg.recipe
     keras.utils.set_random_seed(cfg.seed)
+    _check_out(cfg)
     classes = list(read_card(cfg.model).classes)
     local = load_datasets([cfg.data], classes=classes)
     local.records = [replace(r, source=SITE_SOURCE, split=None) for r in local.records]
@@ -281,6 +282,18 @@ def _adapt(cfg: AdaptConfig, command: str, on_progress) -> dict:
     _save(cfg, parent, model, temperature, low_conf, gate, record)
     progress("done", 1.0)
     return record
+
+
+def _check_out(cfg: AdaptConfig) -> None:
+    """The output is a new folder, or an earlier adapted package: never the parent or another
+    model (the parent is never changed)."""
+    from .package import CARD_FILE, read_card
+
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.model).resolve() or \
+            ((out / CARD_FILE).is_file() and not is_adapted(read_card(out))):
+        raise ModelPackageError(f"--out {out.name} holds a model that is not a site adaptation: "
+                                "give a new folder (the parent and other models are never overwritten).")
 
 
 def _trainable_from(arch: str, recipe: Recipe) -> str:
@@ -421,8 +434,6 @@ def _save(cfg: AdaptConfig, parent, model, temperature, low_conf, gate, record: 
     from .package import save_package
 
     out = Path(cfg.out)
-    if out.resolve() == Path(cfg.model).resolve():
-        raise ModelPackageError("--out must be a new folder: the parent model stays as it is.")
     card = parent.card.to_dict()
     card["name"] = cfg.name or out.name
     card["version"] = f"{parent.card.version}+site.{record['data_fingerprint'][:8]}"

@@ -1,4 +1,4 @@
-"""Site adaptation (medcls.adapt, `medcls adapt`, pages/4_Adapt_to_site.py) on a built site:
+"""Site adaptation (medcls.adapt, `medcls adapt`, pages/5_Adapt_to_site.py) on a built site:
 60 Br35H slices (30 tumours of unknown type from br35h-tumour's test split, 30 no-tumour slices
 of brain-mri's test split), adapted from a copy of the small seed-cnn brain package (the parent
 is never the shipped folder, and is checked unchanged), with a small reference sample."""
@@ -17,6 +17,7 @@ from medcls.adapt import (SITE_DEFAULT_FILE, AdaptationRejectedError, AdaptConfi
                           split_local)
 from medcls.cli import main
 from medcls.data import Record
+from medcls.errors import ModelPackageError
 from medcls.package import file_sha256
 
 QUICK = ["--reference-test", "80", "--reference-n", "32", "--epochs", "3"]
@@ -144,7 +145,7 @@ def test_page_adapts_promotes_and_discards(env, monkeypatch):
     monkeypatch.setenv("MEDCLS_SCAN_ROOT", str(env["scans"]))
     monkeypatch.setenv("MEDCLS_MODELS", str(env["models"]))
     monkeypatch.syspath_prepend(str(PROJECT_ROOT))
-    at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "4_Adapt_to_site.py"), default_timeout=300)
+    at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "5_Adapt_to_site.py"), default_timeout=300)
     at.run()
     assert not at.exception, at.exception
     at.text_input(key="adapt_folder").set_value("../outside").run()
@@ -167,3 +168,8 @@ def test_page_adapts_promotes_and_discards(env, monkeypatch):
     next(b for b in at.button if b.label == "Discard it").click().run()
     assert not out.exists() and site_defaults(env["models"]) == {}
     assert (env["models"] / "brain-mri-seed-cnn" / "model.keras").is_file()
+
+
+def test_out_never_overwrites_another_model(env):
+    with pytest.raises(ModelPackageError, match="not a site adaptation"):
+        adapt(AdaptConfig(model=str(env["parent"]), data=str(env["site"]), out=str(env["parent"])))
