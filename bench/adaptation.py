@@ -118,7 +118,7 @@ def _merged(runs: list[dict], out: Path) -> list[dict]:
     """This invocation's runs over those already in ``out`` (same site, parent, recipe and seed
     replaced), so sites and parents can be run one at a time."""
     def key(r):
-        return r["site"], r["parent"]["name"], r["parent"]["version"], r["recipe"], r["seed"]
+        return r["site"], r["parent"]["model_sha256"], r["recipe"], r["seed"]
 
     try:
         old = json.loads((out / "adaptation.json").read_text())["runs"]
@@ -134,7 +134,8 @@ def _report(runs: list[dict], out: Path) -> None:
         c = fig.get(key + "_ci95")
         return f"{fig[key]:.3f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
 
-    rows = [[r["site"], f"{r['parent']['name']} {r['parent']['version']}", r["recipe"], r["seed"],
+    rows = [[r["site"], f"{r['parent']['name']} {r['parent']['version']} ({r['parent']['model_sha256'][:8]})",
+             r["recipe"], r["seed"],
              f"{r['local_cases']} / {r['check_cases']}", ci(r["before"], "accuracy"), ci(r["after"], "accuracy"),
              f"{r['after']['accuracy'] - r['before']['accuracy']:+.3f}",
              " / ".join(f"{k[7:]} {r['before'][k]:.2f}->{r['after'][k]:.2f}" for k in r["after"]

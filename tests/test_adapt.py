@@ -154,7 +154,7 @@ def test_page_adapts_promotes_and_discards(env, monkeypatch):
     at.number_input(key="adapt_epochs").set_value(3)
     at.text_input(key="adapt_folder").set_value("site").run()
     at.button[0].click().run()  # the page reruns itself until the job is done
-    assert not at.exception, at.exception
+    assert not at.exception, [e.stack_trace for e in at.exception]
     table = at.dataframe[0].value
     assert {"accuracy", "recall tumor", "recall no tumor"} <= set(table["figure"])
     out = env["models"] / "brain-mri-seed-cnn-site"
