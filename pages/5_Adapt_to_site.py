@@ -23,7 +23,7 @@ JOB = "adapt_job"
 POLL_S = 1.0
 
 ui.page_header("Adapt to site", "Adapt a model to this site's scanners with cases its clinicians "
-               "confirmed; the parent model is kept.", icon="🏥")
+               "confirmed; the parent model is kept.", icon="🏥", permission="adapt")
 ui.require_models()
 with st.sidebar:
     parent = ui.pick_model("adapt_model")
