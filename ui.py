@@ -165,9 +165,16 @@ def _packages(root: str) -> list[tuple[str, ModelCard]]:
 
 
 def model_label(card: dict) -> str:
+    from medcls.adapt import adapted_from, site_defaults
+
     test = card.get("metrics", {}).get("test", {})
     acc = test.get("accuracy")
-    return f"{card['name']} ({card['architecture']}" + (f", test acc {acc:.3f})" if acc else ")")
+    label = f"{card['name']} ({card['architecture']}" + (f", test acc {acc:.3f})" if acc else ")")
+    if adapted_from(card):
+        label += f", site-adapted from {adapted_from(card)}"
+    if site_defaults(models_root()).get(card["task"]) == card["name"]:
+        label += " [site default]"
+    return label
 
 
 def task_picker(key: str = "task") -> str | None:
@@ -182,9 +189,13 @@ def task_picker(key: str = "task") -> str | None:
 
 
 def models_for_task(task: str) -> list[tuple[str, dict]]:
+    from medcls.adapt import site_defaults
+
     models = [(p, c) for p, c in available_models() if c["task"] == task]
-    # the task's default model first
-    return sorted(models, key=lambda pc: (not pc[1]["name"].endswith("-default"), pc[1]["name"]))
+    # the site's default first (medcls.adapt.set_site_default), then the task's default model
+    site = site_defaults(models_root()).get(task)
+    return sorted(models, key=lambda pc: (Path(pc[0]).name != site,
+                                          not pc[1]["name"].endswith("-default"), pc[1]["name"]))
 
 
 def require_models() -> None:

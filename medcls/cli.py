@@ -1,4 +1,4 @@
-"""The ``medcls`` command line: ``python -m medcls {train,train-seg,evaluate,clean,review} ...``."""
+"""The ``medcls`` command line: ``python -m medcls {train,train-seg,evaluate,clean,review,adapt} ...``."""
 
 from __future__ import annotations
 
@@ -189,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(func=cmd_train_seg)
 
     # a broken import must fail loudly here, not silently remove a subcommand
+    from .adapt import add_adapt_parser
     from .cleaning import add_clean_parser
     from .cluster import add_review_options  # imports no ray until --engine ray runs
     from .pacs import add_pacs_parser
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     add_review_options(review)
     review.set_defaults(func=cmd_review)
     add_pacs_parser(sub)
+    add_adapt_parser(sub)
 
     from .monitoring import add_audit_parser
     add_audit_parser(sub)
