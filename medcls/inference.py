@@ -315,11 +315,12 @@ def load_stream_item(src, prepare, loader=load_scan) -> tuple[StreamItem, Prepro
     :meth:`Predictor.preprocess`): the item (with ``error`` set when the file cannot be read or
     is refused: one bad file never stops a run) and the model input, or None. Shared by
     :meth:`Predictor.predict_stream` and the Ray engine (:mod:`medcls.cluster`)."""
+    scan = None
     try:
         scan = loader(src)
         return StreamItem(src, None, None, scan_info(scan)), prepare(scan)
-    except MedclsError as exc:
-        return StreamItem(src, None, str(exc), {}), None
+    except MedclsError as exc:  # a scan that loaded but was refused keeps its facts (modality...)
+        return StreamItem(src, None, str(exc), scan_info(scan) if scan is not None else {}), None
     except Exception as exc:  # noqa: BLE001 - one bad file never stops the run
         log.warning("unexpected %s while reading a file", type(exc).__name__)
         return StreamItem(src, None, "The file could not be read.", {}), None

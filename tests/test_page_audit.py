@@ -203,14 +203,14 @@ def test_no_identifying_value_reaches_any_table(db, data_dir, tmp_path, monkeypa
     bt.text_input(key="batch_folder").input("mprage")
     bt.button(key="batch_start_folder").click()
     bt.run()
-    assert not bt.exception and bt.session_state["batch_job"]["state"] == "done"
+    assert not bt.exception and bt.session_state["batch_job"].state == "done"
     # the worklist's verdict control: select a row, disagree
     table = bt.dataframe[0]
     bt.session_state[table.key] = {"selection": {"rows": [table.value["file"].tolist().index("105.dcm")],
                                                  "columns": [], "cells": []}}
     bt.run()
-    predicted = next(r.predicted for r in bt.session_state["batch_job"]["rows"] if r.file == "105.dcm")
-    other = next(c for c in bt.session_state["batch_job"]["classes"] if c != predicted)
+    predicted = next(r.predicted for r in bt.session_state["batch_job"].rows if r.file == "105.dcm")
+    other = next(c for c in bt.session_state["batch_job"].classes if c != predicted)
     bt = verdict(bt, "disagree", other, note="worklist check")
     assert any("Verdict saved" in x.value for x in bt.success), texts(bt)
 

@@ -148,7 +148,12 @@ def test_low_confidence_sentence_quotes_only_what_the_card_records(monkeypatch):
                       card.low_confidence_threshold)
     kind, text = ui.confidence_statement(pred, card)
     assert kind == "warning" and "60%" in text and f"{card.low_confidence_threshold:.0%}" in text
-    assert "correct" not in text  # the shipped card records no validation accuracy
+    # the shipped card records the validation accuracy above its threshold: quoted from it
+    assert f"were {card.low_confidence_val_accuracy:.0%} correct" in text
+    bare = ModelCard.from_dict({k: v for k, v in card.to_dict().items()
+                                if k not in ("low_confidence_val_accuracy", "selective")})
+    kind, text = ui.confidence_statement(pred, bare)
+    assert "correct" not in text  # a card without the figure gets no invented one
     recorded = ModelCard.from_dict(card.to_dict() | {"low_confidence_val_accuracy": 0.973})
     kind, text = ui.confidence_statement(pred, recorded)
     assert "validation predictions were 97% correct" in text
