@@ -85,7 +85,7 @@ def scans(data_dir):
         if not _fmt_safe(pred.confidence, 100) or not all(_fmt_safe(float(p), 1000)
                                                          for p in pred.probabilities):
             continue
-        _, statement = ui.confidence_statement(pred)
+        _, statement = ui.confidence_statement(pred, predictor.card)
         bars = tuple(f"{float(p):.1%}" for p in pred.probabilities)
         if statement in statements or bars in bar_sets:
             continue  # each scan must be identifiable by its own texts
