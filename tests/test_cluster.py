@@ -219,6 +219,6 @@ def test_batch_page_reviews_a_server_folder_on_the_cluster(ray_cluster, brain_mo
     assert not at.exception, at.exception
     job = at.session_state["batch_job"]
     assert job.state == "done" and "Ray cluster" in job.origin
-    predictor = Predictor.from_path(job["model_path"])  # the model the page picked
+    predictor = Predictor.from_path(job.model_path)  # the model the page picked
     local = list(run_review(predictor, folder_sources(root, "study")))
     _same_answers(job.rows, local)
