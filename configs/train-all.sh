@@ -9,14 +9,26 @@ W=$WEIGHTS/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5
 BRAIN="--data $DATA/brain-mri --task brain-mri --limits configs/brain-mri.limits.json"
 BRAIN_DESC="Brain MRI slice: glioma, meningioma, pituitary tumour or no tumour"
 CHEST_DESC="Chest radiograph: pneumonia or normal"
+SOURCES="--data $DATA/brain-mri $DATA/br35h-tumour $DATA/normal-ixi $DATA/normal-volunteers --task brain-mri \
+  --limits configs/brain-mri.limits.json --scope configs/brain-mri.scope.json --modality MR --balanced --source-augment"
 mkdir -p runs
 run() { local name=$1; shift; echo "== $name"; "$PY" -m medcls --log "runs/$name.log" train "$@"; }
-for which in "${@:-mobilenet compact seed chest}"; do
+# brain-mri-default 2.0.0 = "mobilenet" (1.0.0) then "default-v2" (fine-tuned on four sources)
+for which in "${@:-mobilenet default-v2 compact seed chest}"; do
   for w in $which; do
     case $w in
       mobilenet) run brain-mri-default $BRAIN --task-description "$BRAIN_DESC" --arch mobilenet-tl \
                    --out models/brain-mri-default --epochs 9 --fine-tune-epochs 20 --patience 7 \
                    --fine-tune-lr 3e-4 --fine-tune-from block_3_expand --label-smoothing 0.1 --ema --box-loss 1.0 --weights "$W" ;;
+      default-v2) run brain-mri-default-v2 $SOURCES --task-description "$BRAIN_DESC" --init models/brain-mri-default \
+                   --name brain-mri-default --version 2.0.0 --out runs/default-r6 --fine-tune-epochs 6 --patience 2 \
+                   --fine-tune-lr 2e-4 --fine-tune-from block_3_expand --label-smoothing 0.1 --ema --box-loss 1.0
+                 rm -rf models/brain-mri-default && cp -r runs/default-r6 models/brain-mri-default
+                 "$PY" - <<'PYEOF'
+from medcls.package import update_card
+update_card("models/brain-mri-default", {"segmentation": "brain-mri-seg"})
+PYEOF
+                 ;;
       compact)   run brain-mri-compact-cnn $BRAIN --task-description "$BRAIN_DESC" --arch compact-cnn \
                    --out models/brain-mri-compact-cnn --epochs 30 --patience 8 --lr 2e-3 --label-smoothing 0.1 --box-loss 1.0 ;;  # no EMA: BN statistics follow the raw weights
       seed)      run brain-mri-seed-cnn $BRAIN --task-description "$BRAIN_DESC" --arch seed-cnn \
