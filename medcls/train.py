@@ -458,7 +458,7 @@ def build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_
         "selective": selective,
         "input_gate": {"method": "mahalanobis-nearest-class (Ledoit-Wolf shared covariance) on "
                                  f"the '{EMBEDDING_LAYER}' layer", "threshold": gate.threshold,
-                       "calibration": f"{gate.quantile:.0%} quantile of validation-split distances"},
+                       "calibration": f"{gate.quantile:.0%} quantile of the single-label validation rows' distances"},
         "scope": training_scope(dataset, recs["train"], cfg.scope),
         "parameters": int(model.count_params()),
         "training": {
