@@ -40,11 +40,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(res.x))
 
 
-def expected_calibration_error(probs: np.ndarray, y: np.ndarray, n_bins: int = 15) -> float:
-    """Top-label ECE: the bin-weighted gap between confidence and accuracy."""
+def expected_calibration_error(probs: np.ndarray, y: np.ndarray | None, n_bins: int = 15,
+                               correct: np.ndarray | None = None) -> float:
+    """Top-label ECE: the bin-weighted gap between confidence and accuracy. ``correct`` (one
+    bool per row) replaces ``y`` where being right is not "argmax equals the label" (a partial
+    label is right when its set holds the prediction)."""
     probs = np.asarray(probs)
     conf = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == np.asarray(y)).astype(np.float64)
+    if correct is None:
+        correct = probs.argmax(axis=1) == np.asarray(y)
+    correct = np.asarray(correct, np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:]):

@@ -197,18 +197,10 @@ def source_report(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str]
     return out
 
 
-def _top_label_ece(probs: np.ndarray, correct: np.ndarray, n_bins: int = 15) -> float:
+def _top_label_ece(probs: np.ndarray, correct: np.ndarray) -> float:
     """Top-label ECE where correctness is given (a partial label is right when its set holds
     the prediction)."""
-    conf = np.asarray(probs).max(axis=1)
-    correct = np.asarray(correct, np.float64)
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (conf > lo) & (conf <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
-    return float(ece)
+    return expected_calibration_error(probs, None, correct=correct)
 
 
 def risk_coverage(probs: np.ndarray, correct: np.ndarray, steps: int = 20) -> list[dict]:
