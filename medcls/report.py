@@ -92,8 +92,16 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
         f"Input file SHA-256: {sha256}",
         f"Generated: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
     ]
-    fig.text(0.05, 0.27, "\n".join(textwrap.fill(x, 100, subsequent_indent="  ") for x in lines),
-             fontsize=9.5, va="top", family="monospace")
+    return _finish(fig, lines, top=0.27, fontsize=9.5, fmt=fmt)
+
+
+def _finish(fig, lines: list[str], top: float, fontsize: float, fmt: str) -> bytes:
+    """The report's text lines and the disclaimer under the figures, then the file's bytes."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    fig.text(0.05, top, "\n".join(textwrap.fill(x, 100, subsequent_indent="  ") for x in lines),
+             fontsize=fontsize, va="top", family="monospace")
     fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000", fontweight="bold")
     buf = io.BytesIO()
     # TrueType (Type 42) fonts: the PDF's words are real text a reader can select and search and a
@@ -194,11 +202,4 @@ def render_series_report(answer: "SeriesAnswer", image01: np.ndarray | None,
         f"Input SHA-256 (all slices, in order): {series.sha256}",
         f"Generated: {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
     ]
-    fig.text(0.05, 0.3, "\n".join(textwrap.fill(x, 100, subsequent_indent="  ") for x in lines),
-             fontsize=8.5, va="top", family="monospace")
-    fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000",
-             fontweight="bold")
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt)
-    plt.close(fig)
-    return buf.getvalue()
+    return _finish(fig, lines, top=0.3, fontsize=8.5, fmt=fmt)
