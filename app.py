@@ -1,16 +1,24 @@
-"""MedCLS: upload a scan, see it, read the calibrated prediction and the heatmap."""
+"""MedCLS: upload a scan, read the one-line answer, see where the model looked."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import streamlit as st
 
 import ui
 import ui_series
+import ui_viewer
 from medcls import identifying_attributes
+from medcls.render import draw_outline
 from medcls.report import render_report
 from medcls.saliency import METHODS
+from medcls.segmentation import size_text
+
+RESULTS = "_results"  # session key: {(scan, frame, model, method, class): (explanation, ms, outline)}
+EXPLAIN = "explain"  # session key prefix: the class the heatmap explains, per scan and model
+MAX_RESULTS = 2  # per session: the answer's heatmap and one other class's
 
 ui.navigation()  # runs the chosen page; returns here when it is this one
 
@@ -28,6 +36,8 @@ with st.sidebar:
     st.header("Heatmap")
     method = ui.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
+    show_overlay = st.toggle("Heatmap overlay", value=True, key="show_overlay",
+                             help="Off: the right panel shows the plain scan, for comparison.")
     show_region = st.toggle("Region outline and box", value=True, key="show_region")
     st.header("Privacy")
     show_phi = st.toggle("Show identifying tags", value=False, key="show_phi",
@@ -59,52 +69,77 @@ with ui.user_errors("The model"):
     predictor = ui.load_predictor(model_path)
 card = predictor.card
 
+
 # ---------------------------------------------------------------- prediction + heatmap
-requested = bool(st.session_state.get("strongest_evidence"))  # the user asked for tumour evidence
-key = (scan.sha256, frame, model_path, method, requested)
-results = st.session_state.setdefault("_results", {})
-if key not in results:
-    with ui.user_errors():
+def explained(class_index: int | None):
+    """(explanation, ms, outline) of ``class_index`` (None: the answer), a few kept per session."""
+    key = (scan.sha256, frame, model_path, method, class_index)
+    results = st.session_state.setdefault(RESULTS, {})
+    if key not in results:
         t0 = time.perf_counter()
         with st.spinner(f"Classifying and computing {METHODS[method].label}..."):
-            explanation = ui.explain_for_display(predictor, scan, method, requested)
-            outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
-        results.clear()  # keep one result per session: memory stays bounded
+            explanation = predictor.explain(scan, method, class_index=class_index)
+            outline = None if class_index is not None else \
+                predictor.outline(scan, explanation.prediction)  # tumour answers only
+        while len(results) >= MAX_RESULTS:  # memory stays bounded
+            results.pop(next(iter(results)))
         results[key] = (explanation, (time.perf_counter() - t0) * 1000, outline)
-explanation, elapsed_ms, outline = results[key]
-heatmap_outline = show_region and predictor.segmenter is None  # the heatmap is not a lesion edge
+    return results[key]
+
+
+with ui.user_errors():
+    explanation, elapsed_ms, outline = explained(None)
 pred = explanation.prediction
 
-# ---------------------------------------------------------------- layout
-left, right = st.columns(2)
-with left:
-    st.subheader("Scan")
-    center, width = ui.window_controls(scan, key="main")
-    image = ui.display(scan, center, width)
-    ui.scan_image(image, outline, show_region,
-                  caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
-                     + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
-                        if scan.pixel_spacing else "")
-                     + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else ""))
-with right:
-    st.subheader(f"Heatmap · {METHODS[method].label} for “{explanation.class_name}”: "
-                 "what drove the class")
-    gray = image if image.ndim == 2 else image.mean(axis=2)
-    # the heatmap's own region only without a segmenter (it is no lesion edge), or on request
-    ui.heatmap_view(gray, explanation, card, alpha, heatmap_outline or (show_region and requested),
-                    requested, key="strongest_evidence")
+# ---------------------------------------------------------------- the answer, first
+verdict = ui_viewer.verdict_line(pred, card)
+if verdict.withheld:
+    with st.spinner("Checking whether another task's model accepts this scan..."):
+        suggestion = ui_viewer.suggest_other_task(scan, card)
+    if suggestion:
+        st.info(suggestion)
 
-st.subheader(f"Prediction: {pred.label}" if not pred.outside_training_distribution
-             else "Prediction withheld: outside what this model was trained on")
+# ---------------------------------------------------------------- viewer
+c_wl, c_cls = st.columns([3, 2])
+with c_wl:  # window/level once, for both images
+    center, width = ui.window_controls(scan, key="main")
+with c_cls:
+    class_index = ui_viewer.explain_class_picker(
+        pred, card, key=f"{EXPLAIN}_{scan.short_id}_{frame}_{Path(model_path).name}")
+if class_index != explanation.class_index:
+    with ui.user_errors():
+        explanation = explained(class_index)[0]
+image = ui.display(scan, center, width)
+gray = image if image.ndim == 2 else image.mean(axis=2)
+asked = explanation.class_index != pred.index  # another class's map, asked for
+# the heatmap's own region only without a segmenter (it is no lesion edge), or when asked for
+heatmap_region = show_region and (predictor.segmenter is None or asked)
+over, over_title, region_drawn = ui_viewer.overlay_panel(gray, explanation, pred, card, alpha,
+                                                         show_overlay, heatmap_region, key="main")
+ui_viewer.linked_viewer(draw_outline(image, outline if show_region else None), over,
+                        ("Scan", f"{over_title} · {METHODS[method].label}"), key="viewer")
+st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+           + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
+              if scan.pixel_spacing else "")
+           + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else "")
+           + ". Drag to pan, scroll to zoom (both images move together), double-click to reset.")
+if show_overlay and not (pred.outside_training_distribution
+                         and not st.session_state.get("main_anyway")):
+    st.caption(ui_viewer.heatmap_note(pred, card, explanation, region_drawn))
+if region_drawn:
+    st.caption(ui_viewer.region_caption(explanation.region))
+if outline is not None:
+    st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
+
 kind, text = ui.confidence_statement(pred, card)
 getattr(st, kind)(text)
-st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
-                key="probs")
+st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="probs")
 st.caption(f"Answered by {card['name']} v{card['version']} in {elapsed_ms:.0f} ms "
            "(preprocess, predict and heatmap). Probabilities are calibrated "
            f"(temperature {predictor.package.temperature:.2f}, fitted on the validation split).")
-answer_id = ui.audit_answer(key, pred, card, "main", input_sha256=scan.sha256, frame=frame,
-                            heatmap_method=method)
+answer_id = ui.audit_answer((scan.sha256, frame, model_path, method), pred, card, "main",
+                            input_sha256=scan.sha256, frame=frame, heatmap_method=method)
+ui_viewer.preload_other_tasks(card)
 
 # ---------------------------------------------------------------- export
 c1, c2 = st.columns(2)

@@ -13,6 +13,7 @@ import re
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from medcls import MedclsError, Scan, display_image, load_scan
+from medcls import MedclsError, Scan, display_image, load_scan, present
 from medcls.card import ModelCard
 from medcls.access import (LOCAL_USER, User, login_provider, may, policy_from, require,
                            sign_in_configured)
@@ -76,6 +77,9 @@ def page_header(title: str, caption: str, icon: str = "🧠", tab_title: str | N
     """The page configuration, title and caption every page opens with, then the sign-in
     guard: the page goes on only for a user who holds ``permission``."""
     st.set_page_config(page_title=tab_title or f"{title} · MedCLS", page_icon=icon, layout="wide")
+    from ui_viewer import laptop_layout  # here, not at the top: ui_viewer imports ui
+
+    laptop_layout()
     st.title(title)
     st.caption(f"{caption} {NOT_A_DEVICE}")
     return guard(permission)
@@ -102,12 +106,35 @@ def models_root() -> Path:
 
 # ----------------------------------------------------------------------------- models
 
-@st.cache_resource(show_spinner="Loading TensorFlow and the model (once per server)...")
-def load_predictor(path: str):
-    """One Predictor per model folder and server process, shared read-only by all sessions."""
+def _build_predictor(path: str):
     from medcls.inference import Predictor
 
     return Predictor.from_path(path).warmup()
+
+
+# Models loaded in the background (after the first answer, the other tasks' defaults), so that
+# switching task does not wait; load_predictor takes them from here. One loader thread per server.
+_PRELOAD: dict[str, Future] = {}
+_PRELOAD_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcls-preload")
+_LOADED: set[str] = set()
+
+
+@st.cache_resource(show_spinner="Loading TensorFlow and the model (once per server)...")
+def load_predictor(path: str):
+    """One Predictor per model folder and server process, shared read-only by all sessions
+    (taken from the background loader when :func:`preload_predictors` started it)."""
+    fut = _PRELOAD.get(path)
+    predictor = fut.result() if fut is not None else _build_predictor(path)
+    _LOADED.add(path)
+    return predictor
+
+
+def preload_predictors(paths: list[str]) -> list[str]:
+    """Start loading ``paths`` in the background (once each); the ones still loading."""
+    for p in paths:
+        if p not in _LOADED and p not in _PRELOAD:
+            _PRELOAD[p] = _PRELOAD_POOL.submit(_build_predictor, p)
+    return [p for p in paths if p in _PRELOAD and not _PRELOAD[p].done()]
 
 
 def default_model_path() -> str | None:
@@ -165,16 +192,25 @@ def _packages(root: str) -> list[tuple[str, ModelCard]]:
 
 
 def model_label(card: dict) -> str:
+    """The model's name: short enough for a narrow sidebar (figures and provenance:
+    :func:`model_caption`, shown under the picker)."""
+    return card["name"]
+
+
+def model_caption(card: dict) -> str:
+    """Architecture, test figures, site adaptation and the site-default mark of a model."""
     from medcls.adapt import adapted_from, site_defaults
 
     test = card.get("metrics", {}).get("test", {})
-    acc = test.get("accuracy")
-    label = f"{card['name']} ({card['architecture']}" + (f", test acc {acc:.3f})" if acc else ")")
+    acc, f1 = test.get("accuracy"), test.get("macro_f1")
+    figures = (f"test accuracy {acc:.3f}" + (f", macro-F1 {f1:.3f}" if f1 else "")) if acc else \
+        "no test figures in its card"
+    caption = f"{card['architecture']} · {figures}"
     if adapted_from(card):
-        label += f", site-adapted from {adapted_from(card)}"
+        caption += f" · site-adapted from {adapted_from(card)}"
     if site_defaults(models_root()).get(card["task"]) == card["name"]:
-        label += " [site default]"
-    return label
+        caption += " · the site's default"
+    return caption
 
 
 def task_picker(key: str = "task") -> str | None:
@@ -184,8 +220,9 @@ def task_picker(key: str = "task") -> str | None:
         return None
     descriptions = {c["task"]: c.get("task_description", c["task"]) for _, c in models}
     default = tasks.index("brain-mri") if "brain-mri" in tasks else 0
-    return st.selectbox("Task", tasks, index=default, key=key,
-                        format_func=lambda t: f"{t}: {descriptions[t]}")
+    task = st.selectbox("Task", tasks, index=default, key=key)
+    st.caption(descriptions[task])  # under the picker: the picker's own label stays short
+    return task
 
 
 def models_for_task(task: str) -> list[tuple[str, dict]]:
@@ -210,8 +247,10 @@ def pick_model(key: str) -> str:
     """Task and model pickers (call inside ``st.sidebar``); returns the chosen model folder."""
     task = task_picker(key=f"{key}_task")
     task_models = models_for_task(task)
-    return st.selectbox("Model", [p for p, _ in task_models], key=key,
+    path = st.selectbox("Model", [p for p, _ in task_models], key=key,
                         format_func=lambda p: model_label(dict(task_models)[p]))
+    st.caption(model_caption(dict(task_models)[path]))
+    return path
 
 
 # ----------------------------------------------------------------------------- scans
@@ -226,7 +265,6 @@ def current_scan_bytes(uploaded) -> bytes | None:
         if st.session_state.get("scan_bytes") != data:
             st.session_state["scan_bytes"] = data
             st.session_state.pop("_results", None)
-            st.session_state.pop("strongest_evidence", None)  # asked for one scan, not the next
     return st.session_state.get("scan_bytes")
 
 
@@ -309,17 +347,6 @@ def display(scan: Scan, center: float, width: float) -> np.ndarray:
     return display_image(scan, center, width)
 
 
-def scan_image(image: np.ndarray, outline, show_outline: bool = True, caption: str = "") -> None:
-    """The scan, with the tumour's segmentation outline (a tumour answer only) and its size."""
-    from medcls.render import draw_outline
-    from medcls.segmentation import size_text
-
-    st.image(draw_outline(image, outline if show_outline else None), width="stretch",
-             caption=caption)
-    if outline is not None:
-        st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
-
-
 # ----------------------------------------------------------------------------- results
 
 def probability_chart(classes, probs, title: str = "", highlight: int | None = None,
@@ -329,7 +356,7 @@ def probability_chart(classes, probs, title: str = "", highlight: int | None = N
     hi = int(np.argmax(probs)) if highlight is None else highlight
     colors = ["#d62728" if i == hi else "#8c8c8c" for i in range(len(classes))]
     fig = go.Figure(go.Bar(x=probs * 100, y=list(classes), orientation="h", marker_color=colors,
-                           text=[f"{p:.1%}" for p in probs], textposition="auto"))
+                           text=[present.fmt_prob(p, 1) for p in probs], textposition="auto"))
     fig.update_layout(title=title or None, height=height, margin=dict(l=10, r=10, t=30 if title else 10, b=10),
                       xaxis=dict(range=[0, 100], title="probability (%)"),
                       yaxis=dict(autorange="reversed"))
@@ -337,25 +364,10 @@ def probability_chart(classes, probs, title: str = "", highlight: int | None = N
 
 
 def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]:
-    """(kind, text): a plain statement of how sure the model is. The validation figure behind
-    the low-confidence threshold is quoted only when the card records it."""
-    if pred.outside_scope and not pred.gate_outside:  # the gate passed: give the scope's reason
-        return "error", (f"Outside what this model was trained on: {pred.scope_note}, so its "
-                         "prediction is not a finding.")
-    if pred.outside_training_distribution:
-        return "error", ("Outside what this model was trained on: this scan does not look like "
-                         "the model's training images, so its prediction is not a finding. "
-                         f"(input-gate distance {pred.gate_score:.1f} > threshold "
-                         f"{pred.gate_threshold:.1f})")
-    if pred.low_confidence:
-        accuracy = card.low_confidence_val_accuracy if card is not None else None
-        basis = ("set on the validation split" if accuracy is None else
-                 f"above which validation predictions were {accuracy:.0%} correct")
-        return "warning", (f"Low confidence: the model gives {pred.label} only {pred.confidence:.0%} "
-                           f"(below its {pred.low_confidence_threshold:.0%} threshold, {basis}). "
-                           "Treat as uncertain.")
-    return "success", (f"The model is confident: {pred.label} with {pred.confidence:.0%} "
-                       "calibrated probability.")
+    """(kind, text): a plain statement of how sure the model is, worded by
+    :func:`medcls.present.confidence_statement` from the card's own figures (the validation
+    figure behind the low-confidence threshold only when the card records it)."""
+    return present.confidence_statement(pred, card)
 
 
 def card_summary(card: dict) -> None:
@@ -378,20 +390,6 @@ def method_picker(key: str = "method") -> str:
 
 
 # ----------------------------------------------------------------------------- heatmap regions
-
-def explain_for_display(predictor, scan: Scan, method: str, requested: bool):
-    """The heatmap to show: of the predicted class; on a no-finding answer, of the strongest
-    finding class when the user asked for it (``requested``)."""
-    from medcls.findings import is_finding_answer, strongest_finding_class
-
-    explanation = predictor.explain(scan, method)
-    pred = explanation.prediction
-    if requested and not is_finding_answer(pred, predictor.card) and \
-            pred.label == explanation.class_name:
-        explanation = predictor.explain(
-            scan, method, class_index=strongest_finding_class(pred.probabilities, predictor.card))
-    return explanation
-
 
 def heatmap_view(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
                  requested: bool, key: str) -> None:
@@ -606,13 +604,14 @@ def verdict_control(answer_id: int | None, predicted: str, classes, key: str) ->
             return
         saved = st.session_state.get(f"{key}_saved")
         with st.form(key=f"{key}_form", border=False, enter_to_submit=False):
-            st.markdown(f"**Your verdict** on “{predicted}”")
+            st.markdown(f"**Your verdict** on “{present.class_name(None, predicted)}”")
             c1, c2 = st.columns([1, 1])
             choice = c1.radio("Verdict", list(VERDICT_WORDS), format_func=VERDICT_WORDS.get,
                               horizontal=True, key=f"{key}_choice", label_visibility="collapsed")
             corrected = c2.selectbox("Correct class (when you disagree)",
                                      [c for c in classes if c != predicted], index=None,
-                                     key=f"{key}_class", placeholder="Correct class if you disagree")
+                                     key=f"{key}_class", placeholder="Correct class if you disagree",
+                                     format_func=lambda c: present.class_name(None, c))
             note = st.text_input("Note (optional; no patient names or IDs)", key=f"{key}_note",
                                  max_chars=500)
             submitted = st.form_submit_button("Save verdict")

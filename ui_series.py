@@ -17,6 +17,8 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import ui
+import ui_viewer
+from medcls import present
 from medcls.review import zip_sources
 from medcls.saliency import METHODS
 from medcls.series_answer import Outcome, answer_series, slice_explanation
@@ -120,10 +122,12 @@ def strip_figure(answer, shown: int) -> go.Figure:
     probs = answer.probabilities()
     fig = go.Figure()
     for c, name in enumerate(answer.classes):
-        fig.add_trace(go.Scatter(x=x, y=probs[:, c], mode="lines+markers", name=name,
-                                 customdata=np.arange(1, len(x) + 1),
-                                 hovertemplate="slice %{customdata}: %{y:.1%}<extra>" + name
-                                               + "</extra>"))
+        fig.add_trace(go.Scatter(x=x, y=probs[:, c], mode="lines+markers",
+                                 name=present.class_name(answer.card, name),
+                                 customdata=[(k + 1, present.fmt_prob(v, 1) if np.isfinite(v) else "–")
+                                             for k, v in enumerate(probs[:, c])],
+                                 hovertemplate="slice %{customdata[0]}: %{customdata[1]}<extra>"
+                                               + present.class_name(answer.card, name) + "</extra>"))
     for run in (sm.run, *sm.other_runs):
         if run is not None:
             fig.add_vrect(x0=x[run.start], x1=x[run.stop - 1], fillcolor="#d62728",
@@ -240,8 +244,11 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool) -
     pred = item.prediction
     kind, text = ui.confidence_statement(pred, card)
     getattr(st, kind)(f"Slice {shown + 1}: " + text)
-    st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
-                    key="series_probs")
+    st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="series_probs")
+    # the shown slice's answer goes into the audit trail, with the clinician's verdict on it
+    ui.audit_answer((series.key, model_path, shown, method), pred, card, "series",
+                    input_sha256=scan.sha256, frame=scan.frame if scan.n_frames > 1 else None,
+                    heatmap_method=method)
     _report_buttons(predictor, answer, method, alpha, center, width)
 
 

@@ -95,6 +95,8 @@ def is_normal_class(card: Mapping | None, cls: str) -> bool:
     card = card if card is not None else {}
     if card.get("normal_classes") is not None:
         return cls in card["normal_classes"]
+    if card.get("normal_class"):  # the key medcls.findings reads
+        return cls == card["normal_class"]
     if card.get("negative_class"):
         return cls == card["negative_class"]
     return str(cls).lower() in NORMAL_CLASS_NAMES
@@ -136,7 +138,10 @@ def verdict(pred: "Prediction", card: dict | None = None) -> Verdict:
     state = answer_state(pred)
     name = class_name(card, pred.label)
     prob = fmt_prob(pred.confidence)
-    if state == WITHHELD:
+    if state == WITHHELD and pred.outside_scope and not pred.gate_outside:
+        text = ("Answer withheld: this scan lies outside what the model was validated on, so "
+                "it gives no class.")
+    elif state == WITHHELD:
         text = ("Answer withheld: this scan does not look like the images the model was "
                 "trained on, so it gives no class.")
         kind = "error"
@@ -199,6 +204,9 @@ def gate_sentence(pred: "Prediction") -> str:
 def confidence_statement(pred: "Prediction", card: dict | None = None) -> tuple[str, str]:
     """(kind, text): the state of the answer in plain words, thresholds explained."""
     v = verdict(pred, card)
+    if v.withheld and pred.outside_scope and not pred.gate_outside:  # the gate passed: the scope's reason
+        return "error", (f"Outside what this model was trained on: {pred.scope_note}, so its "
+                         "answer is withheld and is not a finding.")
     if v.withheld:
         return "error", ("Outside what this model was trained on: its answer is withheld and is "
                          "not a finding. " + gate_sentence(pred))

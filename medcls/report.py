@@ -15,6 +15,7 @@ import numpy as np
 
 from .findings import may_show_region
 from .inference import Explanation, Prediction
+from .present import fmt_prob
 from .render import overlay
 from .segmentation import size_text
 
@@ -69,11 +70,11 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     ax3.set_xlim(0, 1)
     ax3.set_xlabel("calibrated probability")
     for i, p in enumerate(probs[::-1]):
-        ax3.text(min(p + 0.01, 0.9), i, f"{p:.1%}", va="center")
+        ax3.text(min(p + 0.01, 0.9), i, fmt_prob(p, 1), va="center")
 
     test = card.get("metrics", {}).get("test", {})
     lines = [
-        f"Prediction: {prediction.label} ({prediction.confidence:.1%})"
+        f"Prediction: {prediction.label} ({fmt_prob(prediction.confidence, 1)})"
         + ("  - LOW CONFIDENCE" if prediction.low_confidence else ""),
     ]
     if prediction.outside_training_distribution:

@@ -33,6 +33,7 @@ import numpy as np
 
 from .findings import finding_indices, finding_noun, finding_probability, normal_class
 from .inference import Prediction, Predictor
+from .present import fmt_prob
 from .saliency import Region
 from .study import Series
 
@@ -147,7 +148,7 @@ def summarise(probabilities: np.ndarray, outside: Sequence[bool], card: Mapping,
     if runs:
         run = runs[0]
         text = (f"{noun.capitalize()} suspected: {run.class_name} on {run.length} consecutive "
-                f"slices ({run.start + 1}–{run.stop}), mean P({noun}) {run.mean_p_finding:.1%}.")
+                f"slices ({run.start + 1}–{run.stop}), mean P({noun}) {fmt_prob(run.mean_p_finding, 1)}.")
         if len(runs) > 1:
             text += f" {len(runs) - 1} further run(s) elsewhere."
         return StudySummary(Outcome.SUSPECTED, text, run, tuple(runs[1:]),

@@ -1,0 +1,285 @@
+"""Page building blocks of the clinician's screen (issue 14): the one-line verdict, the linked
+image viewer (original and overlay with shared zoom/pan), greyed bars for withheld answers, the
+other-task suggestion, the "explain class" choice, the engineer's figures and keyboard stepping.
+
+Layout only: every decision (wording, states, order) is made in :mod:`medcls.present`, the
+region rule in :mod:`medcls.findings` / :func:`medcls.present.shows_region`.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import cv2
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+import ui
+from medcls import present
+from medcls.render import draw_region, overlay
+
+WITHHELD_GREY = "#c8c8c8"
+LAPTOP_CSS = """
+<style>
+/* Laptop screens: the sidebar gives way to the scan (Streamlit's default is ~21rem). */
+@media (max-width: 1200px) {
+  section[data-testid="stSidebar"] { width: 15rem !important; min-width: 15rem !important; }
+  section[data-testid="stSidebar"] > div { width: 15rem !important; }
+  .block-container, [data-testid="stMainBlockContainer"] { padding-left: 1.5rem; padding-right: 1.5rem; padding-top: 2.5rem; }
+  h1 { font-size: 1.8rem !important; padding-top: 0 !important; }
+  h3 { font-size: 1.2rem !important; }
+}
+/* The verdict reads first and large. */
+div[data-testid="stAlert"]:has(p strong.medcls-verdict) p { font-size: 1.1rem; }
+</style>
+"""
+
+
+def laptop_layout() -> None:
+    """Narrow-screen CSS (call once per page, after ``st.set_page_config``)."""
+    st.markdown(LAPTOP_CSS, unsafe_allow_html=True)
+
+
+# ----------------------------------------------------------------------------- the answer
+
+def verdict_line(pred, card: dict) -> present.Verdict:
+    """The one-line answer, directly under the uploader."""
+    v = present.verdict(pred, card)
+    getattr(st, v.kind)(f"**{v.text}**", icon={"success": ":material/check_circle:", "warning": ":material/help:",
+                                          "error": ":material/block:"}[v.kind])
+    return v
+
+
+def probability_chart(pred, card: dict | None = None, title: str = "", height: int = 200) -> go.Figure:
+    """Calibrated probabilities with human class names; a withheld answer's bars are grey
+    (it is not an answer), the top class of a given answer is red."""
+    names = present.class_names(card, pred.classes)
+    probs = np.asarray(pred.probabilities, dtype=float)
+    withheld = pred.outside_training_distribution
+    colors = [WITHHELD_GREY if withheld else ("#d62728" if i == pred.index else "#8c8c8c")
+              for i in range(len(names))]
+    fig = go.Figure(go.Bar(x=probs * 100, y=names, orientation="h", marker_color=colors,
+                           text=[present.fmt_prob(p, 1) for p in probs], textposition="auto",
+                           hovertemplate="%{y}: %{text}<extra></extra>"))
+    fig.update_layout(title=title or ("Withheld: not an answer" if withheld else None),
+                      height=height, margin=dict(l=10, r=10, t=30 if (title or withheld) else 10, b=10),
+                      xaxis=dict(range=[0, 100], title="calibrated probability (%)"),
+                      yaxis=dict(autorange="reversed"))
+    return fig
+
+
+def suggest_other_task(scan, card: dict) -> str | None:
+    """For a withheld answer: run the other tasks' default models' input gates on the scan and
+    name the task whose gate accepts it."""
+    others = [models[0] for task, models in _tasks().items() if task != card["task"] and models]
+    candidates = []
+    for path, other in others:
+        try:
+            candidates.append((other, ui.load_predictor(path).predict(scan)))
+        except Exception:  # noqa: BLE001 - a suggestion never breaks the page
+            continue
+    return present.task_suggestion(candidates)
+
+
+def _tasks() -> dict[str, list[tuple[str, dict]]]:
+    tasks = sorted({c["task"] for _, c in ui.available_models()})
+    return {t: ui.models_for_task(t) for t in tasks}
+
+
+def preload_other_tasks(card: dict) -> None:
+    """After the first answer, load the other tasks' default models in the background, and
+    say what is loading."""
+    paths = {models[0][0]: models[0][1]["name"] for task, models in _tasks().items()
+             if task != card["task"] and models}
+    pending = ui.preload_predictors(list(paths))
+    if pending:
+        st.caption("Loading " + ", ".join(paths[p] for p in pending) + " in the background, so "
+                   "that switching task is quick.")
+
+
+# ----------------------------------------------------------------------------- the viewer
+
+def image_uri(image: np.ndarray) -> str:
+    """A PNG data URI of an image in [0, 1] (gray or RGB) or uint8."""
+    img = np.asarray(image)
+    if img.dtype != np.uint8:
+        img = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    if img.ndim == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", img)
+    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
+
+
+def linked_viewer(left: np.ndarray, right: np.ndarray, titles: tuple[str, str], key: str,
+                  height: int = 380) -> None:
+    """Original and overlay side by side on axes that share zoom and pan (drag to pan, wheel
+    to zoom, double-click to reset: one moves both)."""
+    h, w = left.shape[:2]
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.02, subplot_titles=titles)
+    for col, img in ((1, left), (2, right)):
+        fig.add_trace(go.Image(source=image_uri(img), x0=0, y0=0, dx=1, dy=1,
+                               hoverinfo="skip"), row=1, col=col)
+    fig.update_xaxes(matches="x", range=[0, w], showticklabels=False, showgrid=False, zeroline=False,
+                     constrain="domain")
+    fig.update_yaxes(matches="y", range=[h, 0], showticklabels=False, showgrid=False, zeroline=False,
+                     scaleanchor="x", constrain="domain")
+    fig.update_layout(height=height, margin=dict(l=0, r=0, t=24, b=0), dragmode="pan",
+                      font=dict(size=12))
+    fig.update_annotations(font_size=13)
+    st.plotly_chart(fig, key=key, width="stretch",
+                    config={"scrollZoom": True, "displaylogo": False,
+                            "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"]})
+
+
+def overlay_panel(gray: np.ndarray, explanation, pred, card: dict, alpha: float,
+                  show_overlay: bool, show_region: bool, key: str) -> tuple[np.ndarray, str, bool]:
+    """The right-hand panel: the heatmap overlay (with the region only where it means a finding:
+    :func:`medcls.present.shows_region`), or the plain scan when the overlay is off or the answer
+    is withheld and the heatmap not asked for ("show anyway"). Returns (image, title, region
+    drawn)."""
+    cls_name = present.class_name(card, explanation.class_name)
+    if pred.outside_training_distribution:
+        show_overlay = show_overlay and st.toggle(
+            "Show the heatmap anyway", value=False, key=f"{key}_anyway",
+            help="The answer is withheld; the heatmap of an answer that is not given is not a "
+                 "finding, so no region or area is drawn on it.")
+    if not show_overlay:
+        why = "answer withheld" if pred.outside_training_distribution else "overlay off"
+        return np.dstack([gray] * 3), f"Heatmap hidden ({why})", False
+    over = overlay(gray, explanation.heatmap, alpha)
+    drawn = show_region and explanation.region is not None and \
+        present.shows_region(pred, explanation.class_name, card)
+    if drawn:
+        over = draw_region(over, explanation.region)
+    if explanation.class_name != pred.label and not pred.outside_training_distribution:
+        return over, f"Heatmap for “{cls_name}” (asked for; the answer is " \
+                     f"“{present.class_name(card, pred.label)}”)", drawn
+    return over, f"Heatmap for “{cls_name}”", drawn
+
+
+def heatmap_note(pred, card: dict, explanation, drawn: bool) -> str:
+    """One sentence under the viewer on what the heatmap shows."""
+    from medcls.findings import heatmap_meaning
+
+    if drawn:
+        return (f"Red: the regions that drove “{present.class_name(card, explanation.class_name)}” "
+                "most; white outline: hottest region, green: its box.")
+    if explanation.class_name == pred.label or pred.outside_training_distribution:
+        return heatmap_meaning(pred, card, present.class_name(card, explanation.class_name))
+    return (f"Red: the regions that drove “{present.class_name(card, explanation.class_name)}” "
+            "most.")
+
+
+def region_caption(region) -> str:
+    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
+            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
+    return f"Region above {region.threshold:.0%} of the peak: area {area}."
+
+
+def explain_class_picker(pred, card: dict, key: str) -> int:
+    """Which class the heatmap explains: the answer by default. Offered with a button: the
+    runner-up's map when the answer is uncertain, the strongest finding class's map on a
+    no-finding answer (its region is then drawn, named as asked for). Returns the class index."""
+    from medcls.findings import is_finding_answer, normal_class, strongest_finding_class
+
+    if pred.outside_training_distribution:
+        return pred.index  # a withheld answer has no class to choose between
+    choices = present.explain_choices(pred)
+    labels = {i: f"{present.class_name(card, pred.classes[i])} ({present.fmt_prob(pred.probabilities[i])})"
+              + (" · the answer" if i == pred.index else " · runner-up" if i == choices[1] else "")
+              for i in choices}
+    offer, words = None, ""
+    if pred.low_confidence:
+        offer, words = choices[1], "Uncertain: show the runner-up's map"
+    elif not is_finding_answer(pred, card) and normal_class(card) is not None:
+        from medcls.findings import finding_noun
+
+        offer = strongest_finding_class(pred.probabilities, card)
+        words = f"Show the strongest {finding_noun(card)}-class evidence"
+    if offer is not None and st.session_state.get(key, pred.index) == pred.index:
+        def pick():
+            st.session_state[key] = offer
+
+        name = present.class_name(card, pred.classes[offer])
+        st.button(f"{words} ({name}, {present.fmt_prob(pred.probabilities[offer])})",
+                  key=f"{key}_offer", on_click=pick)
+    return st.selectbox("Explain class", choices, key=key, format_func=labels.get,
+                        help="The heatmap shows where the model saw evidence for this class.")
+
+
+# ----------------------------------------------------------------------------- comparison
+
+def agreement_banner(preds, card: dict, extra: str = "") -> present.AgreementState:
+    """Green only for confident agreement; amber when the models agree but are unsure."""
+    s = present.agreement_state(preds, card=card)
+    getattr(st, s.kind)(f"{s.text} {extra}".strip())
+    return s
+
+
+def figures_table(cards: list[dict], results: dict | None, results_file: str, key: str) -> None:
+    """Each model's test figures with their 95% interval, caveat and source, not clipped
+    (text wraps, the table is as tall as its rows)."""
+    rows = []
+    for card in cards:
+        for f in present.model_figures(card, results, results_file):
+            rows.append({"model": f.model, "figure": f.figure,
+                         "value": None if f.value is None else round(f.value, 3),
+                         "95% interval": "" if f.ci is None else f"{f.ci[0]:.3f} – {f.ci[1]:.3f}",
+                         "caveat": f.caveat, "source": f.source})
+    table = pd.DataFrame(rows)
+    st.dataframe(table, hide_index=True, width="stretch", key=key,
+                 height=38 + 35 * len(table),
+                 column_config={"model": st.column_config.TextColumn(width="medium", pinned=True),
+                                "figure": st.column_config.TextColumn(width="medium"),
+                                "caveat": st.column_config.TextColumn(width="large"),
+                                "source": st.column_config.TextColumn(width="large")})
+    for card in cards:  # caveats also as text: a table cell can be too narrow to read them
+        for fig, text in present.caveats(card).items():
+            st.caption(f":material/warning: {card['name']}, {present.class_name(card, fig)}: {text}")
+
+
+def confusion_chart(card: dict, height: int = 300) -> go.Figure | None:
+    got = present.confusion(card)
+    if got is None:
+        return None
+    names, matrix = got
+    fig = go.Figure(go.Heatmap(z=matrix, x=names, y=names, colorscale="Blues", showscale=False,
+                               text=matrix, texttemplate="%{text}",
+                               hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
+    fig.update_layout(title=f"{card['name']}: test confusion matrix", height=height,
+                      margin=dict(l=10, r=10, t=40, b=10),
+                      xaxis=dict(title="predicted"), yaxis=dict(title="true", autorange="reversed"))
+    return fig
+
+
+# ----------------------------------------------------------------------------- keyboard
+
+def keyboard_steps(bindings: dict[str, str]) -> None:
+    """Keys that click buttons: ``{"j": "Next ▶", "k": "◀ Previous"}`` (button labels). A tiny
+    listener on the page (Streamlit has no key events); ignored while typing in a field."""
+    import json
+
+    # The listener is installed as a <script> of the page itself, so it outlives this iframe
+    # (re-created on every rerun); the bindings are refreshed each time.
+    listener = """
+document.addEventListener("keydown", (e) => {
+  const t = e.target;
+  if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
+  const label = (document.medclsKeys || {})[e.key];
+  if (!label || e.ctrlKey || e.metaKey || e.altKey) return;
+  const b = [...document.querySelectorAll("button")].find(x => x.innerText.trim() === label);
+  if (b && !b.disabled) { e.preventDefault(); b.click(); }
+});"""
+    st.iframe(f"""<script>
+const doc = window.parent.document;
+doc.medclsKeys = {json.dumps(bindings)};
+if (!doc.getElementById("medcls-keys")) {{
+  const s = doc.createElement("script");
+  s.id = "medcls-keys";
+  s.textContent = {json.dumps(listener)};
+  doc.head.appendChild(s);
+}}
+</script>""", height=1)
