@@ -7,6 +7,7 @@ MedMNIST pipeline check beside the published MedMNIST v2 figures.
 from __future__ import annotations
 
 import json
+import time
 
 from bench.common import RESULTS, command, machine, parser, table, write
 
@@ -26,7 +27,8 @@ def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--bootstrap", type=int, default=1000)
     args = p.parse_args(argv)
-    result = {"command": command(), "machine": machine(), "models": {}}
+    result = {"command": command(), "machine": machine(), "date": time.strftime("%Y-%m-%d"),
+              "models": {}}
     rows = []
     for folder, card in list_packages(args.models):
         data = args.data / DATA_OF_TASK[card["task"]]

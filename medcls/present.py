@@ -141,6 +141,7 @@ def verdict(pred: "Prediction", card: dict | None = None) -> Verdict:
     if state == WITHHELD and pred.outside_scope and not pred.gate_outside:
         text = ("Answer withheld: this scan lies outside what the model was validated on, so "
                 "it gives no class.")
+        kind = "error"
     elif state == WITHHELD:
         text = ("Answer withheld: this scan does not look like the images the model was "
                 "trained on, so it gives no class.")

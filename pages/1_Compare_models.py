@@ -16,14 +16,16 @@ import plotly.graph_objects as go  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import ui  # noqa: E402
+import ui_viewer  # noqa: E402
+from medcls import present  # noqa: E402
 from medcls.compare import (ModelResult, card_table, check_compatible, run_model,  # noqa: E402
                             summarize)
-from medcls.render import draw_region, overlay  # noqa: E402
 from medcls.saliency import METHODS  # noqa: E402
 
 MAX_MODELS = 4
 MAX_CACHED_RESULTS = 16  # per session, all for the open scan: models x methods
 RESULTS_KEY = "_compare_results"
+RESULTS_FILE = "bench/results/accuracy.json"  # the benchmark behind the figures' intervals
 
 ui.page_header("Compare models", "One scan, two to four models of the same task, side by "
                "side: do they agree, how sure is each, where does each look, and how did each do "
@@ -68,13 +70,31 @@ def recall_chart(cards: list[dict]) -> go.Figure:
     for card in cards:
         per_class = card.get("metrics", {}).get("test", {}).get("per_class", {})
         recall = [(per_class.get(c) or {}).get("recall") for c in classes]
-        fig.add_bar(name=card["name"], x=classes, y=[None if r is None else r * 100 for r in recall],
+        fig.add_bar(name=card["name"], x=present.class_names(card, classes),
+                    y=[None if r is None else r * 100 for r in recall],
                     text=[fmt(r, ".0%", "") for r in recall], textposition="auto")
     fig.update_layout(barmode="group", height=320, margin=dict(l=10, r=10, t=30, b=10),
                       title="Per-class recall on the test split",
                       yaxis=dict(range=[0, 100], title="recall (%)"),
                       legend=dict(orientation="h", y=-0.2))
     return fig
+
+
+def benchmark_results() -> dict | None:
+    """The benchmark results behind the figures' intervals, with the date they come from: the
+    file's own ``date``, else the date of the commit that last wrote it."""
+    results = present.load_results(ui.APP_DIR / RESULTS_FILE)
+    if results is not None and not results.get("date"):
+        import subprocess
+
+        try:
+            out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", RESULTS_FILE],
+                                 cwd=ui.APP_DIR, capture_output=True, text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                results["date"] = f"committed {out.stdout.strip()}"
+        except (OSError, subprocess.SubprocessError):
+            pass  # the figures then say the date is not recorded
+    return results
 
 
 # ----------------------------------------------------------------------------- models
@@ -146,18 +166,13 @@ else:
 
 if comparison is not None:
     agr = comparison.agreement
-    n = len(comparison.results)
-    if agr.agree:
-        st.success(f"The {n} models agree: all predict **{agr.label}**. "
-                   f"Largest probability spread {agr.max_spread:.0%} "
-                   f"(on {agr.max_spread_class}).")
-    else:
-        votes = ", ".join(f"{c} ({k})" for c, k in agr.votes.items())
-        st.error(f"**Models disagree** on this scan: {votes}. Largest probability spread "
-                 f"{agr.max_spread:.0%} (on {agr.max_spread_class}). Treat the result as uncertain "
-                 "and review the scan.")
+    first_card = cards_by_path[chosen[0]]
+    # green only for confident agreement; amber when they agree but are unsure; red otherwise
+    ui_viewer.agreement_banner([r.prediction for r in comparison.results], first_card,
+                               f"Largest probability spread {present.fmt_prob(agr.max_spread)} "
+                               f"(on {present.class_name(first_card, agr.max_spread_class)}).")
     c1, c2, c3 = st.columns(3)
-    c1.metric("Largest probability spread", f"{agr.max_spread:.0%}",
+    c1.metric("Largest probability spread", present.fmt_prob(agr.max_spread),
               help="For each class, the highest minus the lowest calibrated probability across "
                    "the models; the largest of these.")
     c2.metric("Heatmap region overlap (box IoU)", fmt(comparison.mean_box_iou, ".2f"),
@@ -194,24 +209,23 @@ for i, (col, path) in enumerate(zip(cols, chosen)):
         pred, expl = res.prediction, res.explanation
         ui.log_answer((scan.sha256, frame, path, method), pred, card, "compare",
                       input_sha256=scan.sha256, frame=frame, heatmap_method=method)
-        st.markdown(f"**Prediction: {pred.label}** ({pred.confidence:.0%})"
-                    if not pred.outside_training_distribution
-                    else "**Prediction withheld:** outside what this model was trained on")
+        v = present.verdict(pred, card)
+        st.markdown(f"**{v.name}** · {v.probability_text} · {v.state}" if not v.withheld
+                    else "**Answer withheld:** outside what this model was trained on")
         kind, text = ui.confidence_statement(pred, card)
         if kind != "success":
             getattr(st, kind)(text)
-        st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities, height=200),
+        st.plotly_chart(ui_viewer.probability_chart(pred, card, height=200),
                         width="stretch", key=f"cmp_probs_{i}")
-        over = overlay(gray, expl.heatmap, alpha)
-        if show_region:
-            over = draw_region(over, expl.region)
-        st.image(over, width="stretch",
-                 caption=f"{METHODS[method].label} for “{expl.class_name}”")
+        over, title, _ = ui_viewer.overlay_panel(gray, expl, pred, card, alpha, True, show_region,
+                                                 key=f"cmp_{i}")
+        st.image(over, width="stretch", caption=f"{title} · {METHODS[method].label}")
         st.caption(f"{res.ms:.0f} ms for this scan (preprocess, predict and heatmap)")
         st.markdown(test_line(card))
 
 st.caption(f"Heatmaps: {METHODS[method].label}, same opacity for every model. Red: the regions that "
-           "drove each model's prediction most; white outline: the hottest region, green: its box. "
+           "drove each model's prediction most; white outline: the hottest region, green: its box "
+           "(drawn only for a tumour answer that is given, not for a no-tumour or withheld one). "
            "Probabilities are calibrated on each model's validation split.")
 
 # ----------------------------------------------------------------------------- test split
@@ -224,12 +238,19 @@ table.insert(len(table.columns), "ms this scan",
 table = table.drop(columns=["architecture"]).rename(columns={
     "n": "test n", "macro_f1": "macro-F1", "ece": "ECE", "roc_auc": "ROC AUC",
     "size_mb": "size (MB)", "ms_per_scan": "ms per scan (card)"})
+# not clipped: the model column pinned (it stays when the table scrolls sideways), the table as
+# tall as its rows, recall headings with the human class names
 st.dataframe(table, hide_index=True, width="stretch", key="cmp_card_table",
-             column_config={c: st.column_config.NumberColumn(format="%.3f")
+             height=38 + 35 * len(table),
+             column_config={c: st.column_config.NumberColumn(
+                                c if not c.startswith("recall ") else
+                                f"recall {present.class_name(chosen_cards[0], c[len('recall '):])}",
+                                format="%.3f")
                             for c in table.columns
                             if c in ("accuracy", "macro-F1", "ECE", "ROC AUC")
                             or c.startswith("recall ")}
-             | {"size (MB)": st.column_config.NumberColumn(format="%.1f"),
+             | {"model": st.column_config.TextColumn("model", pinned=True, width="medium"),
+                "size (MB)": st.column_config.NumberColumn(format="%.1f"),
                 "parameters": st.column_config.NumberColumn(format="localized"),
                 "ms per scan (card)": st.column_config.NumberColumn(format="%.0f"),
                 "ms this scan": st.column_config.NumberColumn(format="%.0f")})
@@ -237,3 +258,13 @@ st.caption("Figures from each model's card (fixed test split, never used in trai
            "calibration). “ms per scan (card)” is the benchmark median when the card has one; "
            "“ms this scan” is the time measured here on this server, for this scan.")
 st.plotly_chart(recall_chart(chosen_cards), width="stretch", key="cmp_recall_chart")
+
+st.subheader("Each model's test figures, intervals and caveats")
+st.caption("For the engineer: every figure of each card's test split with its 95% bootstrap "
+           "interval where the benchmark computed one, the caveat that qualifies it and where it "
+           "comes from (card and training date; results file and its date).")
+ui_viewer.figures_table(chosen_cards, benchmark_results(), RESULTS_FILE, key="cmp_figures")
+for col, card in zip(st.columns(min(len(chosen_cards), 2)) * 2, chosen_cards):
+    fig = ui_viewer.confusion_chart(card)
+    if fig is not None:
+        col.plotly_chart(fig, width="stretch", key=f"cmp_confusion_{card['name']}")

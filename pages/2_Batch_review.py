@@ -19,9 +19,9 @@ import streamlit as st
 
 import ui
 import ui_series
-
+import ui_viewer
+from medcls import present
 from medcls.cluster import review_stream
-from medcls.render import overlay
 from medcls.review import ReviewJob, folder_sources, upload_sources
 from medcls.saliency import METHODS
 
@@ -29,9 +29,11 @@ BATCH_SIZE = 16
 WORKERS = 2
 CHUNK_SECONDS = 3.0
 HEATMAP_METHOD = "gradcam"
-THUMB_WIDTH = 300
 JOB = "batch_job"
 SELECTED = "_batch_selected"
+SORT = "batch_sort"  # session key: the worklist's order, kept when the filters change
+POSITION = "_batch_pos"  # session key prefix: the viewer's row, per job and view
+SEEN = "_batch_seen"  # session key prefix: the table selection the viewer last followed
 
 ui.page_header("Batch review", "Triage a folder of scans: predicted class, calibrated "
                "probabilities and the scans that need a look (low confidence, outside what the "
@@ -56,8 +58,10 @@ def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
 
 
 def table_of(job: ReviewJob, indices: list[int]) -> pd.DataFrame:
-    """The rows at ``indices`` as a DataFrame indexed by row number."""
-    records = job.records(indices)
+    """The rows at ``indices`` as a DataFrame indexed by row number, with the answer as the
+    clinician reads it (the class by its name, or "unreadable: reason", or withheld)."""
+    records = [rec | {"answer": present.worklist_record(job.rows[i], job.classes, job.card)["predicted"]}
+               for i, rec in zip(indices, job.records(indices))]
     table = pd.DataFrame.from_records(records, index=indices) if records else pd.DataFrame(
         columns=["file", "predicted", "confidence", "needs_attention", "error"])
     for col in ("series_number", "instance_number"):  # whole numbers, blank when missing
@@ -185,7 +189,7 @@ s = job.summary()
 cols = st.columns(len(classes) + 1)
 cols[0].metric("Scans", s["total"])
 for col, c in zip(cols[1:], classes):
-    col.metric(c, s["per_class"][c])
+    col.metric(present.class_name(card, c), s["per_class"][c])
 cols = st.columns(4)
 cols[0].metric("Needs attention", s["needs_attention"])
 cols[1].metric("Low confidence", s["low_confidence"])
@@ -202,7 +206,8 @@ if len(readable):
     fig.add_vline(x=threshold, line_dash="dash", annotation_text="low-confidence threshold")
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05,
                       title="How sure the model is")
-    st.plotly_chart(fig, width="stretch", key="batch_hist")
+    with st.expander("How sure the model is: confidence of every scan"):  # the worklist first
+        st.plotly_chart(fig, width="stretch", key="batch_hist")
 
 # ---------------------------------------------------------------- series
 if st.toggle("Group by series", key="batch_by_series",
@@ -212,6 +217,10 @@ if st.toggle("Group by series", key="batch_by_series",
     ui_series.batch_series_table(job, ui.load_predictor(job.model_path))
 
 # ---------------------------------------------------------------- table
+sort_by = st.selectbox("Order", list(present.SORTS), key=SORT,
+                       format_func=lambda k: present.SORTS[k][0],
+                       help="Kept when the filters change. Needs attention: unreadable, then "
+                            "withheld, then uncertain; within each, least confident first.")
 f1, f2, f3 = st.columns([1, 2, 2])
 attention_only = f1.toggle("Needs attention only", key="batch_attention",
                            help="Low confidence, outside the training distribution, or unreadable.")
@@ -219,15 +228,19 @@ chosen = f2.multiselect("Predicted class", [*classes, "unreadable"], key="batch_
                         placeholder="All classes")
 name_filter = f3.text_input("File name contains", key="batch_name").strip()
 
-view = table_of(job, job.filter(attention_only, chosen, name_filter))
+passing = set(job.filter(attention_only, chosen, name_filter))
+view = table_of(job, [i for i in present.triage_order(rows, sort_by) if i in passing])
 
 prob_cols = [f"p_{c}" for c in classes]
 column_config = {
     "file": st.column_config.TextColumn("File", width="medium"),
     "predicted": st.column_config.TextColumn("Predicted"),
+    "answer": st.column_config.TextColumn("Answer", width="medium",
+                                          help="The class, or why there is none."),
     "confidence": st.column_config.ProgressColumn("Confidence", min_value=0.0, max_value=1.0,
                                                   format="percent"),
-    **{f"p_{c}": st.column_config.ProgressColumn(f"P({c})", min_value=0.0, max_value=1.0,
+    **{f"p_{c}": st.column_config.ProgressColumn(f"P({present.class_name(card, c)})",
+                                                 min_value=0.0, max_value=1.0,
                                                  format="percent") for c in classes},
     "outside_distribution": st.column_config.CheckboxColumn(
         "Outside training distribution", help="The input gate says this scan does not look "
@@ -240,16 +253,17 @@ column_config = {
     "instance_number": st.column_config.NumberColumn("Instance", format="%d"),
     "modality": st.column_config.TextColumn("Modality"),
 }
-order = ["file", "predicted", "confidence", *prob_cols, "flags", "outside_distribution",
-         "low_confidence", "gate_score", "error", "modality", "series_number", "instance_number"]
+order = ["file", "answer", "flags", "confidence", *prob_cols, "gate_score", "modality",
+         "series_number", "instance_number"]  # flags pinned beside the answer
 # the selection is positions in `view`: a new filter gets a new table (and no stale selection)
-view_key = hashlib.sha1(repr((attention_only, chosen, name_filter)).encode()).hexdigest()[:8]
+view_key = hashlib.sha1(repr((attention_only, chosen, name_filter, sort_by)).encode()).hexdigest()[:8]
 event = st.dataframe(view, key=f"batch_table_{job.id}_{view_key}", hide_index=True,
                      column_order=[c for c in order if c in view.columns],
                      column_config=column_config, on_select="rerun",
                      selection_mode="single-row", height=min(420, 38 + 35 * max(len(view), 1)))
-st.caption(f"{len(view)} of {len(table)} rows shown. Click a column header to sort; tick a "
-           "row to see its image and heatmap.")
+st.caption(f"{len(view)} of {len(table)} rows shown, {present.SORTS[sort_by][0].lower()}. Tick "
+           "a row to open it in the viewer; then ◀ Previous / Next ▶ (keys k / j) step through "
+           "the rows shown.")
 
 
 shown = list(view.index)
@@ -262,11 +276,27 @@ st.download_button(f"Download CSV ({len(shown)} rows shown)",
 
 # ---------------------------------------------------------------- selected row
 selected = list(getattr(getattr(event, "selection", None), "rows", None) or [])
-if not selected or selected[0] >= len(view):
+pos_key, seen_key = f"{POSITION}_{job.id}_{view_key}", f"{SEEN}_{job.id}_{view_key}"
+if selected and selected != st.session_state.get(seen_key):  # a new tick in the table
+    st.session_state[pos_key], st.session_state[seen_key] = selected[0], selected
+position = st.session_state.get(pos_key)
+if position is None or not len(view):
     st.stop()
-index = int(view.index[selected[0]])
+position = min(max(int(position), 0), len(view) - 1)
+
+
+def step(delta: int) -> None:
+    st.session_state[pos_key] = min(max(position + delta, 0), len(view) - 1)
+
+
+index = int(view.index[position])
 row = rows[index]
 st.subheader(f"Selected: {row.file}")
+p1, p2, p3 = st.columns([1, 1, 4])
+p1.button("◀ Previous", key="batch_prev", on_click=step, args=(-1,), disabled=position == 0)
+p2.button("Next ▶", key="batch_next", on_click=step, args=(1,), disabled=position >= len(view) - 1)
+p3.caption(f"Row {position + 1} of {len(view)} shown.")
+ui_viewer.keyboard_steps({"j": "Next ▶", "k": "◀ Previous"})
 if row.error is not None:
     st.error(f"This file could not be read: {row.error}")
     st.stop()
@@ -283,19 +313,27 @@ if key not in cache:
     cache[key] = (scan, explanation)
 scan, explanation = cache[key]
 pred = explanation.prediction
-image = ui.display(scan, scan.window_center, scan.window_width)
-gray = image if image.ndim == 2 else image.mean(axis=2)
+ui_viewer.verdict_line(pred, card)
 
-c1, c2, c3 = st.columns([1, 1, 1.3])
-c1.image(image, width=THUMB_WIDTH, clamp=True,
-         caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px")
-c2.image(overlay(gray, explanation.heatmap, 0.45), width=THUMB_WIDTH,
-         caption=f"{METHODS[HEATMAP_METHOD].label} for “{explanation.class_name}”")
-with c3:
+c1, c2 = st.columns([2, 1.2])
+with c1:
+    w1, w2 = st.columns([3, 1])
+    with w1:  # one window/level for both images
+        center, width = ui.window_controls(scan, key="batch")
+    show_overlay = w2.toggle("Heatmap overlay", value=True, key="batch_overlay")
+    image = ui.display(scan, center, width)
+    gray = image if image.ndim == 2 else image.mean(axis=2)
+    over, title, drawn = ui_viewer.overlay_panel(gray, explanation, pred, card, 0.45, show_overlay,
+                                                 True, key="batch")
+    ui_viewer.linked_viewer(image, over, ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
+                            key="batch_viewer", height=340)
+    st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+               + (f" · {ui_viewer.region_caption(explanation.region)}" if drawn else "")
+               + ". Drag to pan, scroll to zoom (both images move together).")
+with c2:
     kind, text = ui.confidence_statement(pred, card)
     getattr(st, kind)(text)
-    st.plotly_chart(ui.probability_chart(pred.classes, pred.probabilities), width="stretch",
-                    key="batch_probs")
+    st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="batch_probs")
     ui.verdict_control(answer_ids[index] if answer_ids else None, row.predicted, classes,
                        key=f"batch_verdict_{id(job)}_{index}")
     for fmt in ("pdf", "png"):  # built on click; no file name or patient tag goes in

@@ -45,10 +45,32 @@ def assert_no_exception(at) -> None:
     assert "Traceback" not in page_text(at)
 
 
+def verdicts(at) -> list[str]:
+    """The one-line verdict under the uploader (class and calibrated probability, or
+    "Answer withheld"), as shown (bold markdown)."""
+    return [a.value for kind in (at.success, at.warning, at.error) for a in kind
+            if a.value.startswith("**") and ("calibrated probability" in a.value
+                                              or "Answer withheld" in a.value)]
+
+
+def verdict(at) -> str:
+    """The page's one verdict line."""
+    found = verdicts(at)
+    assert len(found) == 1, page_text(at)
+    return found[0]
+
+
+def chart_json(at, key: str) -> str:
+    """A plotly chart's figure as JSON text (unescaped, so titles and labels read as shown)."""
+    import json
+
+    spec = next(c for c in at.get("plotly_chart") if c.key == key).proto.spec
+    return json.dumps(json.loads(spec), ensure_ascii=False, separators=(",", ":"))
+
+
 def assert_prediction(at) -> str:
+    """No exception, no error but the withheld-answer ones, and one verdict line; returns it."""
     assert_no_exception(at)
     assert not at.error or all("Outside what this model was trained on" in e.value
-                               for e in at.error), [e.value for e in at.error]
-    heads = [h.value for h in at.subheader if h.value.startswith("Prediction")]
-    assert len(heads) == 1, page_text(at)
-    return heads[0]
+                               or "withheld" in e.value for e in at.error), [e.value for e in at.error]
+    return verdict(at)

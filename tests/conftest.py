@@ -249,3 +249,21 @@ def _clear_model_list() -> None:
     for fn in (getattr(ui, "available_models", None), getattr(ui, "_packages", None)):
         if hasattr(fn, "clear"):
             fn.clear()
+
+
+# ----------------------------------------------------------------------------- the clinician's screen
+
+def unsure_agreement_case(data_dir: Path, model_dirs, limit: int = 120) -> Path | None:
+    """A brain-MRI test image on which the models of ``model_dirs`` all give the same class,
+    each below its own low-confidence threshold (issue 14's "agree, but every model is unsure"
+    case), found with the library; ``None`` among the first ``limit`` test images."""
+    from medcls import load_scan, present
+    from medcls.inference import Predictor
+
+    predictors = [Predictor.from_path(p) for p in model_dirs]
+    for row in split_rows(data_dir, "brain-mri")[:limit]:
+        scan = load_scan(row["path"])
+        state = present.agreement_state([p.predict(scan) for p in predictors])
+        if state.state == "agree_unsure" and "every model is unsure" in state.text:
+            return row["path"]
+    return None

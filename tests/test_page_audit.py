@@ -63,16 +63,25 @@ def verdict(at, choice: str, corrected: str | None = None, note: str = "") -> Ap
     return at.run()
 
 
+def verdict_line(at) -> str | None:
+    """The page's one-line verdict (class and calibrated probability, or withheld)."""
+    found = [a.value for kind in (at.success, at.warning, at.error) for a in kind
+             if a.value.startswith("**") and ("calibrated probability" in a.value
+                                               or "Answer withheld" in a.value)]
+    return found[0] if found else None
+
+
 def test_main_page_records_the_answer_and_the_verdict(db, data_dir, brain_model_dir):
     path = brain_scan(data_dir)
     data = path.read_bytes()
     at = page(APP, scan_bytes=data)
     assert not at.exception, texts(at)
-    heads = [s.value for s in at.subheader]
+    from medcls.present import class_name
+
     rows = AuditStore(db).rows("answers")
     assert len(rows) == 1
     row = rows[0]
-    assert f"Prediction: {row['predicted']}" in heads or row["withheld"]
+    assert class_name(None, row["predicted"]) in verdict_line(at) or row["withheld"]
     assert row["input_sha256"] == hashlib.sha256(data).hexdigest()
     assert row["input_source"] == "upload" and row["input_path"] is None
     results = at.session_state["_results"]  # the page's own result (explanation first)
@@ -100,11 +109,39 @@ def test_main_page_records_the_answer_and_the_verdict(db, data_dir, brain_model_
     assert len(AuditStore(db).rows("verdicts")) == 1
 
 
+def test_series_view_records_the_shown_slice_and_the_verdict(db, built_series):
+    """Issue 20 on the series view: the shown slice's answer is recorded once (page "series",
+    the slice's SHA-256), the same verdict control stores the clinician's verdict on it."""
+    files = [(f"IM{k:04d}", data) for k, data in enumerate(built_series.dicom())]
+    at = page(APP, open_mode="A series", series_files=files)
+    assert not at.exception, texts(at)
+    at.button(key="series_jump").click().run()  # the most suspicious slice: a tumour answer
+    assert not at.exception, texts(at)
+    rows = [r for r in AuditStore(db).rows("answers") if r["page"] == "series"]
+    assert rows, texts(at)
+    shown = at.slider(key="series_slice").value
+    row = rows[-1]
+    assert row["input_sha256"] == hashlib.sha256(files[shown - 1][1]).hexdigest()
+    assert row["predicted"] == built_series.tumour_class and row["user"] == "local"
+    n = len(rows)
+    at.slider(key="alpha").set_value(0.6).run()  # a rerun records nothing new
+    assert len([r for r in AuditStore(db).rows("answers") if r["page"] == "series"]) == n
+    other = next(c for c in row["probabilities"] if c != row["predicted"])
+    at = verdict(at, "disagree", other, note="series check")
+    assert not at.exception
+    assert any("Verdict saved" in s.value for s in at.success), texts(at)
+    v = AuditStore(db).rows("verdicts")
+    assert [(x["answer_id"], x["verdict"], x["corrected_class"], x["note"]) for x in v] \
+        == [(row["id"], "disagree", other, "series check")]
+
+
 def test_compare_page_records_each_model_answer(db, data_dir):
     data = brain_scan(data_dir, "glioma").read_bytes()
     at = page(COMPARE, scan_bytes=data)
     assert not at.exception, texts(at)
-    shown = [m.value for m in at.markdown if m.value.startswith("**Prediction")]
+    shown = [m.value for m in at.markdown  # each model's verdict line
+             if m.value.startswith("**Answer withheld")
+             or (m.value.startswith("**") and m.value.endswith((" · confident", " · uncertain")))]
     rows = AuditStore(db).rows("answers")
     assert len(rows) == len(shown) >= 2
     assert {r["page"] for r in rows} == {"compare"}
@@ -125,10 +162,10 @@ def test_a_locked_database_leaves_the_answer_on_screen(db, data_dir, monkeypatch
         holder.execute("ROLLBACK")
         holder.close()
     assert not at.exception
-    assert any(s.value.startswith("Prediction") for s in at.subheader), texts(at)
+    assert verdict_line(at), texts(at)
     assert any("is locked by another program" in w.value for w in at.warning), texts(at)
     assert "cannot be recorded" in texts(at)
-    assert len(at.get("plotly_chart")) == 1 and len(at.get("image")) == 2
+    assert {c.key for c in at.get("plotly_chart")} == {"viewer", "probs"}  # images and bars
 
 
 def test_a_read_only_database_leaves_the_answer_on_screen(tmp_path, monkeypatch, data_dir,
@@ -141,7 +178,7 @@ def test_a_read_only_database_leaves_the_answer_on_screen(tmp_path, monkeypatch,
     finally:
         undo()
     assert not at.exception
-    assert any(s.value.startswith("Prediction") for s in at.subheader), texts(at)
+    assert verdict_line(at), texts(at)
     assert any(re.search("read-only|cannot be opened", w.value) for w in at.warning), texts(at)
 
 

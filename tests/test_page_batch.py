@@ -80,7 +80,9 @@ def test_server_folder_review(page):
     assert _metric(at, "Scans") == "4"
     assert _metric(at, "Unreadable") == "1"
     classes = job.classes
-    assert sum(int(_metric(at, c)) for c in classes) == 3
+    from medcls.present import class_name
+
+    assert sum(int(_metric(at, class_name(job.card, c))) for c in classes) == 3
     assert int(_metric(at, "Needs attention")) >= 1
 
     table = at.dataframe[0].value
@@ -159,7 +161,8 @@ def test_selected_row_shows_image_heatmap_and_report(page):
     assert not at.error
     labels = [b.label for b in at.get("download_button")]
     assert any(label.startswith("Report for this scan (PDF)") for label in labels), labels
-    assert len(at.get("image")) == 2  # the scan and its heatmap overlay
+    charts = {c.key for c in at.get("plotly_chart")}
+    assert {"batch_viewer", "batch_probs"} <= charts  # the linked viewer (scan + overlay), the bars
     # an unreadable row says why, without an image
     at = _select(at, "readme.txt")
     assert any("could not be read" in e.value for e in at.error)
@@ -228,3 +231,40 @@ def test_group_by_series(page, data_dir):
     at.toggle(key="batch_series_slices").set_value(True).run()
     slices = at.dataframe[1].value
     assert list(slices["slice"]) == [1, 2, 3, 4, 5, 6] and "Doe" not in slices.to_csv()
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+def test_worklist_in_triage_order_kept_when_filters_change(page):
+    at = _review(page, "study")
+    table = at.dataframe[0].value
+    attention = table["needs_attention"].tolist()
+    assert attention == sorted(attention, reverse=True)  # needs attention first
+    assert table.iloc[0]["file"] == "readme.txt"  # the unreadable row, saying why in place
+    assert table.iloc[0]["answer"].startswith("unreadable: ")
+    assert "None" not in table["answer"].astype(str).tolist()
+    calm = table[~table["needs_attention"]]["confidence"].tolist()
+    assert calm == sorted(calm)  # then rising confidence
+    # a filter keeps the order; another order is a choice of its own, kept too
+    at.text_input(key="batch_name").input("img").run()
+    assert at.dataframe[0].value["file"].tolist() == [f for f in table["file"] if "img" in f]
+    at.selectbox(key="batch_sort").set_value("file").run()
+    at.text_input(key="batch_name").input("").run()
+    assert at.dataframe[0].value["file"].tolist() == sorted(table["file"])
+    assert at.selectbox(key="batch_sort").value == "file"
+
+
+def test_viewer_steps_through_the_rows_shown(page):
+    at = _review(page, "study")
+    files = at.dataframe[0].value["file"].tolist()
+    at = _select(at, files[1])
+    assert any(h.value == f"Selected: {files[1]}" for h in at.subheader)
+    assert any(a.value.startswith("**") and ("calibrated probability" in a.value or "withheld" in a.value)
+               for kind in (at.success, at.warning, at.error) for a in kind)  # the verdict line
+    at.button(key="batch_next").click().run()
+    assert any(h.value == f"Selected: {files[2]}" for h in at.subheader), [h.value for h in at.subheader]
+    at.button(key="batch_prev").click().run()
+    at.button(key="batch_prev").click().run()
+    assert any(h.value == f"Selected: {files[0]}" for h in at.subheader)
+    assert at.button(key="batch_prev").disabled
+    assert any("could not be read" in e.value for e in at.error)  # readme.txt, first in triage

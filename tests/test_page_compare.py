@@ -11,7 +11,7 @@ import pytest
 from pathlib import Path
 
 from apptest import COMPARE_PAGE, page_text, run_page
-from conftest import model_packages
+from conftest import model_packages, unsure_agreement_case
 
 
 def run_compare(scan_bytes: bytes, models: list[str] | None = None):
@@ -37,8 +37,9 @@ def test_page_compares_chosen_models(brain_test_jpeg, n):
         assert headers.count(name) == 1, headers
     assert len([h for h in headers if h in names]) == n
     # the agreement statement, as an agree message or a "Models disagree" flag
-    statement = [e.value for e in (*at.success, *at.error)
-                 if "models agree" in e.value or "Models disagree" in e.value]
+    statement = [e.value for e in (*at.success, *at.warning, *at.error)
+                 if "models agree" in e.value or "Models disagree" in e.value
+                 or "The models agree" in e.value or "models that answer agree" in e.value]
     assert len(statement) == 1, page_text(at)
     if "Models disagree" in statement[0]:
         assert "probability spread" in statement[0]
@@ -107,3 +108,35 @@ def test_page_needs_two_models_of_the_task(brain_test_jpeg, tmp_path, monkeypatc
     assert not at.exception, [e.value for e in at.exception]
     assert any("two or more models" in w.value for w in at.warning), page_text(at)
     assert not at.dataframe and not at.subheader
+
+
+# ----------------------------------------------------------------------------- issue 14
+
+def test_agreement_of_unsure_models_is_amber_and_figures_are_sourced(data_dir):
+    """The issue's case: every brain model gives the same class, each below its own
+    low-confidence threshold; the page must not show a green "agree". Then the engineer's
+    figures: interval, caveat and source per figure, a confusion matrix per model."""
+    from medcls.package import read_card
+
+    paths = [str(p) for p in model_packages("brain-mri", 3)]
+    path = unsure_agreement_case(data_dir, paths)
+    if path is None:
+        pytest.skip("no all-unsure agreement among the first test images")
+    at = run_compare(path.read_bytes(), paths)
+    assert not at.exception
+    assert not any("agree" in e.value for e in at.success), page_text(at)
+    assert any("every model is unsure" in w.value for w in at.warning), page_text(at)
+
+    figures = next(d for d in at.dataframe if "95% interval" in d.value.columns).value
+    cards = [read_card(p) for p in paths]
+    assert set(figures["model"]) == {c["name"] for c in cards}
+    default = figures[(figures["model"] == "brain-mri-default") & (figures["figure"] == "accuracy")]
+    if len(default):
+        assert "bench/results/accuracy.json" in default.iloc[0]["source"]
+        assert "trained" in default.iloc[0]["source"]  # the card's date
+        assert default.iloc[0]["95% interval"]
+    recall = figures[figures["figure"] == "No tumour: recall"]
+    assert len(recall) and (recall["caveat"].str.len() > 0).all()  # the caveat, beside its figure
+    assert {"Glioma: precision", "Glioma: recall"} <= set(figures["figure"])
+    keys = {c.key for c in at.get("plotly_chart")}
+    assert all(f"cmp_confusion_{c['name']}" in keys for c in cards)

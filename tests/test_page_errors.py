@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from apptest import assert_no_exception, assert_prediction, page_text, run_page
+from apptest import assert_no_exception, assert_prediction, page_text, run_page, verdicts
 from conftest import PROJECT_ROOT, require
 from dicom_factory import MULTIFRAME_WORD_SC, grayscale16, new_dataset, to_bytes
 
@@ -44,7 +44,8 @@ def warm(app_env, good_jpeg):
 
 
 def image_captions(at) -> str:
-    return "\n".join(c for im in at.image for c in im.captions)
+    """Captions of the images, and the viewer's caption (the scan and overlay are one chart)."""
+    return "\n".join([c for im in at.image for c in im.captions] + [c.value for c in at.caption])
 
 
 def assert_clear_error(at, *expected: str) -> str:
@@ -58,7 +59,7 @@ def assert_clear_error(at, *expected: str) -> str:
     assert " object at 0x" not in msg
     low = msg.lower()
     assert any(e in low for e in expected), (expected, msg)
-    assert not [h for h in at.subheader if h.value.startswith("Prediction")]
+    assert not verdicts(at)
     return msg
 
 
