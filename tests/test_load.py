@@ -24,6 +24,7 @@ import pytest
 from appserver import (CHROMIUM_ARGS, OUTPUT, PROJECT_ROOT, AppServer, RssSampler, chromium_path,
                        process_tree, status_kb)
 from conftest import require
+from medcls import present
 
 pytestmark = pytest.mark.load
 
@@ -86,7 +87,7 @@ def scans(data_dir):
                                                          for p in pred.probabilities):
             continue
         _, statement = ui.confidence_statement(pred, predictor.card)
-        bars = tuple(f"{float(p):.1%}" for p in pred.probabilities)
+        bars = tuple(present.fmt_prob(float(p), 1) for p in pred.probabilities)
         if statement in statements or bars in bar_sets:
             continue  # each scan must be identifiable by its own texts
         if len(by_pred.get(pred.label, [])) >= PER_LABEL:
@@ -95,6 +96,7 @@ def scans(data_dir):
         bar_sets.add(bars)
         by_pred.setdefault(pred.label, []).append(
             {"path": path, "file": r["file"], "label": pred.label, "statement": statement,
+             "name": present.verdict(pred, predictor.card).name,
              "bars": sorted(bars), "confidence": pred.confidence})
         if sum(map(len, by_pred.values())) >= 2 * SESSIONS and \
                 all(len(v) >= PER_LABEL for v in by_pred.values()) and len(by_pred) >= 4:
@@ -121,7 +123,7 @@ def server():
 
 # ----------------------------------------------------------------------------- sessions
 
-BAR_TEXT = re.compile(r"^\d{1,3}\.\d%$")
+BAR_TEXT = re.compile(r"^[<>]?\d{1,3}\.\d%$")  # medcls.present.fmt_prob(p, 1)
 
 
 async def _bar_texts(page) -> list[str]:
@@ -134,8 +136,7 @@ async def _show_and_check(page, scan: dict, others: list[dict], timeout_ms: int)
     await page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(
         str(scan["path"]))
     await page.get_by_text(scan["statement"], exact=True).first.wait_for(timeout=timeout_ms)
-    await page.get_by_text(f"Prediction: {scan['label']}").first.wait_for(
-        timeout=timeout_ms)
+    await page.get_by_text(f"{scan['name']} · ").first.wait_for(timeout=timeout_ms)  # the verdict
     # the chart is sent after the statement: poll until it carries this scan's four numbers
     deadline = time.monotonic() + timeout_ms / 1000
     bars: list[str] = []
@@ -149,8 +150,8 @@ async def _show_and_check(page, scan: dict, others: list[dict], timeout_ms: int)
     assert "Traceback" not in body and "could not be processed" not in body, body[:2000]
     seen = [o["file"] for o in others if o["statement"] in body]
     assert not seen, f"session with {scan['file']} shows the result of {seen}"
-    headings = re.findall(r"Prediction: (\w+)", body)
-    assert headings == [scan["label"]], f"{scan['file']}: headings {headings}"
+    headings = re.findall(r"^(.+?) · [<>]?\d+% calibrated probability", body, re.M)
+    assert headings == [scan["name"]], f"{scan['file']}: verdicts {headings}"
     served = re.search(r"Answered by brain-mri-default v\S+ in (\d+) ms", body)
     assert served, f"{scan['file']}: no model caption"
     return float(served.group(1))  # the server's own time for preprocess + predict + heatmap
