@@ -45,7 +45,7 @@ with st.sidebar:
                               "They are never stored, logged or exported.")
 
 if ui_series.series_mode():  # several files, a folder, a zip or a NIfTI: ui_series lays it out
-    ui_series.series_page(model_path, method, alpha, show_region)
+    ui_series.series_page(model_path, method, alpha, show_region, show_overlay)
     st.stop()
 
 uploaded = st.file_uploader("Upload a scan: DICOM (with or without .dcm), PNG, JPEG, TIFF or BMP",

@@ -391,32 +391,42 @@ def method_picker(key: str = "method") -> str:
 
 # ----------------------------------------------------------------------------- heatmap regions
 
-def heatmap_view(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
-                 requested: bool, key: str) -> None:
-    """The heatmap overlay with the region only where :func:`medcls.findings.may_show_region`
-    allows it; otherwise a sentence on what the heatmap means, and the explicit request."""
-    from medcls.findings import finding_noun, heatmap_meaning, is_finding_answer, may_show_region
+def heatmap_panel(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
+                  requested: bool):
+    """(overlay, caption, region drawn or None): the heatmap overlay with the region only where
+    :func:`medcls.findings.may_show_region` allows it; otherwise the caption says what the
+    heatmap means."""
+    from medcls.findings import heatmap_meaning, is_finding_answer, may_show_region
     from medcls.render import draw_region, overlay
 
     pred = explanation.prediction
+    name = present.class_name(card, explanation.class_name)
     allowed = may_show_region(pred, card, requested)
     region = explanation.region if allowed and show_region else None
     over = overlay(gray, explanation.heatmap, alpha)
     draw_region(over, region)
     if allowed:
-        caption = (f"Red: the image regions that drove “{explanation.class_name}” most."
+        caption = (f"Red: the image regions that drove “{name}” most."
                    + (" White outline: hottest region; green: its bounding box."
                       if region is not None else ""))
         if not is_finding_answer(pred, card):
-            caption = (f"Strongest “{explanation.class_name}” evidence, shown on request: the "
-                       f"answer is “{pred.label}”. " + caption)
+            caption = (f"Strongest “{name}” evidence, shown on request: the answer is "
+                       f"“{present.class_name(card, pred.label)}”. " + caption)
     else:
-        caption = heatmap_meaning(pred, card, explanation.class_name)
-    st.image(over, width="stretch", caption=caption)
-    if region is not None:
-        area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
-                else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
-        st.caption(f"Region above {region.threshold:.0%} of the peak: area {area}.")
+        caption = heatmap_meaning(pred, card, name)
+    return over, caption, region
+
+
+def region_text(region) -> str:
+    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
+            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
+    return f"Region above {region.threshold:.0%} of the peak: area {area}."
+
+
+def strongest_evidence_toggle(pred, card: dict, key: str) -> None:
+    """On a no-finding answer: the explicit request for the strongest finding class's map."""
+    from medcls.findings import finding_noun, is_finding_answer
+
     if not is_finding_answer(pred, card):
         st.toggle(f"Show the strongest {finding_noun(card)}-class evidence", key=key,
                   help="Draws the heatmap, outline and area of the most likely tumour class, "

@@ -163,7 +163,12 @@ def _findings(study, series) -> None:
             else st.info(f.message)
 
 
-def series_page(model_path: str, method: str, alpha: float, show_region: bool) -> None:
+def _step(delta: int, n: int) -> None:
+    st.session_state[SLICE] = min(max(int(st.session_state.get(SLICE, 1)) + delta, 1), n)
+
+
+def series_page(model_path: str, method: str, alpha: float, show_region: bool,
+                show_overlay: bool = True) -> None:
     items = _uploads()
     if not items:
         st.info("Upload the slices of a series (several DICOM files, a folder or a .zip) or a "
@@ -209,25 +214,32 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool) -
     st.plotly_chart(strip_figure(answer, shown), width="stretch", key="series_strip")
 
     ref = series.scan(n // 2)  # one window/level for every slice, set on the middle one
-    left, right = st.columns(2)
     try:
         scan = series.scan(shown)
     except Exception as exc:  # noqa: BLE001
         ui.show_error(exc, f"Slice {shown + 1}")
         return
-    with left:
-        st.subheader(f"Slice {shown + 1} of {n}")
+    st.subheader(f"Slice {shown + 1} of {n}")
+    c_wl, c_step = st.columns([3, 2])
+    with c_wl:  # window/level once, for both images and every slice
         center, width = ui.window_controls(ref, key="series")
-        image = ui.display(scan, center, width)
-        where = (f" · position {series.position_of(shown):.1f} mm" if series.positions is not None
-                 else "")
-        st.image(image, clamp=True, width="stretch",
-                 caption=f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px" + where
-                         + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
-                            if scan.pixel_spacing else ""))
+    with c_step:  # keyboard: k / j step through the slices
+        b1, b2 = st.columns(2)
+        b1.button("◀ Previous slice", key="series_prev", on_click=_step, args=(-1, n),
+                  disabled=shown == 0)
+        b2.button("Next slice ▶", key="series_next", on_click=_step, args=(1, n),
+                  disabled=shown >= n - 1)
+        ui_viewer.keyboard_steps({"j": "Next slice ▶", "k": "◀ Previous slice"})
+    image = ui.display(scan, center, width)
+    where = (f" · position {series.position_of(shown):.1f} mm" if series.positions is not None
+             else "")
+    facts = (f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px" + where
+             + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
+                if scan.pixel_spacing else ""))
     item = answer.slices[shown]
     if item.prediction is None:
-        right.error(f"This slice could not be read: {item.error}")
+        st.image(image, clamp=True, width="stretch", caption=facts)
+        st.error(f"This slice could not be read: {item.error}")
         return
     requested = bool(st.session_state.get("series_strongest"))
     cache = st.session_state.setdefault("_series_heatmaps", {})
@@ -237,11 +249,18 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool) -
         cache[hkey] = slice_explanation(predictor, answer, shown, method, requested)
     explanation = cache[hkey]
     gray = image if image.ndim == 2 else image.mean(axis=2)
-    with right:
-        st.subheader(f"Heatmap · {METHODS[method].label} for “{explanation.class_name}”")
-        ui.heatmap_view(gray, explanation, card, alpha, show_region, requested,
-                        key="series_strongest")
     pred = item.prediction
+    over, meaning, region = ui.heatmap_panel(gray, explanation, card, alpha, show_region, requested)
+    title = f"Heatmap · {METHODS[method].label} for “{present.class_name(card, explanation.class_name)}”"
+    if not show_overlay:
+        over, title = np.dstack([gray] * 3), "Heatmap hidden (overlay off)"
+    ui_viewer.linked_viewer(image, over, (f"Slice {shown + 1}", title), key="series_viewer")
+    st.caption(facts + ". Drag to pan, scroll to zoom (both images move together).")
+    if show_overlay:
+        st.caption(meaning)
+    if region is not None:
+        st.caption(ui.region_text(region))
+    ui.strongest_evidence_toggle(pred, card, key="series_strongest")
     kind, text = ui.confidence_statement(pred, card)
     getattr(st, kind)(f"Slice {shown + 1}: " + text)
     st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="series_probs")

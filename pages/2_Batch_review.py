@@ -22,8 +22,10 @@ import ui_series
 import ui_viewer
 from medcls import present
 from medcls.cluster import review_stream
+from medcls.render import draw_outline
 from medcls.review import ReviewJob, folder_sources, upload_sources
 from medcls.saliency import METHODS
+from medcls.segmentation import size_text
 
 BATCH_SIZE = 16
 WORKERS = 2
@@ -309,9 +311,10 @@ if key not in cache:
             scan = job.load(index)
             predictor = ui.load_predictor(job.model_path)
             explanation = predictor.explain(scan, HEATMAP_METHOD)
+            outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
     cache.clear()  # one selected scan per session
-    cache[key] = (scan, explanation)
-scan, explanation = cache[key]
+    cache[key] = (scan, explanation, outline)
+scan, explanation, outline = cache[key]
 pred = explanation.prediction
 ui_viewer.verdict_line(pred, card)
 
@@ -323,13 +326,17 @@ with c1:
     show_overlay = w2.toggle("Heatmap overlay", value=True, key="batch_overlay")
     image = ui.display(scan, center, width)
     gray = image if image.ndim == 2 else image.mean(axis=2)
+    # the heatmap's own region only without a segmentation companion (it is no lesion edge)
     over, title, drawn = ui_viewer.overlay_panel(gray, explanation, pred, card, 0.45, show_overlay,
-                                                 True, key="batch")
-    ui_viewer.linked_viewer(image, over, ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
+                                                 not card.get("segmentation"), key="batch")
+    ui_viewer.linked_viewer(draw_outline(image, outline), over,
+                            ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
                             key="batch_viewer", height=340)
     st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
                + (f" · {ui_viewer.region_caption(explanation.region)}" if drawn else "")
                + ". Drag to pan, scroll to zoom (both images move together).")
+    if outline is not None:
+        st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
 with c2:
     kind, text = ui.confidence_statement(pred, card)
     getattr(st, kind)(text)

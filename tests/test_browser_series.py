@@ -62,7 +62,7 @@ def test_series_folder_upload_strip_and_jump(server, series_folder, built_series
         shown = int(re.search(r"Slice (\d+) of 16", heading.first.inner_text()).group(1)) - 1
         assert shown in built_series.tumour
         page.get_by_text("Region above").first.wait_for(timeout=TIMEOUT)
-        page.locator('[data-testid="stImage"] img').nth(1).wait_for(timeout=TIMEOUT)
+        page.locator(".js-plotly-plot").nth(2).wait_for(timeout=TIMEOUT)  # strip, viewer, bars
         page.wait_for_timeout(1500)
         page.screenshot(path=str(OUTPUT / "series.png"), full_page=True)
         assert page.get_by_text("Traceback").count() == 0

@@ -54,7 +54,8 @@ def test_tumour_series_summary_strip_and_jump(built_series):
     assert any(e.value.startswith("Tumour suspected: meningioma") for e in at.error), texts(at)
     assert any("duplicate" in w.value for w in at.warning)
     assert any("mm³" in c.value for c in at.caption)  # 1 x 1 mm pixels, 5 mm slices: a volume
-    assert len(at.get("plotly_chart")) == 2  # the strip and the shown slice's probabilities
+    # the strip, the linked viewer (slice and heatmap: shared zoom/pan) and the probabilities
+    assert [c.key for c in at.get("plotly_chart")] == ["series_strip", "series_viewer", "series_probs"]
     slider = at.slider(key="series_slice")
     assert slider.value == 1 and slider.max == len(built_series.arrays)
     at.button(key="series_jump").click().run()
@@ -63,11 +64,16 @@ def test_tumour_series_summary_strip_and_jump(built_series):
     assert shown in built_series.tumour
     assert any(s.value.startswith(f"Slice {shown + 1} of") for s in at.subheader)
     assert any("Region above" in c.value and "mm²" in c.value for c in at.caption)
-    assert len(at.get("image")) == 2
+    # keyboard-steppable slice buttons (k / j): one slice on, one back
+    at.button(key="series_next").click().run()
+    assert at.slider(key="series_slice").value == shown + 2
+    at.button(key="series_prev").click().run()
+    assert at.slider(key="series_slice").value == shown + 1
     # a normal slice: no region, the heatmap's meaning instead, and the explicit request
     at.slider(key="series_slice").set_value(1).run()
     assert not any("Region above" in c.value for c in at.caption)
-    assert "not a lesion" in "\n".join(c for im in at.image for c in im.captions)
+    assert any("not a lesion" in c.value for c in at.caption)
+    assert at.button(key="series_prev").disabled
     at.toggle(key="series_strongest").set_value(True).run()
     assert any("Region above" in c.value for c in at.caption), texts(at)
 
