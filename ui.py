@@ -197,6 +197,13 @@ def model_label(card: dict) -> str:
     return card["name"]
 
 
+def short_model_label(card: dict) -> str:
+    """The model's name without its task's prefix ("brain-mri-compact-cnn" -> "compact-cnn"):
+    what fits a tag of a narrow sidebar once the task is chosen."""
+    name, prefix = card["name"], f"{card['task']}-"
+    return name[len(prefix):] if name.startswith(prefix) and len(name) > len(prefix) else name
+
+
 def model_caption(card: dict) -> str:
     """Architecture, test figures, site adaptation and the site-default mark of a model."""
     from medcls.adapt import adapted_from, site_defaults

@@ -220,25 +220,30 @@ def agreement_banner(preds, card: dict, extra: str = "") -> present.AgreementSta
 
 
 def figures_table(cards: list[dict], results: dict | None, results_file: str, key: str) -> None:
-    """Each model's test figures with their 95% interval, caveat and source, not clipped
-    (text wraps, the table is as tall as its rows)."""
-    rows = []
-    for card in cards:
-        for f in present.model_figures(card, results, results_file):
-            rows.append({"model": f.model, "figure": f.figure,
-                         "value": None if f.value is None else round(f.value, 3),
-                         "95% interval": "" if f.ci is None else f"{f.ci[0]:.3f} – {f.ci[1]:.3f}",
-                         "caveat": f.caveat, "source": f.source})
-    table = pd.DataFrame(rows)
-    st.dataframe(table, hide_index=True, width="stretch", key=key,
-                 height=38 + 35 * len(table),
-                 column_config={"model": st.column_config.TextColumn(width="medium", pinned=True),
-                                "figure": st.column_config.TextColumn(width="medium"),
-                                "caveat": st.column_config.TextColumn(width="large"),
-                                "source": st.column_config.TextColumn(width="large")})
-    for card in cards:  # caveats also as text: a table cell can be too narrow to read them
-        for fig, text in present.caveats(card).items():
-            st.caption(f":material/warning: {card['name']}, {present.class_name(card, fig)}: {text}")
+    """Each model's test figures with their 95% interval and the caveat beside the figure it
+    qualifies, one table per model (so it fits a laptop screen, as tall as its rows); where
+    the figures come from (card and training date, results file and its date) above each
+    table. The tables also carry ``model`` and the full ``source`` per figure (not shown)."""
+    for i, card in enumerate(cards):
+        figures = present.model_figures(card, results, results_file)
+        table = pd.DataFrame([{"model": f.model, "figure": f.figure,
+                               "value": None if f.value is None else round(f.value, 3),
+                               "95% interval": "" if f.ci is None else f"{f.ci[0]:.3f} – {f.ci[1]:.3f}",
+                               "caveat": f.caveat, "source": f.source} for f in figures])
+        sources = list(dict.fromkeys(part.strip() for f in figures
+                                     for part in f.source.split("; interval:")))
+        st.markdown(f"**{card['name']}**")
+        st.caption("From " + sources[0] + (f"; intervals from {sources[1]}" if len(sources) > 1
+                                           else "; no benchmark intervals for this model"))
+        st.dataframe(table, hide_index=True, width="stretch", key=f"{key}_{i}",
+                     height=38 + 35 * len(table),
+                     column_order=["figure", "value", "95% interval", "caveat"],
+                     column_config={"figure": st.column_config.TextColumn(width="medium"),
+                                    "value": st.column_config.NumberColumn(width="small", format="%.3f"),
+                                    "95% interval": st.column_config.TextColumn(width="small"),
+                                    "caveat": st.column_config.TextColumn(width="large")})
+        for fig, text in present.caveats(card).items():  # in full: a cell can be too narrow
+            st.caption(f":material/warning: {present.class_name(card, fig)}: {text}")
 
 
 def confusion_chart(card: dict, height: int = 300) -> go.Figure | None:

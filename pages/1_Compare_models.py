@@ -110,7 +110,8 @@ with st.sidebar:
         chosen = st.multiselect(
             f"Models to compare (2 to {MAX_MODELS})", list(cards_by_path),
             default=list(cards_by_path)[:MAX_MODELS], max_selections=MAX_MODELS,
-            key=f"cmp_models_{task}", format_func=lambda p: ui.model_label(cards_by_path[p]))
+            key=f"cmp_models_{task}", format_func=lambda p: ui.short_model_label(cards_by_path[p]),
+            help="Models by their name within the task; their figures are in the table below.")
     st.header("Heatmap")
     method = ui.method_picker(key="cmp_method")
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="cmp_alpha")

@@ -62,7 +62,12 @@ def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
 def table_of(job: ReviewJob, indices: list[int]) -> pd.DataFrame:
     """The rows at ``indices`` as a DataFrame indexed by row number, with the answer as the
     clinician reads it (the class by its name, or "unreadable: reason", or withheld)."""
-    records = [rec | {"answer": present.worklist_record(job.rows[i], job.classes, job.card)["predicted"]}
+    def shown(p):  # the one probability formatter, never "100.00%"
+        return "" if p is None or p != p else present.fmt_prob(p, 1)
+
+    records = [rec | {"answer": present.worklist_record(job.rows[i], job.classes, job.card)["predicted"],
+                      "confidence_text": shown(rec["confidence"]),
+                      **{f"pt_{c}": shown(rec.get(f"p_{c}")) for c in job.classes}}
                for i, rec in zip(indices, job.records(indices))]
     table = pd.DataFrame.from_records(records, index=indices) if records else pd.DataFrame(
         columns=["file", "predicted", "confidence", "needs_attention", "error"])
@@ -223,7 +228,7 @@ sort_by = st.selectbox("Order", list(present.SORTS), key=SORT,
                        format_func=lambda k: present.SORTS[k][0],
                        help="Kept when the filters change. Needs attention: unreadable, then "
                             "withheld, then uncertain; within each, least confident first.")
-f1, f2, f3 = st.columns([1, 2, 2])
+f1, f2, f3 = st.columns([1.6, 2, 2])
 attention_only = f1.toggle("Needs attention only", key="batch_attention",
                            help="Low confidence, outside the training distribution, or unreadable.")
 chosen = f2.multiselect("Predicted class", [*classes, "unreadable"], key="batch_classes",
@@ -233,7 +238,7 @@ name_filter = f3.text_input("File name contains", key="batch_name").strip()
 passing = set(job.filter(attention_only, chosen, name_filter))
 view = table_of(job, [i for i in present.triage_order(rows, sort_by) if i in passing])
 
-prob_cols = [f"p_{c}" for c in classes]
+prob_cols = [f"pt_{c}" for c in classes]  # as text: medcls.present.fmt_prob
 column_config = {
     "file": st.column_config.TextColumn("File", width="medium"),
     "predicted": st.column_config.TextColumn("Predicted"),
@@ -241,21 +246,22 @@ column_config = {
                                           help="The class, or why there is none."),
     "confidence": st.column_config.ProgressColumn("Confidence", min_value=0.0, max_value=1.0,
                                                   format="percent"),
-    **{f"p_{c}": st.column_config.ProgressColumn(f"P({present.class_name(card, c)})",
-                                                 min_value=0.0, max_value=1.0,
-                                                 format="percent") for c in classes},
+    "confidence_text": st.column_config.TextColumn("Confidence", width="small",
+                                                   help="Calibrated probability of the answer."),
+    **{f"pt_{c}": st.column_config.TextColumn(f"P({present.class_name(card, c)})", width="small")
+       for c in classes},
     "outside_distribution": st.column_config.CheckboxColumn(
         "Outside training distribution", help="The input gate says this scan does not look "
         "like the model's training images."),
     "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
     "gate_score": st.column_config.NumberColumn("Gate distance", format="%.1f"),
-    "flags": st.column_config.TextColumn("Flags"),
+    "flags": st.column_config.TextColumn("Flags", width="medium"),
     "error": st.column_config.TextColumn("Error", width="medium"),
     "series_number": st.column_config.NumberColumn("Series", format="%d"),
     "instance_number": st.column_config.NumberColumn("Instance", format="%d"),
     "modality": st.column_config.TextColumn("Modality"),
 }
-order = ["file", "answer", "flags", "confidence", *prob_cols, "gate_score", "modality",
+order = ["file", "answer", "flags", "confidence_text", *prob_cols, "gate_score", "modality",
          "series_number", "instance_number"]  # flags pinned beside the answer
 # the selection is positions in `view`: a new filter gets a new table (and no stale selection)
 view_key = hashlib.sha1(repr((attention_only, chosen, name_filter, sort_by)).encode()).hexdigest()[:8]

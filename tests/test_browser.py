@@ -176,10 +176,18 @@ def shot(page, name: str, full_page: bool = False) -> None:
     """A screenshot in test-output/; with MEDCLS_UPDATE_SCREENSHOTS=1 also the README's copy."""
     import os
 
+    settle(page)
     page.wait_for_timeout(1200)  # let the plotly canvases paint
     page.screenshot(path=str(OUTPUT / name), full_page=full_page)
     if os.environ.get("MEDCLS_UPDATE_SCREENSHOTS") == "1":
         shutil.copy(OUTPUT / name, SCREENSHOTS / name)
+
+
+def settle(page, timeout_ms: int = 60_000) -> None:
+    """Wait until the app's script run is over (Streamlit's "Running..." indicator gone)."""
+    page.wait_for_function(
+        "() => !/Running/.test(document.querySelector('[data-testid=\"stStatusWidget\"]')?.innerText || '')",
+        timeout=timeout_ms)
 
 
 def verdict_box(page):
@@ -310,7 +318,11 @@ def test_worklist_starts_with_the_rows_needing_attention(server, chromium):
             page.get_by_role("heading", name="Selected: notes.txt").click()  # focus off the grid
             page.keyboard.press("j")
             page.get_by_text("Row 2 of 9 shown").wait_for(timeout=TIMEOUT)
+            heading = page.get_by_role("heading", name=re.compile(r"^Selected: (?!notes)"))
+            heading.wait_for(timeout=TIMEOUT)
+            page.get_by_text(re.compile(r"^Heatmap (for|hidden)")).first.wait_for(timeout=TIMEOUT)
             page.locator(".js-plotly-plot").last.wait_for(timeout=TIMEOUT)
-            page.get_by_text("Row 2 of 9 shown").scroll_into_view_if_needed()
+            settle(page)
+            heading.evaluate("e => e.scrollIntoView({block: 'start'})")
             shot(page, "batch-viewer-1024.png")
         page.close()
