@@ -240,7 +240,7 @@ def figures_table(cards: list[dict], results: dict | None, results_file: str, ke
                      column_order=["figure", "value", "95% interval", "caveat"],
                      column_config={"figure": st.column_config.TextColumn(width="medium"),
                                     "value": st.column_config.NumberColumn(width="small", format="%.3f"),
-                                    "95% interval": st.column_config.TextColumn(width="small"),
+                                    "95% interval": st.column_config.TextColumn(width=120),
                                     "caveat": st.column_config.TextColumn(width="large")})
         for fig, text in present.caveats(card).items():  # in full: a cell can be too narrow
             st.caption(f":material/warning: {present.class_name(card, fig)}: {text}")

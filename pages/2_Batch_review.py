@@ -255,7 +255,7 @@ column_config = {
         "like the model's training images."),
     "low_confidence": st.column_config.CheckboxColumn("Low confidence"),
     "gate_score": st.column_config.NumberColumn("Gate distance", format="%.1f"),
-    "flags": st.column_config.TextColumn("Flags", width="medium"),
+    "flags": st.column_config.TextColumn("Flags", width=130),
     "error": st.column_config.TextColumn("Error", width="medium"),
     "series_number": st.column_config.NumberColumn("Series", format="%d"),
     "instance_number": st.column_config.NumberColumn("Instance", format="%d"),
@@ -326,10 +326,11 @@ ui_viewer.verdict_line(pred, card)
 
 c1, c2 = st.columns([2, 1.2])
 with c1:
-    w1, w2 = st.columns([3, 1])
+    w1, w2 = st.columns([2, 1])
     with w1:  # one window/level for both images
         center, width = ui.window_controls(scan, key="batch")
-    show_overlay = w2.toggle("Heatmap overlay", value=True, key="batch_overlay")
+    show_overlay = w2.toggle("Overlay", value=True, key="batch_overlay",
+                             help="The heatmap overlay on the right image; off: the plain scan.")
     image = ui.display(scan, center, width)
     gray = image if image.ndim == 2 else image.mean(axis=2)
     # the heatmap's own region only without a segmentation companion (it is no lesion edge)

@@ -82,7 +82,8 @@ def test_main_page_dicom_jpeg_and_text(server, chromium, data_dir, clear_case, t
     first_prediction_s = time.perf_counter() - server.started_at
     page.get_by_text("Heatmap for").first.wait_for(timeout=TIMEOUT)  # the linked viewer
     page.locator(".js-plotly-plot").nth(1).wait_for(timeout=TIMEOUT)  # viewer and bars
-    shot(page, "main-jpeg-full.png", full_page=True)
+    settle(page)
+    page.screenshot(path=str(OUTPUT / "main-jpeg-full.png"), full_page=True)  # not in the README
     (OUTPUT / "app_start.json").write_text(json.dumps({"first_prediction_s": first_prediction_s}))
 
     # a real DICOM: window/level controls and an answer
