@@ -38,6 +38,13 @@ PYEOF
                  rm -rf models/brain-mri-compact-cnn && cp -r runs/compact-r2 models/brain-mri-compact-cnn ;;
       seed)      run brain-mri-seed-cnn $BRAIN --task-description "$BRAIN_DESC" --arch seed-cnn \
                    --out models/brain-mri-seed-cnn --epochs 30 --patience 6 --lr 5e-4 --label-smoothing 0.1 --ema ;;
+      seed-v2)   run brain-mri-seed-cnn-v2a $SOURCES --task-description "$BRAIN_DESC" --init models/brain-mri-seed-cnn \
+                   --name brain-mri-seed-cnn --version 2.0.0 --out runs/seed-r3 --fine-tune-epochs 6 --patience 2 \
+                   --fine-tune-lr 2e-4 --label-smoothing 0.1 --ema
+                 run brain-mri-seed-cnn-v2b $SOURCES --task-description "$BRAIN_DESC" --init runs/seed-r3 \
+                   --name brain-mri-seed-cnn --version 2.0.0 --out runs/seed-r4 --fine-tune-epochs 10 --patience 3 \
+                   --fine-tune-lr 2e-4 --label-smoothing 0.1 --ema
+                 rm -rf models/brain-mri-seed-cnn && cp -r runs/seed-r4 models/brain-mri-seed-cnn ;;
       chest)     run chest-xray-default --data "$DATA/chest-xray" --task chest-xray --task-description "$CHEST_DESC" \
                    --limits configs/chest-xray.limits.json --arch mobilenet-tl --out models/chest-xray-default \
                    --epochs 6 --fine-tune-epochs 24 --patience 8 \
