@@ -13,8 +13,9 @@ SOURCES="--data $DATA/brain-mri $DATA/br35h-tumour $DATA/normal-ixi $DATA/normal
   --limits configs/brain-mri.limits.json --scope configs/brain-mri.scope.json --modality MR --balanced --source-augment"
 mkdir -p runs
 run() { local name=$1; shift; echo "== $name"; "$PY" -m medcls --log "runs/$name.log" train "$@"; }
-# brain-mri-default 2.0.0 = "mobilenet" (1.0.0) then "default-v2" (fine-tuned on four sources)
-for which in "${@:-mobilenet default-v2 compact seed chest}"; do
+# brain-mri-default 2.0.0 = "mobilenet" (1.0.0) then "default-v2" (fine-tuned on four sources);
+# brain-mri-compact-cnn 2.0.0 = "compact" then "compact-v2"; brain-mri-seed-cnn 2.0.0 = "seed" then "seed-v2"
+for which in "${@:-mobilenet default-v2 compact compact-v2 seed seed-v2 chest}"; do
   for w in $which; do
     case $w in
       mobilenet) run brain-mri-default $BRAIN --task-description "$BRAIN_DESC" --arch mobilenet-tl \
@@ -31,8 +32,19 @@ PYEOF
                  ;;
       compact)   run brain-mri-compact-cnn $BRAIN --task-description "$BRAIN_DESC" --arch compact-cnn \
                    --out models/brain-mri-compact-cnn --epochs 30 --patience 8 --lr 2e-3 --label-smoothing 0.1 --box-loss 1.0 ;;  # no EMA: BN statistics follow the raw weights
+      compact-v2) run brain-mri-compact-cnn-v2 $SOURCES --task-description "$BRAIN_DESC" --init models/brain-mri-compact-cnn \
+                   --name brain-mri-compact-cnn --version 2.0.0 --out runs/compact-r2 --fine-tune-epochs 6 --patience 2 \
+                   --fine-tune-lr 3e-4 --label-smoothing 0.1 --box-loss 1.0
+                 rm -rf models/brain-mri-compact-cnn && cp -r runs/compact-r2 models/brain-mri-compact-cnn ;;
       seed)      run brain-mri-seed-cnn $BRAIN --task-description "$BRAIN_DESC" --arch seed-cnn \
                    --out models/brain-mri-seed-cnn --epochs 30 --patience 6 --lr 5e-4 --label-smoothing 0.1 --ema ;;
+      seed-v2)   run brain-mri-seed-cnn-v2a $SOURCES --task-description "$BRAIN_DESC" --init models/brain-mri-seed-cnn \
+                   --name brain-mri-seed-cnn --version 2.0.0 --out runs/seed-r3 --fine-tune-epochs 6 --patience 2 \
+                   --fine-tune-lr 2e-4 --label-smoothing 0.1 --ema
+                 run brain-mri-seed-cnn-v2b $SOURCES --task-description "$BRAIN_DESC" --init runs/seed-r3 \
+                   --name brain-mri-seed-cnn --version 2.0.0 --out runs/seed-r4 --fine-tune-epochs 10 --patience 3 \
+                   --fine-tune-lr 2e-4 --label-smoothing 0.1 --ema
+                 rm -rf models/brain-mri-seed-cnn && cp -r runs/seed-r4 models/brain-mri-seed-cnn ;;
       chest)     run chest-xray-default --data "$DATA/chest-xray" --task chest-xray --task-description "$CHEST_DESC" \
                    --limits configs/chest-xray.limits.json --arch mobilenet-tl --out models/chest-xray-default \
                    --epochs 6 --fine-tune-epochs 24 --patience 8 \
