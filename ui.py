@@ -1,6 +1,6 @@
 """Page helpers shared by app.py and pages/: the navigation, the settings, cached model
-loading, the model picker, the image viewer with window/level, probability charts, model cards
-and error display (``with user_errors(...)``).
+loading, the model picker, window/level, the heatmap panel of the series view, model cards,
+the audit trail and verdict control, and error display (``with user_errors(...)``).
 
 Only layout lives here and in the pages; every computation is a call into ``medcls``.
 """
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import plotly.graph_objects as go
 import streamlit as st
 
 from medcls import MedclsError, Scan, display_image, load_scan, present
@@ -355,20 +354,6 @@ def display(scan: Scan, center: float, width: float) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- results
-
-def probability_chart(classes, probs, title: str = "", highlight: int | None = None,
-                      height: int = 220) -> go.Figure:
-    """Horizontal bars of calibrated class probabilities on a fixed 0-100% axis."""
-    probs = np.asarray(probs, dtype=float)
-    hi = int(np.argmax(probs)) if highlight is None else highlight
-    colors = ["#d62728" if i == hi else "#8c8c8c" for i in range(len(classes))]
-    fig = go.Figure(go.Bar(x=probs * 100, y=list(classes), orientation="h", marker_color=colors,
-                           text=[present.fmt_prob(p, 1) for p in probs], textposition="auto"))
-    fig.update_layout(title=title or None, height=height, margin=dict(l=10, r=10, t=30 if title else 10, b=10),
-                      xaxis=dict(range=[0, 100], title="probability (%)"),
-                      yaxis=dict(autorange="reversed"))
-    return fig
-
 
 def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]:
     """(kind, text): a plain statement of how sure the model is, worded by
