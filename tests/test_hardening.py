@@ -477,11 +477,11 @@ def test_zip_of_3000_members_of_1_mib_of_zeros_is_refused(tmp_path):
 UPLOADS = 3
 
 
-ANSWERED = re.compile(r"calibrated probability · |^Answer withheld")  # the verdict line
+ANSWERED = re.compile(r"calibrated probability · |Answer withheld")  # the verdict line (after its icon)
 
 
 async def _upload_and_wait(browser, url: str, path: Path, timeout_ms: int) -> str:
-    """One browser session uploads ``path``; returns the page's answer: its prediction heading,
+    """One browser session uploads ``path``; returns the page's answer: its verdict line,
     or the text of its error box."""
     ctx = await browser.new_context(viewport={"width": 1400, "height": 1800})
     try:
@@ -490,7 +490,7 @@ async def _upload_and_wait(browser, url: str, path: Path, timeout_ms: int) -> st
         drop = page.locator('[data-testid="stFileUploaderDropzoneInput"]').first
         await drop.wait_for(state="attached", timeout=timeout_ms)
         await drop.set_input_files(str(path))
-        answer = page.get_by_text(re.compile(r"calibrated probability · |^Answer withheld")).or_(
+        answer = page.get_by_text(ANSWERED).or_(
             page.locator('[data-testid="stAlertContentError"]'))
         await answer.first.wait_for(timeout=timeout_ms)
         body = await page.locator("body").inner_text()
