@@ -222,3 +222,60 @@ def test_batch_page_reviews_a_server_folder_on_the_cluster(ray_cluster, brain_mo
     predictor = Predictor.from_path(job.model_path)  # the model the page picked
     local = list(run_review(predictor, folder_sources(root, "study")))
     _same_answers(job.rows, local)
+
+
+def _same_records(ray_rows: list[dict], local_rows: list[dict]) -> None:
+    """The same CSV records: equal text, numbers within 1e-5 (a region's volume within 0.1%)."""
+    assert len(ray_rows) == len(local_rows)
+    for a, b in zip(ray_rows, local_rows):
+        assert list(a) == list(b)
+        for k in a:
+            if a[k] == b[k]:
+                continue
+            try:
+                x, y = float(a[k]), float(b[k])
+            except ValueError:
+                pytest.fail(f"{k}: {a[k]!r} != {b[k]!r}")
+            tol = 1e-3 * abs(y) if k == "volume_mm3" else 1e-5
+            assert abs(x - y) <= tol, (k, x, y)
+
+
+def test_by_series_on_the_cluster_gives_the_local_series_answers(ray_cluster, brain_model_dir,
+                                                                 built_series, data_dir, tmp_path,
+                                                                 capsys):
+    """``--engine ray --by-series``: the local engine's by-series and slice CSVs and printed
+    summaries, over a tumour series (files in shuffled order), a second series with a duplicated
+    file, two plain JPEGs and a text file."""
+    from dicom_factory import series_files
+    from medcls.cli import main
+
+    brain = require(data_dir / "brain-mri")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, data in enumerate(built_series.dicom()):
+        (folder / f"s{(k * 7) % 16:02d}.dcm").write_bytes(data)
+    second = series_files(built_series.arrays[:6], 5.0, series_number=2)
+    for k, data in enumerate(second):
+        (folder / f"t{k}.dcm").write_bytes(data)
+    (folder / "t0-copy.dcm").write_bytes(second[0])
+    for k, src in enumerate(sorted((brain / "glioma").glob("*.jpg"))[:2]):
+        (folder / f"img{k}.jpg").write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("not a scan\n")
+
+    outputs = {}
+    for engine in ("local", "ray"):
+        out, slices = tmp_path / f"{engine}.csv", tmp_path / f"{engine}-slices.csv"
+        extra = ["--engine", "ray", "--address", ray_cluster.address] if engine == "ray" else []
+        assert main(["review", str(folder), "--model", str(brain_model_dir), "--out", str(out),
+                     "--by-series", "--slices", str(slices), *extra]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        outputs[engine] = ([*csv.DictReader(open(out, newline=""))],
+                           [*csv.DictReader(open(slices, newline=""))], printed[:-1])
+    (ray_series, ray_slices, ray_printed), (series, slices, printed) = outputs["ray"], outputs["local"]
+    assert sorted(r["kind"] for r in series) == ["dicom", "dicom", "image", "image"]
+    tumour = next(r for r in series if r["slices"] == "16")
+    assert tumour["outcome"] == "suspected" and tumour["suspected_class"] == "meningioma"
+    assert "duplicate" in next(r for r in series if r["slices"] == "6")["findings"]
+    _same_records(ray_series, series)
+    _same_records(ray_slices, slices)
+    assert ray_printed == printed  # findings (unreadable file, plain images, 2 series), summaries
