@@ -17,6 +17,20 @@ Review (Ray Data)
     row code, in input order. Files are read by path: on a real cluster the scans must sit on
     storage every node mounts at the same path (NFS, a PACS export share).
 
+    A list file may also name PACS series (a line holding a SeriesInstanceUID,
+    :func:`cluster_sources`): the decoding task retrieves the series itself
+    (:mod:`medcls.pacs`, QIDO-RS to find its study, then WADO-RS) with the PACS settings of this
+    process (:func:`medcls.pacs.pacs_settings`, passed to the tasks: the nodes need no PACS
+    configuration), and gives one row per instance, named by a hash of the UID.
+
+Review by series (``--by-series``)
+    The files are gathered into series here (:func:`medcls.study.gather`: header reads, as
+    locally); each series, with any series it shares a file with, is one unit of work for a
+    pool of actors that gather the unit's files again and answer it with
+    :func:`medcls.series_answer.answer_series` (the local engine's function: slices in batches,
+    the study summary, the run's regions and volume), returning its by-series and slice
+    records. A PACS series is a unit retrieved and gathered by the actor.
+
     Fault tolerance is Ray's: a decoding task whose process dies is re-run, a model actor that
     dies is restarted and its batch re-submitted (Ray Data's defaults ``max_restarts=-1``,
     ``max_task_retries=-1``); a re-run batch replaces the lost one, so every input still gives
