@@ -343,13 +343,14 @@ def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | 
         return
     connect(address)
     data = _data_context()
-    ds = (data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / batch_size)))
+    blocks = max(1, math.ceil(len(items) / batch_size))
+    ds = (data.from_items(items, override_num_blocks=blocks)
           .map_batches(_decode, fn_kwargs={"spec": card["preprocessing"], "modality": card.get("modality"),
                                            "model_name": card["name"], "pacs": pacs}, batch_size=None,
                        num_cpus=TASK_CPUS)
           .map_batches(_Classifier, fn_constructor_kwargs={"package_files": files},
                        batch_size=batch_size, num_cpus=ACTOR_CPUS,
-                       compute=data.ActorPoolStrategy(size=actors or cluster_nodes())))
+                       compute=data.ActorPoolStrategy(size=min(actors or cluster_nodes(), blocks))))
     batches = ds.iter_batches(batch_size=None, batch_format="numpy")
     try:
         for b in batches:
@@ -481,7 +482,8 @@ def review_by_series(model_dir: str | Path, sources: Sequence[Source], address: 
                          override_num_blocks=len(units)).map_batches(
         _SeriesAnswerer, fn_constructor_kwargs={"package_files": files, "pacs": pacs,
                                                 "min_run": min_run},
-        batch_size=1, num_cpus=ACTOR_CPUS, compute=data.ActorPoolStrategy(size=actors or cluster_nodes()))
+        batch_size=1, num_cpus=ACTOR_CPUS,
+        compute=data.ActorPoolStrategy(size=min(actors or cluster_nodes(), len(units))))
     import pickle
 
     results: dict[int, dict] = {}
