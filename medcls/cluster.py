@@ -413,10 +413,11 @@ class _SeriesAnswerer:
                 "series": [(a.series.key, a.as_record(), a.slice_records()) for a in answers]}
 
 
-def _file_units(study, by_name: dict[str, Source]) -> list[dict]:
+def _file_units(study, file_sources: Sequence[Source]) -> list[dict]:
     """The gathered series as units of work: series that share an input file (the stacks of a
-    series mixing orientations, a duplicate's copy) go together, with every file they name, so
-    gathering a unit's files again gives these series with the same keys and findings."""
+    series mixing orientations, a duplicate's copy) go together, with every source naming their
+    files, in input order (a file listed twice, twice), so gathering a unit's sources again gives
+    these series with the same keys and findings."""
     names = [{r.name for r in s.slices} | {f for x in s.findings for f in x.files}
              for s in study.series]
     parent = list(range(len(names)))
@@ -433,15 +434,14 @@ def _file_units(study, by_name: dict[str, Source]) -> list[dict]:
                 parent[root(i)] = root(owner[n])
             else:
                 owner[n] = i
-    groups: dict[int, list[int]] = {}
+    units: dict[int, dict] = {}
     for i in range(len(names)):
-        groups.setdefault(root(i), []).append(i)
-    units = []
-    for members in groups.values():
-        files = sorted(set().union(*(names[i] for i in members)))
-        units.append({"files": [(n, os.fspath(_target(by_name[n]))) for n in files], "pacs": "",
-                      "keys": [study.series[i].key for i in members]})
-    return units
+        units.setdefault(root(i), {"files": [], "pacs": "", "keys": []})["keys"].append(
+            study.series[i].key)
+    for src in file_sources:
+        if src.name in owner:
+            units[root(owner[src.name])]["files"].append((src.name, os.fspath(_target(src))))
+    return list(units.values())
 
 
 @dataclass
@@ -469,8 +469,7 @@ def review_by_series(model_dir: str | Path, sources: Sequence[Source], address: 
     pacs = _pacs_for(items)
     file_sources = [s for s, it in zip(sources, items) if not it["pacs"]]
     study = gather(file_sources)
-    by_name = {s.name: s for s in file_sources}
-    units = _file_units(study, by_name) + [{"files": [], "pacs": it["pacs"], "keys": None}
+    units = _file_units(study, file_sources) + [{"files": [], "pacs": it["pacs"], "keys": None}
                                            for it in items if it["pacs"]]
     findings = [f.message for f in study.findings]
     if not units:
