@@ -1,7 +1,7 @@
 """Scaling out: the local review engine against the Ray engine on one and two local Ray nodes,
 in steady state, with the start-up costs apart and the machine's load recorded.
 
-    nice -n 5 python -m bench.scale [--data ../shared/data] [--scans 2975] [--quick] [--repeat 1]
+    nice -n 5 python -m bench.scale [--data ../shared/data] [--scans 2975] [--quick] [--repeat 1] [--append]
 
 The input is the brain MRI test split (595 JPEGs, read from disk), cycled to ``--scans``.
 Every configuration reviews them once while the arrival time of every row is recorded:
@@ -163,55 +163,71 @@ def ray_run(model, sources, nodes: int, batch_size: int) -> dict:
             "load_1min_during": sampler.summary()}
 
 
-def _best(runs, engine, nodes):
-    rs = [r for r in runs if r["engine"] == engine and r["nodes"] == nodes and r["steady_scans_per_s"]]
-    return max(rs, key=lambda r: r["steady_scans_per_s"]) if rs else None
+def _median(values):
+    v = sorted(values)
+    return None if not v else (v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2)
 
 
-def _break_even(run: dict, local: dict, local_startup: float) -> int | None:
-    """Scans from which ``run`` (Ray) beats the local engine on this machine, start-up included:
-    its extra start-up over the steady time it saves per scan; None: never (not faster)."""
-    gain_ms = local["steady_ms_per_scan"] - run["steady_ms_per_scan"]
-    extra = run["first_row_s"] + run["startup"]["connect_s"] - local_startup
+def _break_even(ray: dict, local: dict, local_startup: float) -> int | None:
+    """Scans from which a Ray run beats the local engine, start-up included: its extra start-up
+    over the steady time it saves per scan; None: never (not faster in steady state)."""
+    gain_ms = local["steady_ms_per_scan"] - ray["steady_ms_per_scan"]
+    extra = ray["first_row_s"] + ray["startup"]["connect_s"] - local_startup
     if gain_ms <= 0:
         return None
     return max(0, round(1000 * extra / gain_ms))
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Ray against the local engine (best steady run of each), and where Ray would pay off."""
-    local = _best(runs, "local", None)
-    # A run of `medcls review` starts a fresh process: its start-up is the cold one (TensorFlow's
-    # import and the model's load, then the first batch), the first local run's here.
-    local_startup = max(r["startup"]["model_load_s"] + r["first_row_s"]
-                        for r in runs if r["engine"] == "local")
-    out = {"local_steady_scans_per_s": local["steady_scans_per_s"],
-           "local_startup_s": round(local_startup, 2), "ray": []}
+    """Each Ray run against the local run of the same repeat (minutes apart, under about the
+    same load: the machine is shared, so unpaired bests would compare different loads), and a
+    projection to several machines."""
+    sessions: dict[str, float] = {}
+    for r in runs:  # a fresh `medcls review` pays the cold start-up: its session's first local run
+        if r["engine"] == "local":
+            cold = r["startup"]["model_load_s"] + r["first_row_s"]
+            sessions[r["session"]] = max(sessions.get(r["session"], 0.0), cold)
+    locals_ = {(r["session"], r["repeat"]): r for r in runs if r["engine"] == "local"}
+    out = {"local_steady_scans_per_s": sorted(r["steady_scans_per_s"] for r in locals_.values()),
+           "local_cold_startup_s": {k: round(v, 2) for k, v in sessions.items()}, "ray": []}
     for nodes in (1, 2):
-        r = _best(runs, "ray", nodes)
-        if r is None:
-            continue
-        out["ray"].append({
-            "nodes": nodes, "steady_scans_per_s": r["steady_scans_per_s"],
-            "overhead_ms_per_scan_steady": round(r["steady_ms_per_scan"] - local["steady_ms_per_scan"], 2),
-            "startup_per_run_s": r["first_row_s"], "connect_s": r["startup"]["connect_s"],
-            "cluster_start_s": r["startup"]["cluster_start_s"],
-            "extra_startup_per_run_s": round(r["first_row_s"] + r["startup"]["connect_s"]
-                                             - local_startup, 2),
-            "break_even_scans_per_run": [_break_even(x, local, local_startup) for x in runs
-                                         if x["engine"] == "ray" and x["nodes"] == nodes]})
+        pairs = []
+        for r in runs:
+            local = locals_.get((r["session"], r["repeat"]))
+            if r["engine"] != "ray" or r["nodes"] != nodes or local is None:
+                continue
+            cold = sessions[r["session"]]
+            pairs.append({
+                "session": r["session"], "repeat": r["repeat"],
+                "local_scans_per_s": local["steady_scans_per_s"],
+                "ray_scans_per_s": r["steady_scans_per_s"],
+                "overhead_ms_per_scan": round(r["steady_ms_per_scan"] - local["steady_ms_per_scan"], 2),
+                "first_row_s": r["first_row_s"], "connect_s": r["startup"]["connect_s"],
+                "cluster_start_s": r["startup"]["cluster_start_s"],
+                "extra_startup_s": round(r["first_row_s"] + r["startup"]["connect_s"] - cold, 2),
+                "break_even_scans": _break_even(r, local, cold),
+                "load_1min_mean": r["load_1min_during"]["mean"]})
+        if pairs:
+            out["ray"].append({
+                "nodes": nodes, "pairs": pairs,
+                "median_overhead_ms_per_scan": _median([x["overhead_ms_per_scan"] for x in pairs]),
+                "median_ratio_to_local": round(_median([x["ray_scans_per_s"] / x["local_scans_per_s"]
+                                                        for x in pairs]), 3),
+                "median_extra_startup_s": _median([x["extra_startup_s"] for x in pairs]),
+                "median_cluster_start_s": _median([x["cluster_start_s"] for x in pairs])})
     one = next((x for x in out["ray"] if x["nodes"] == 1), None)
     if one is not None:
-        # Projection, not a measurement: k machines like this one, each running one node at the
-        # measured one-node steady rate, against the local engine on one of them.
+        # Projection, not a measurement: k machines like this one, each a node at the median
+        # one-node steady rate relative to the local engine, against the local engine on one.
+        local_rate = _median(out["local_steady_scans_per_s"])
         proj = []
-        for k in (1, 2, 4, 8):
-            rate = k * one["steady_scans_per_s"]
-            gain = 1 / local["steady_scans_per_s"] - 1 / rate  # s saved per scan
+        for k in (2, 4, 8):
+            rate = k * one["median_ratio_to_local"] * local_rate
+            gain = 1 / local_rate - 1 / rate  # s saved per scan
             proj.append({"machines": k, "projected_scans_per_s": round(rate, 1),
-                         "break_even_scans": (round(one["extra_startup_per_run_s"] / gain)
+                         "break_even_scans": (round(one["median_extra_startup_s"] / gain)
                                               if gain > 0 else None)})
-        out["projection"] = proj
+        out["projection"] = {"local_scans_per_s": local_rate, "machines": proj}
     return out
 
 
@@ -225,80 +241,90 @@ def report(result: dict) -> str:
         return (f"cluster start {st['cluster_start_s']}, connect {st['connect_s']}, worker model "
                 f"load {st['worker_model_load_s']} ({st['worker_model_load_task_s']} as a task)")
 
-    md = [f"# Scaling out: local engine vs Ray, steady state ({result['scans']} scans)", "",
-          f"`{result['command']}` (run under `nice -n 5`) on {result['machine']['cpu_model']} "
-          f"({result['machine']['cores']} cores), **shared with other jobs** (a model training, "
-          "other test runs): the 1-minute load average sampled during each configuration is in "
-          "the table. Input: the brain MRI test split (595 JPEGs) cycled to "
-          f"{result['scans']} scans, batch size {result['batch_size']}. Ray nodes are `ray start` "
-          "processes on this same machine, one CPU each: two nodes add no hardware here.", "",
+    md = [f"# Scaling out: local engine vs Ray, steady state ({result['scans']} scans a run)", "",
+          "Sessions (each under `nice -n 5`): " + "; ".join(f"{k}: `{v}`" for k, v in
+                                                          result["commands"].items()) +
+          f", on {result['machine']['cpu_model']} ({result['machine']['cores']} cores), **shared "
+          "with other jobs** (a model training, other engineers' tests): the 1-minute load average "
+          "sampled every 2 s during each run is in the table. Input: the brain MRI test split "
+          f"(595 JPEGs) cycled to {result['scans']} scans, batch size {result['batch_size']}. Ray "
+          "nodes are `ray start` processes on this same machine, one CPU each: two nodes add no "
+          "hardware here. Each repeat runs local, Ray 1 node, Ray 2 nodes, minutes apart.", "",
           "Steady state: rows/s between the rows at 10% and 90% of the run. Start-up (not in the "
           "rates): the cluster's start and the driver's connection (once per cluster), the time "
           "to the first row (per run: the model actors' start, i.e. a worker, TensorFlow's "
           "import and the model's load, and the first batch), and, timed alone after the run, one "
-          "worker's model load.", "",
-          table(["engine", "nodes", "steady scans/s", "steady ms/scan", "first row s",
-                 "end-to-end scans/s", "wall s", "start-up s (apart)", "load 1-min during (min/mean/max)"],
-                [[r["engine"], r["nodes"] or "", r["steady_scans_per_s"], r["steady_ms_per_scan"],
-                  r["first_row_s"], r["end_to_end_scans_per_s"], r["wall_s"], startup(r),
+          "worker's model load. The local engine's model load includes TensorFlow's import in a "
+          "session's first run only.", "",
+          table(["session", "repeat", "engine", "nodes", "steady scans/s", "steady ms/scan",
+                 "first row s", "end-to-end scans/s", "start-up s (apart)",
+                 "load 1-min during (min/mean/max)"],
+                [[r["session"], r["repeat"], r["engine"], r["nodes"] or "", r["steady_scans_per_s"],
+                  r["steady_ms_per_scan"], r["first_row_s"], r["end_to_end_scans_per_s"], startup(r),
                   "{min} / {mean} / {max}".format(**r["load_1min_during"])] for r in runs]), "",
-          f"Ray against the local engine's best steady run ({s['local_steady_scans_per_s']} "
-          f"scans/s; its cold start-up, TensorFlow's import, the model's load and the first "
-          f"batch, as a fresh `medcls review` pays it: {s['local_startup_s']} s). Extra start-up "
-          "per run: Ray's connection and first row minus that cold start-up:", "",
-          table(["nodes", "steady scans/s", "overhead ms/scan (steady)", "first row s (per run)",
-                 "connect s", "extra start-up per run s", "cluster start s (once)",
-                 "break-even scans on this machine, each run"],
-                [[x["nodes"], x["steady_scans_per_s"], x["overhead_ms_per_scan_steady"],
-                  x["startup_per_run_s"], x["connect_s"], x["extra_startup_per_run_s"],
-                  x["cluster_start_s"], " / ".join("never" if b is None else str(b)
-                                                   for b in x["break_even_scans_per_run"])]
-                 for x in s["ray"]]), "",
-          "A negative overhead: Ray's pipeline moved more scans/s once running (decoding in "
-          "task processes beside the model actor; the local engine decodes on two threads of the "
-          "process that runs TensorFlow). Break-even per Ray run, against the fastest local run: "
-          "the run size from which the time Ray saves per scan pays its extra start-up (cluster "
-          "start not counted: once per cluster)."]
+          "Each Ray run against the local run of its repeat. Overhead: Ray's steady ms/scan minus "
+          "the local engine's (negative: Ray was faster). Extra start-up: Ray's connection and "
+          "first row minus the cold start-up of a fresh `medcls review` (TensorFlow's import, the "
+          "model's load, the first batch: " + ", ".join(
+              f"{v} s in {k}" for k, v in s["local_cold_startup_s"].items()) + "). Break-even: the "
+          "run size from which Ray's steady gain pays that back (cluster start not counted: once "
+          "per cluster); blank: never (Ray was not faster).", ""]
+    for x in s["ray"]:
+        md += [f"**{x['nodes']} node(s)**: median overhead {x['median_overhead_ms_per_scan']} ms/scan, "
+               f"median rate {x['median_ratio_to_local']} x the local engine's, median extra start-up "
+               f"{x['median_extra_startup_s']} s per run, cluster start {x['median_cluster_start_s']} s.", "",
+               table(["session", "repeat", "local scans/s", "Ray scans/s", "overhead ms/scan",
+                      "first row s", "extra start-up s", "break-even scans", "load 1-min mean"],
+                     [[p["session"], p["repeat"], p["local_scans_per_s"], p["ray_scans_per_s"],
+                       p["overhead_ms_per_scan"], p["first_row_s"], p["extra_startup_s"],
+                       p["break_even_scans"], p["load_1min_mean"]] for p in x["pairs"]]), ""]
     if s.get("projection"):
-        md += ["", "Projection (not measured): k machines like this one, each a Ray node at the "
-               "one-node steady rate above, against the local engine on one machine; break-even: "
-               "the run size from which Ray's extra start-up per run is paid back "
-               "(extra start-up / (1/local rate - 1/(k x node rate))); blank: never.", "",
+        pr = s["projection"]
+        md += ["Projection (not measured): k machines like this one, each a Ray node at the median "
+               f"one-node rate relative to the local engine (local median {pr['local_scans_per_s']} "
+               "scans/s), against the local engine on one machine, with the median extra start-up; "
+               "it assumes linear scaling and storage that keeps up.", "",
                table(["machines", "projected scans/s", "break-even scans"],
-                     [[p["machines"], p["projected_scans_per_s"], p["break_even_scans"]]
-                      for p in s["projection"]])]
+                     [[m["machines"], m["projected_scans_per_s"], m["break_even_scans"]]
+                      for m in pr["machines"]])]
     return "\n".join(md)
 
 
 def main(argv=None):
+    import json
+
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model package (default: models/brain-mri-default)")
     p.add_argument("--scans", type=int, default=2975, help="scans per run (the test split cycled)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=1, help="runs of each configuration")
+    p.add_argument("--repeat", type=int, default=1, help="repeats of the three configurations")
+    p.add_argument("--append", action="store_true",
+                   help="keep the runs already in bench/results/scale.json (a new session)")
     p.add_argument("--report-only", action="store_true",
                    help="rewrite the report from the runs in bench/results/scale.json")
     args = p.parse_args(argv)
     model = args.model or str(args.models / "brain-mri-default")
     n = 96 if args.quick else args.scans
+    old = json.loads((args.out / "scale.json").read_text()) if args.append or args.report_only else None
     if args.report_only:
-        import json
-
-        result = json.loads((args.out / "scale.json").read_text())
-        result["summary"] = summarise(result["runs"])
-        write("scale", result, report(result), args.out)
-        return result
+        old["summary"] = summarise(old["runs"])
+        write("scale", old, report(old), args.out)
+        return old
+    session = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
     sources = _sources(args.data, n)
     runs = []
-    for _ in range(args.repeat):
+    for i in range(args.repeat):
         runs.append(local_run(model, sources, args.batch_size))
-        print(runs[-1], flush=True)
         for nodes in (1, 2):
             runs.append(ray_run(model, sources, nodes, args.batch_size))
-            print(runs[-1], flush=True)
-    result = {"command": command(), "machine": machine(), "model": os.path.basename(model),
-              "scans": n, "batch_size": args.batch_size, "niceness": os.nice(0), "runs": runs}
-    result["summary"] = summarise(runs)
+        for r in runs[-3:]:
+            r.update(session=session, repeat=i + 1)
+            print(r, flush=True)
+    result = {"commands": {**(old or {}).get("commands", {}), session: command()},
+              "machine": machine(), "model": os.path.basename(model), "scans": n,
+              "batch_size": args.batch_size, "niceness": os.nice(0),
+              "runs": (old or {}).get("runs", []) + runs}
+    result["summary"] = summarise(result["runs"])
     write("scale", result, report(result), args.out)
     return result
 
