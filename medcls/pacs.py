@@ -266,6 +266,16 @@ class PacsClient:
             series = [x for x in series if _matches(x.description, description)]
         return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
 
+    def find_series(self, series_uid: str) -> SeriesInfo:
+        """The series with this SeriesInstanceUID, in whichever study (QIDO-RS at the root):
+        a list of series UIDs needs no study UIDs."""
+        items = self._call(self._web.search_for_series,
+                           search_filters={"SeriesInstanceUID": series_uid},
+                           fields=["StudyInstanceUID", *self.SERIES_FIELDS], what="find the series")
+        if not items:
+            raise StudyNotFoundError("The PACS holds no series with this UID.")
+        return SeriesInfo.from_json(str(_value(items[0], "StudyInstanceUID", "")), items[0])
+
     # -------------------------------------------------------------- WADO-RS
     def iter_series(self, study_uid: str, series_uid: str) -> Iterator[Instance]:
         """The series' instances as they arrive (in their stored transfer syntax)."""
