@@ -56,6 +56,25 @@ def test_shuffled_files_without_instance_numbers_are_ordered_by_position(orienta
     assert s.pixel_spacing == (1.0, 1.0) and s.scan(0).pixel_spacing == (1.0, 1.0)
 
 
+@pytest.mark.parametrize("orientation,plane,oblique", [
+    ((1, 0, 0, 0, 1, 0), "axial", False), ((0, 1, 0, 0, 0, -1), "sagittal", False),
+    ((1, 0, 0, 0, 0, -1), "coronal", False),
+    ((1, 0, 0, 0, np.cos(0.3), -np.sin(0.3)), "axial", False),  # tilted 17°: still axial
+    ((1, 0, 0, 0, np.cos(0.7), -np.sin(0.7)), "axial", True)])  # tilted 40°: oblique
+def test_one_plane_rule_for_a_scan_and_its_series(orientation, plane, oblique):
+    """The card's scope (one scan, medcls.inference.scan_plane) and the series (medcls.study)
+    decide the plane by the same function (medcls.scan.plane_of_normal)."""
+    from medcls import inference, scan as scan_module
+
+    assert inference.scan_plane is scan_module.scan_plane
+    s = gather(shuffled(series_files(marked(3), 3.0, orientation=orientation))).series[0]
+    assert (s.plane, s.oblique) == (plane, oblique)
+    assert all(inference.scan_plane(s.scan(i)) == plane for i in range(len(s)))
+    assert scan_module.plane_of_normal(s.slices[0].normal) == (plane, oblique)
+    assert scan_module.plane_of_normal(None) == (None, False)
+    assert scan_module.slice_normal([1, 0, 0, 1, 0, 0]) is None  # degenerate: no plane
+
+
 def test_position_beats_instance_number_and_instance_number_is_the_fallback():
     files = series_files(marked(6), instance_numbers=True)
     # instance numbers that contradict the positions: the positions win
