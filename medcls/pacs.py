@@ -1,5 +1,7 @@
 """Work from a hospital's PACS over DICOMweb: search studies (QIDO-RS), retrieve a series'
-instances (WADO-RS) into the series/slice pipeline, and store results back (STOW-RS).
+instances (WADO-RS), answer the series as the series view does (:mod:`medcls.series_answer`:
+the instances are ordered along the slice normal first, so the whole series is retrieved
+before its slices go through the model in batches), and store results back (STOW-RS).
 
 The client is ``dicomweb-client`` on a ``requests`` session. Every call has a timeout and is
 retried on transient failures (connection refused or reset, time-outs, HTTP 429/503/504);
@@ -10,7 +12,8 @@ Patient data: study and series descriptions, names, ids and UIDs are returned to
 (the page shows them in the session) and copied into the DICOM results, nowhere else. Logs
 name a study by a short hash of its UID (:func:`handle`); the request URLs (which carry
 patient ids and UIDs) are kept out of the logs by quieting dicomweb-client's and urllib3's
-own debug output.
+own debug output. The audit trail (:func:`record_review`) gets each answered instance by its
+SOP Instance UID (the PACS holds it; it names no patient), never a name, ID or date.
 
 Connection settings come from the environment or ``.streamlit/secrets.toml``, never from
 code (the ``pacs`` section of :mod:`medcls.settings`; :func:`pacs_settings`).
