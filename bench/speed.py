@@ -299,7 +299,11 @@ def main(argv=None):
                  "batch scans/s", "naive scans/s", "ratio", "peak fraction", "cold start s"], rows)]
     if "app_first_prediction_s" in result:
         md += ["", f"App: `streamlit run` to the first prediction in the browser: {result['app_first_prediction_s']:.1f} s."]
-    md += ["", f"Command: `{result['command']}`"]
+    md += ["", f"Command: `{result['command']}`; load average when written (1 / 5 / 15 min): "
+           f"{' / '.join(str(x) for x in os.getloadavg())} on {os.cpu_count()} cores."]
+    old_md = args.out / "speed.md"  # the app's timings (``--app``) are kept as they were written
+    if old_md.is_file() and "\n## App in the browser" in old_md.read_text():
+        md += ["", "## App in the browser" + old_md.read_text().split("\n## App in the browser", 1)[1].rstrip()]
     write("speed", result, "\n".join(md), args.out)
 
 
