@@ -42,7 +42,9 @@ def machine() -> dict:
     import tensorflow as tf
 
     return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "tensorflow": tf.__version__}
+            "tensorflow": tf.__version__,
+            # the 1-, 5- and 15-minute load averages when the figures were written: this machine is shared
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def command() -> str:

@@ -178,7 +178,9 @@ def main(argv=None):
 
     over = [d for d in result["decoder_overhead"] if "overhead_ms" in d]
     md = [f"# Hardening (issue 15)\n\n`{result['command']}` on {result['machine']['cpu_model']} "
-          f"({result['machine']['cores']} cores, shared).\n",
+          f"({result['machine']['cores']} cores, shared; load average "
+          f"{' / '.join(str(x) for x in result['machine'].get('load_average', []))} over 1 / 5 / 15 min "
+          f"when written).\n",
           f"## The {result['png']['file_kb']} KB PNG that decodes to 7999x7999 RGB 16-bit\n",
           f"Decode budget {result['decode_budget_mb']} MB: decoded at "
           f"{scan.shape[1]}x{scan.shape[0]} (16-bit colour kept), {result['png']['scan_mb']} MB held "

@@ -165,6 +165,24 @@ def app_timings(data) -> dict:
     return out
 
 
+def app_model() -> str:
+    """Name, version and SHA-256 prefix of the model the app opens with (as
+    ``ui.default_model_path`` picks it: the brain task's ``*-default`` in the models folder),
+    plus its segmentation companion when the card names one."""
+    from medcls.package import list_packages
+    from medcls.settings import load_settings
+
+    found = sorted((c for _, c in list_packages(load_settings().models_dir)
+                    if c["task"] == "brain-mri"),
+                   key=lambda c: (not c["name"].endswith("-default"), c["name"]))
+    if not found:
+        return "none"
+    card = found[0]
+    seg = card.get("segmentation")
+    return (f"{card['name']} {card['version']} (sha256 {card['model_sha256'][:12]})"
+            + (f" with segmentation companion {seg}" if seg else ""))
+
+
 def write_app_timings(data, out_dir) -> dict:
     """Run only :func:`app_timings` and merge its figures into speed.json / speed.md."""
     from bench.common import RESULTS
@@ -174,6 +192,7 @@ def write_app_timings(data, out_dir) -> dict:
     load_before = os.getloadavg()[0]
     timings = app_timings(data)
     timings["load_average_1min"] = max(load_before, os.getloadavg()[0])  # 2 cores: 2 = busy
+    timings["app_model"] = app_model()  # which model the figures were measured with
     print(json.dumps(timings), flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     result.update(timings)
@@ -182,7 +201,8 @@ def write_app_timings(data, out_dir) -> dict:
     md = md_path.read_text() if md_path.is_file() else "# Speed (2-core CPU)\n"
     md = md.split("\n## App in the browser")[0].rstrip() + "\n\n" + "\n".join([
         "## App in the browser (`python -m bench.speed --app`)", "",
-        table(["measure", "s"], [[k, v] for k, v in timings.items()]), "",
+        table(["measure", "s"], [[k, v] for k, v in timings.items() if k != "app_model"]), "",
+        f"Model: {timings['app_model']}.", "",
         "cold start: `streamlit run` to the first answer for an upload made as soon as the "
         "uploader shows; first upload: a fresh server, upload once the page is shown and the "
         "background warm-up is done (`warm_up_done_s` after `streamlit run`); series: the 24-slice MPRAGE folder in series mode, upload "
@@ -279,7 +299,11 @@ def main(argv=None):
                  "batch scans/s", "naive scans/s", "ratio", "peak fraction", "cold start s"], rows)]
     if "app_first_prediction_s" in result:
         md += ["", f"App: `streamlit run` to the first prediction in the browser: {result['app_first_prediction_s']:.1f} s."]
-    md += ["", f"Command: `{result['command']}`"]
+    md += ["", f"Command: `{result['command']}`; load average when written (1 / 5 / 15 min): "
+           f"{' / '.join(str(x) for x in os.getloadavg())} on {os.cpu_count()} cores."]
+    old_md = args.out / "speed.md"  # the app's timings (``--app``) are kept as they were written
+    if old_md.is_file() and "\n## App in the browser" in old_md.read_text():
+        md += ["", "## App in the browser" + old_md.read_text().split("\n## App in the browser", 1)[1].rstrip()]
     write("speed", result, "\n".join(md), args.out)
 
 

@@ -31,7 +31,7 @@ from sqlalchemy import exc as sa_exc
 from .errors import AuditError, AuditSchemaError
 from .settings import PROJECT_DIR, Settings, load_settings
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the region's size and method, the series' outcome
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for a locked SQLite file before giving up
 DEFAULT_DB = PROJECT_DIR / "var" / "audit.sqlite"
 
@@ -69,7 +69,19 @@ answers = sa.Table(
     sa.Column("withheld", sa.Boolean, nullable=False),  # input gate or card scope: no answer given
     sa.Column("gate_score", sa.Float),
     sa.Column("heatmap_method", sa.String(40)),
+    # schema 2: the tumour region's size on this input and how it was measured ("segmentation"
+    # or "Grad-CAM region"); None for a no-tumour or withheld answer, which carries no region
+    sa.Column("region_method", sa.String(40)),
+    sa.Column("region_area_mm2", sa.Float),
+    sa.Column("region_diameter_mm", sa.Float),
+    # schema 2: a series' outcome (suspected / not_seen / cannot_answer) for its slices' answers
+    sa.Column("series_outcome", sa.String(16)),
 )
+
+#: Columns each schema version added to existing tables: (version, table, column). An older
+#: database gets them by ALTER TABLE ADD COLUMN (create_all adds tables, never columns).
+ADDED_COLUMNS = [(2, "answers", c) for c in ("region_method", "region_area_mm2",
+                                            "region_diameter_mm", "series_outcome")]
 
 exports = sa.Table(
     "exports", metadata,
@@ -93,6 +105,19 @@ verdicts = sa.Table(
     sa.Column("corrected_class", sa.String(80)),
     sa.Column("note", sa.Text),
 )
+
+
+def _migrate(conn: sa.Connection, version: int) -> None:
+    """ALTER TABLE ADD COLUMN for each column added after ``version`` (and not there yet)."""
+    have = {t: {c["name"] for c in sa.inspect(conn).get_columns(t)}
+            for t in {t for _, t, _ in ADDED_COLUMNS}}
+    for added_in, table, name in ADDED_COLUMNS:
+        if added_in > version and name not in have[table]:
+            col = metadata.tables[table].c[name]
+            kind = col.type.compile(dialect=conn.dialect)
+            prep = conn.dialect.identifier_preparer
+            conn.execute(sa.text(f"ALTER TABLE {prep.quote(table)} ADD COLUMN "
+                                 f"{prep.quote(name)} {kind}"))
 
 
 # ----------------------------------------------------------------------------- settings
@@ -131,6 +156,10 @@ class Answer:
     gate_score: float | None = None
     heatmap_method: str | None = None
     task: str | None = None
+    region_method: str | None = None  # "segmentation" or "Grad-CAM region"
+    region_area_mm2: float | None = None
+    region_diameter_mm: float | None = None
+    series_outcome: str | None = None
     at: dt.datetime = field(default_factory=now)
 
     def __post_init__(self):
@@ -138,10 +167,19 @@ class Answer:
             raise ValueError(f"input_source must be one of {SOURCES}")
         if not (self.input_sha256 or self.sop_instance_uid or self.input_path):
             raise ValueError("an answer needs its input's SHA-256, SOP Instance UID or path")
+        if self.withheld and (self.region_method or self.region_area_mm2 is not None):
+            raise ValueError("a withheld answer carries no region")
 
     @classmethod
-    def of(cls, prediction, card: Mapping, user: str, page: str, **input_and_method) -> "Answer":
-        """From a :class:`medcls.inference.Prediction` and the answering model's card."""
+    def of(cls, prediction, card: Mapping, user: str, page: str, region=None,
+           region_method: str | None = None, **input_and_method) -> "Answer":
+        """From a :class:`medcls.inference.Prediction` and the answering model's card. ``region``
+        (a segmentation, a PACS Roi or a heatmap region, see :func:`region_fields`) is kept for a
+        tumour answer only: a no-tumour or withheld answer carries no region."""
+        from .findings import is_finding_answer
+
+        if region is not None and "classes" in card and is_finding_answer(prediction, card):
+            input_and_method = {**region_fields(region, region_method), **input_and_method}
         return cls(user=user, page=page, model_name=card["name"],
                    model_version=str(card["version"]), model_sha256=card["model_sha256"],
                    task=card.get("task"), predicted=prediction.label,
@@ -152,6 +190,27 @@ class Answer:
                    withheld=bool(prediction.outside_training_distribution),
                    gate_score=None if prediction.gate_score is None else float(prediction.gate_score),
                    **input_and_method)
+
+
+def region_fields(region, method: str | None = None) -> dict:
+    """The audit columns of a tumour region's size: ``region`` a segmentation
+    (:class:`medcls.segmentation.Segmentation`, method "segmentation"), a PACS result's
+    :class:`medcls.dicom_results.Roi` (its own method) or a heatmap region
+    (:class:`medcls.saliency.Region`, "Grad-CAM region"); ``None`` gives no region (a no-tumour
+    or withheld answer)."""
+    from .series_answer import HEATMAP_REGION, SEGMENTATION
+
+    if region is None:
+        return {}
+    if method is None:
+        method = getattr(region, "method", None)
+        if method not in (SEGMENTATION, HEATMAP_REGION):  # a Segmentation names its model
+            method = SEGMENTATION if hasattr(region, "diameter_px") and hasattr(region, "confidence") \
+                else HEATMAP_REGION
+    area = getattr(region, "area_mm2", None)
+    diameter = getattr(region, "diameter_mm", None)
+    return {"region_method": method, "region_area_mm2": None if area is None else float(area),
+            "region_diameter_mm": None if diameter is None else float(diameter)}
 
 
 # ----------------------------------------------------------------------------- store
@@ -264,11 +323,12 @@ class AuditStore:
                     return
             else:
                 version = None
-            metadata.create_all(conn)  # adds what an older schema lacks; never drops
+            metadata.create_all(conn)  # adds the tables an older schema lacks; never drops
             if version is None:
                 conn.execute(sa.insert(schema_info).values(id=1, version=SCHEMA_VERSION,
                                                            created_at=now()))
-            else:  # an older schema: its migration steps go here when version 2 exists
+            else:  # an older schema: add the columns of the versions after it
+                _migrate(conn, version)
                 conn.execute(sa.update(schema_info).values(version=SCHEMA_VERSION))
 
     # ------------------------------------------------------------------ writes

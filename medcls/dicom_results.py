@@ -2,9 +2,11 @@
 
 - A Comprehensive 3D SR following TID 1500 (Measurement Report): one measurement group per
   classified series, with the model (name, version, SHA-256) as algorithm identification, the
-  predicted class as a coded qualitative evaluation ("Finding"), its calibrated probability,
-  the answer's state (answered, low confidence, withheld) and the region as a planar ROI
-  (a polygon on the slice that drove the answer) with its area in mm^2.
+  series' coded answer (:func:`medcls.series_answer.series_verdict`, the series view's rule:
+  the class as a coded qualitative evaluation ("Finding"), its calibrated probability, the
+  state: answered, low confidence, withheld) and, for a tumour answer only, the region as a
+  planar ROI (a polygon on the slice that shows the answer) with its area (mm^2) and longest
+  diameter (mm), each with its measurement method named ("segmentation" or "Grad-CAM region").
 - A Secondary Capture per series: the heatmap overlay on that slice, with "RESEARCH USE - NOT
   FOR DIAGNOSIS" burned in and repeated in ImageComments and the series description.
 
@@ -23,6 +25,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from .series_answer import HEATMAP_REGION, SEGMENTATION
+
 # highdicom's info lines name the source instances' UIDs: identifiers stay out of the logs.
 logging.getLogger("highdicom").setLevel(logging.WARNING)
 
@@ -38,12 +42,33 @@ SR_SERIES_NUMBER, SC_SERIES_NUMBER = 9901, 9902
 
 @dataclass(frozen=True)
 class Roi:
-    """A planar region on the driving slice, in its pixel coordinates (column x, row y)."""
+    """A planar region on the driving slice, in its pixel coordinates (column x, row y), with
+    its size: area and longest diameter (mm where the pixel spacing is known)."""
 
     polygon: tuple[tuple[float, float], ...]
     area_mm2: float | None
     area_px: int
-    source: str  # "heatmap" (saliency region) or e.g. "segmentation"
+    source: str  # "heatmap" (saliency region) or "segmentation"
+    diameter_mm: float | None = None
+    diameter_px: float | None = None
+
+    @property
+    def method(self) -> str:
+        """How the size was measured, as every result names it: "segmentation" or
+        "Grad-CAM region"."""
+        return SEGMENTATION if self.source == "segmentation" else HEATMAP_REGION
+
+
+def polygon_diameter(polygon, pixel_spacing: tuple[float, float] | None = None) -> float:
+    """The longest distance between two points of a polygon (pixels, or mm with the pixel
+    spacing (row, column))."""
+    pts = np.asarray(polygon, np.float64).reshape(-1, 2)
+    if len(pts) < 2:
+        return 0.0
+    if pixel_spacing:
+        pts = pts * np.array([pixel_spacing[1], pixel_spacing[0]])
+    diff = pts[:, None, :] - pts[None, :, :]
+    return float(np.sqrt((diff ** 2).sum(-1)).max())
 
 
 def heatmap_roi(predictor, explanation, scan) -> Roi | None:
@@ -51,18 +76,21 @@ def heatmap_roi(predictor, explanation, scan) -> Roi | None:
     region = getattr(explanation, "region", None)
     if region is None or len(region.polygon) < 3:
         return None
+    spacing = getattr(scan, "pixel_spacing", None)
     return Roi(tuple((float(x), float(y)) for x, y in region.polygon), region.area_mm2,
-               int(region.area_px), "heatmap")
+               int(region.area_px), "heatmap",
+               polygon_diameter(region.polygon, spacing) if spacing else None,
+               polygon_diameter(region.polygon))
 
 
 def segmentation_roi(predictor, explanation, scan) -> Roi | None:
     """The tumour outline of the model's segmentation companion (``Predictor.outline``: for
-    a tumour answer only)."""
+    a tumour answer only), with the mask's area and longest diameter."""
     seg = predictor.outline(scan, explanation.prediction)
     if seg is None or len(seg.polygon) < 3:
         return None
     return Roi(tuple((float(x), float(y)) for x, y in seg.polygon), seg.area_mm2,
-               int(seg.area_px), "segmentation")
+               int(seg.area_px), "segmentation", seg.diameter_mm, float(seg.diameter_px))
 
 
 def default_roi(predictor, explanation, scan) -> Roi | None:
@@ -89,6 +117,9 @@ PROBABILITY = ("probability", "Calibrated probability of the predicted class")
 STATE = ("answer-state", "MedCLS answer state")
 STATES = {"answered": "Answered", "low-confidence": "Low confidence: uncertain",
           "withheld": "Withheld: outside the model's training data"}
+#: The region's measurement method (TID 300 "Measurement Method"), by Roi.source.
+METHODS = {"segmentation": ("segmentation", SEGMENTATION),
+           "heatmap": ("gradcam-region", HEATMAP_REGION)}
 
 
 def _coding_schemes():
@@ -129,45 +160,70 @@ def _source(header):
 
 # ----------------------------------------------------------------------------- SR
 
+def _frames(header, frame: int | None) -> list[int] | None:
+    """Referenced frame numbers (1-based) of a slice in a multi-frame instance, else None."""
+    try:
+        n = int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        n = 1
+    return [int(frame) + 1] if n > 1 and frame is not None else None
+
+
 def _measurement_group(series_review: "SeriesReview", model, index: int):
     import highdicom as hd
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    answer = series_review.answer
-    pred = answer.prediction
+    verdict = series_review.verdict
     algo = algorithm_identification(model)
-    qualitative = [hd.sr.QualitativeEvaluation(_code(*STATE), _code(answer.state,
-                                                                     STATES[answer.state]))]
+    qualitative = [hd.sr.QualitativeEvaluation(_code(*STATE), _code(verdict.state,
+                                                                     STATES[verdict.state]))]
     measurements = []
-    if pred is not None:
+    if verdict.label is not None:
         qualitative.insert(0, hd.sr.QualitativeEvaluation(_code(*PREDICTED_CLASS),
-                                                          class_code(pred.label)))
-        measurements.append(hd.sr.Measurement(_code(*PROBABILITY), float(pred.confidence),
+                                                          class_code(verdict.label)))
+        measurements.append(hd.sr.Measurement(_code(*PROBABILITY), float(verdict.probability),
                                               codes.UCUM.NoUnits))
     tracking = hd.sr.TrackingIdentifier(uid=generate_uid(),
                                         identifier=f"series {series_review.series.number} #{index}")
-    finding = class_code(pred.label) if pred is not None else _code(answer.state, STATES[answer.state])
+    finding = (class_code(verdict.label) if verdict.label is not None
+               else _code(verdict.state, STATES[verdict.state]))
     header = series_review.driving_header
-    roi = series_review.roi
+    roi = series_review.roi if verdict.is_finding else None  # a region is a tumour answer's only
     if header is not None and roi is not None:
+        method = _code(*METHODS[roi.source])
         if roi.area_mm2 is not None:
             measurements.append(hd.sr.Measurement(codes.SCT.Area, float(roi.area_mm2),
-                                                  codes.UCUM.SquareMillimeter))
+                                                  codes.UCUM.SquareMillimeter, method=method))
+        if roi.diameter_mm is not None:
+            measurements.append(hd.sr.Measurement(codes.SCT.LongAxis, float(roi.diameter_mm),
+                                                  codes.UCUM.Millimeter, method=method))
         points = np.array(roi.polygon + roi.polygon[:1], dtype=np.float32)  # closed polygon
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=points,
-            source_image=hd.sr.SourceImageForRegion(str(header.SOPClassUID),
-                                                    str(header.SOPInstanceUID)))
+            source_image=hd.sr.SourceImageForRegion(
+                str(header.SOPClassUID), str(header.SOPInstanceUID),
+                _frames(header, series_review.driving_frame)))
         return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, referenced_region=region, finding_type=finding,
             algorithm_id=algo, measurements=measurements, qualitative_evaluations=qualitative)
-    refs = [header] if header is not None else series_review.headers
+    refs = [header] if header is not None else _unique(series_review.headers)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, finding_type=finding, algorithm_id=algo,
         measurements=measurements or None, qualitative_evaluations=qualitative,
         source_images=[hd.sr.SourceImageForMeasurementGroup(str(h.SOPClassUID),
                                                             str(h.SOPInstanceUID)) for h in refs])
+
+
+def _unique(headers) -> list:
+    """Headers with each SOP Instance UID once (first kept)."""
+    seen, out = set(), []
+    for h in headers:
+        uid = str(h.SOPInstanceUID)
+        if uid not in seen:
+            seen.add(uid)
+            out.append(h)
+    return out
 
 
 def build_sr(review: "StudyReview"):
@@ -186,7 +242,7 @@ def build_sr(review: "StudyReview"):
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=groups)
-    evidence = [_source(h) for s in review.answered for h in s.headers]
+    evidence = [_source(h) for h in _unique(h for s in review.answered for h in s.headers)]
     return hd.sr.Comprehensive3DSR(
         evidence=evidence, content=report[0], series_instance_uid=generate_uid(),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=generate_uid(), instance_number=1,
@@ -208,7 +264,7 @@ def overlay_capture(series_review: "SeriesReview", model, min_width: int = 512) 
 
     scan, expl = series_review.scan, series_review.explanation
     rgb = overlay(display_image(scan), expl.heatmap)
-    roi = series_review.roi
+    roi = series_review.roi if series_review.verdict.is_finding else None
     if roi is not None:
         pts = np.round(np.array(roi.polygon)).astype(np.int32).reshape(-1, 1, 2)
         cv2.polylines(rgb, [pts], True, (255, 255, 255), max(1, max(rgb.shape[:2]) // 256))
@@ -216,11 +272,14 @@ def overlay_capture(series_review: "SeriesReview", model, min_width: int = 512) 
     if scale > 1:
         rgb = cv2.resize(rgb, (round(rgb.shape[1] * scale), round(rgb.shape[0] * scale)),
                          interpolation=cv2.INTER_LINEAR)
-    pred = series_review.answer.prediction
-    state = series_review.answer.state
-    lines = [BANNER, f"MedCLS {model.name} {model.version}: {pred.label} "
-                     f"p={pred.confidence:.2f} ({state})"]
-    return _with_banner(rgb, lines)
+    return _with_banner(rgb, [BANNER, banner_answer(series_review, model)])
+
+
+def banner_answer(series_review: "SeriesReview", model) -> str:
+    """The capture's second line: the model and the series' coded answer."""
+    v = series_review.verdict
+    answer = (f"{v.label} p={v.probability:.2f}" if v.label is not None else "no class")
+    return f"MedCLS {model.name} {model.version}: {answer} ({v.state})"
 
 
 def _with_banner(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
@@ -282,6 +341,9 @@ def build_sc(series_review: "SeriesReview", model, series_uid: str, instance_num
     src = Dataset()
     src.ReferencedSOPClassUID = header.SOPClassUID
     src.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    frames = _frames(header, series_review.driving_frame)
+    if frames:
+        src.ReferencedFrameNumber = frames[0]
     sc.SourceImageSequence = [src]
     return sc
 
@@ -314,7 +376,8 @@ def _read_group(group) -> dict:
     from pydicom.sr.codedict import codes
 
     info: dict = {"class": None, "probability": None, "state": None, "area_mm2": None,
-                  "algorithm": None, "referenced_sop_instance_uids": [], "roi": False}
+                  "diameter_mm": None, "method": None, "algorithm": None,
+                  "referenced_sop_instance_uids": [], "roi": False}
     for q in group.get_qualitative_evaluations():
         if q.name.value == PREDICTED_CLASS[0]:
             info["class"] = q.value.value
@@ -326,6 +389,11 @@ def _read_group(group) -> dict:
         elif m.name.value == codes.SCT.Area.value:
             info["area_mm2"] = float(m.value)
             info["area_unit"] = m.unit.value
+            info["method"] = m.method.meaning if m.method is not None else None
+        elif m.name.value == codes.SCT.LongAxis.value:
+            info["diameter_mm"] = float(m.value)
+            info["diameter_unit"] = m.unit.value
+            info["diameter_method"] = m.method.meaning if m.method is not None else None
     root = group[0]
     algo = _algorithm(root)
     if algo:

@@ -221,7 +221,7 @@ def record_planes(dataset, records) -> list[str | None]:
     """Each record's slice plane where its file is a DICOM with an orientation (header only)."""
     import pydicom
 
-    from .inference import PLANES
+    from .scan import plane_of_normal, slice_normal
 
     planes = []
     for r in records:
@@ -232,8 +232,7 @@ def record_planes(dataset, records) -> list[str | None]:
                 head = fh.read(132)
             if head[128:132] == b"DICM":
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-                iop = np.asarray([float(c) for c in ds.ImageOrientationPatient])
-                plane = PLANES[int(np.argmax(np.abs(np.cross(iop[:3], iop[3:]))))]
+                plane = plane_of_normal(slice_normal(ds.get("ImageOrientationPatient")))[0]
         except (OSError, AttributeError, TypeError, ValueError, pydicom.errors.InvalidDicomError):
             plane = None
         planes.append(plane)

@@ -27,7 +27,7 @@ from .errors import MedclsError, WrongModalityError
 from .package import ModelPackage, load_package
 from .preprocess import Preprocessed, preprocess
 from .saliency import CamEngine, Region, heatmap_region
-from .scan import Scan, load_scan
+from .scan import Scan, load_scan, scan_plane  # noqa: F401 (scan_plane: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -332,25 +332,6 @@ def scan_info(scan: Scan) -> dict:
     return {"modality": scan.modality, "rows": scan.shape[0], "columns": scan.shape[1],
             "series_number": meta.get("SeriesNumber"), "instance_number": meta.get("InstanceNumber"),
             "frames": scan.n_frames, "sha256": scan.sha256, "plane": scan_plane(scan)}
-
-
-PLANES = ("sagittal", "coronal", "axial")  # the patient axis (x, y, z of DICOM's LPS) a slice faces
-
-
-def scan_plane(scan: Scan) -> str | None:
-    """Axial, coronal or sagittal from a DICOM's ImageOrientationPatient (the slice normal's
-    main axis); None for plain images and DICOM without orientation."""
-    iop = scan.metadata.get("ImageOrientationPatient")
-    try:
-        v = np.asarray([float(c) for c in iop], np.float64)
-    except (TypeError, ValueError):
-        return None
-    if v.shape != (6,):
-        return None
-    normal = np.cross(v[:3], v[3:])
-    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
-        return None
-    return PLANES[int(np.argmax(np.abs(normal)))]
 
 
 def timed(fn, *args, **kwargs):

@@ -1,5 +1,7 @@
 """Work from a hospital's PACS over DICOMweb: search studies (QIDO-RS), retrieve a series'
-instances (WADO-RS) into the series/slice pipeline, and store results back (STOW-RS).
+instances (WADO-RS), answer the series as the series view does (:mod:`medcls.series_answer`:
+the instances are ordered along the slice normal first, so the whole series is retrieved
+before its slices go through the model in batches), and store results back (STOW-RS).
 
 The client is ``dicomweb-client`` on a ``requests`` session. Every call has a timeout and is
 retried on transient failures (connection refused or reset, time-outs, HTTP 429/503/504);
@@ -10,7 +12,8 @@ Patient data: study and series descriptions, names, ids and UIDs are returned to
 (the page shows them in the session) and copied into the DICOM results, nowhere else. Logs
 name a study by a short hash of its UID (:func:`handle`); the request URLs (which carry
 patient ids and UIDs) are kept out of the logs by quieting dicomweb-client's and urllib3's
-own debug output.
+own debug output. The audit trail (:func:`record_review`) gets each answered instance by its
+SOP Instance UID (the PACS holds it; it names no patient), never a name, ID or date.
 
 Connection settings come from the environment or ``.streamlit/secrets.toml``, never from
 code (the ``pacs`` section of :mod:`medcls.settings`; :func:`pacs_settings`).
@@ -24,12 +27,15 @@ import hashlib
 import io
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .errors import (MedclsError, NotAnImageError, PacsAuthError, PacsError,
                      PacsUnreachableError, SettingsError, StudyNotFoundError)
+from .series_answer import (WITHHELD, SeriesAnswer, SeriesVerdict, answer_series,
+                            series_verdict, slice_explanation)
 from .settings import PacsSettings, Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -266,6 +272,16 @@ class PacsClient:
             series = [x for x in series if _matches(x.description, description)]
         return sorted(series, key=lambda s: (s.number is None, s.number or 0, s.series_uid))
 
+    def find_series(self, series_uid: str) -> SeriesInfo:
+        """The series with this SeriesInstanceUID, in whichever study (QIDO-RS at the root):
+        a list of series UIDs needs no study UIDs."""
+        items = self._call(self._web.search_for_series,
+                           search_filters={"SeriesInstanceUID": series_uid},
+                           fields=["StudyInstanceUID", *self.SERIES_FIELDS], what="find the series")
+        if not items:
+            raise StudyNotFoundError("The PACS holds no series with this UID.")
+        return SeriesInfo.from_json(str(_value(items[0], "StudyInstanceUID", "")), items[0])
+
     # -------------------------------------------------------------- WADO-RS
     def iter_series(self, study_uid: str, series_uid: str) -> Iterator[Instance]:
         """The series' instances as they arrive (in their stored transfer syntax)."""
@@ -302,75 +318,6 @@ class PacsClient:
                   for item in result.get("ReferencedSOPSequence") or []]
         log.info("PACS store: %d object(s) stored", len(stored))
         return stored
-
-
-# ----------------------------------------------------------------------------- series answer
-# STAND-IN for the series answer of medcls.study (helper "series", being written at the same
-# time): replace `series_answer` by theirs when it lands on main. Minimal on purpose: batch-
-# classify every slice with the Predictor; the series' answer is the most suspicious slice,
-# the one with the highest P(any tumour) among the in-distribution slices.
-
-NEGATIVE_CLASSES = ("no_tumor", "normal")
-
-
-@dataclass
-class SliceResult:
-    position: int  # index in the retrieved order
-    instance_number: int | None
-    prediction: object | None  # medcls.inference.Prediction
-    error: str | None
-
-    @property
-    def answered(self) -> bool:
-        return self.prediction is not None and not self.prediction.outside_training_distribution
-
-
-@dataclass
-class SeriesAnswer:
-    slices: list[SliceResult]  # in instance-number order
-    driving: int | None  # index into ``slices`` of the slice that drove the answer
-    p_abnormal: list[float | None]
-
-    @property
-    def prediction(self):
-        return None if self.driving is None else self.slices[self.driving].prediction
-
-    @property
-    def state(self) -> str:
-        """'answered', 'low-confidence' or 'withheld' (no in-distribution slice)."""
-        if self.prediction is None:
-            return "withheld"
-        return "low-confidence" if self.prediction.low_confidence else "answered"
-
-
-def p_abnormal(prediction) -> float:
-    """P(any finding): 1 - P(the negative class) when the model has one, else the top
-    probability."""
-    neg = [i for i, c in enumerate(prediction.classes) if c in NEGATIVE_CLASSES]
-    if not neg:
-        return float(prediction.probabilities.max())
-    return float(1.0 - prediction.probabilities[neg].sum())
-
-
-def series_answer(predictor, instances: Iterable[bytes]) -> SeriesAnswer:
-    """Classify every slice of a series (batched; ``instances`` may be a stream: batches are
-    decoded and classified while the next instances arrive) and pick the slice that drives
-    the answer."""
-    items = list(predictor.predict_stream(instances))
-    slices = [SliceResult(i, it.info.get("instance_number"), it.prediction, it.error)
-              for i, it in enumerate(items)]
-    slices.sort(key=lambda s: (s.instance_number is None, _int(s.instance_number), s.position))
-    probs = [p_abnormal(s.prediction) if s.prediction is not None else None for s in slices]
-    ok = [i for i, s in enumerate(slices) if s.answered]
-    driving = max(ok, key=lambda i: probs[i]) if ok else None
-    return SeriesAnswer(slices, driving, probs)
-
-
-def _int(v) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return 0
 
 
 # ----------------------------------------------------------------------------- reviews
@@ -411,19 +358,60 @@ class Skipped:
 
 @dataclass
 class SeriesReview:
+    """One image series (or, when its slices face several ways, one orientation of it) answered
+    by the series view's engine (:func:`medcls.series_answer.answer_series`: every slice in
+    batches, the aggregation rule, the suspicious run) and coded by
+    :func:`medcls.series_answer.series_verdict`."""
+
     series: SeriesInfo
-    answer: SeriesAnswer | None
-    headers: list = field(default_factory=list, repr=False)  # pydicom headers, no pixels, in slice order
+    answer: SeriesAnswer | None  # medcls.series_answer.SeriesAnswer
+    headers: list = field(default_factory=list, repr=False)  # the image instances' headers (no pixels), as retrieved
     skipped: list[Skipped] = field(default_factory=list)
-    explanation: object | None = field(default=None, repr=False)  # saliency.Explanation
-    scan: object | None = field(default=None, repr=False)  # the driving slice's Scan
-    roi: object | None = None  # dicom_results.Roi
+    explanation: object | None = field(default=None, repr=False)  # the shown slice's Explanation
+    scan: object | None = field(default=None, repr=False)  # the shown slice's Scan
+    roi: object | None = None  # dicom_results.Roi: a tumour answer's region, else None
+    verdict: SeriesVerdict | None = None
+    slice_instances: list[tuple[int, int]] = field(default_factory=list, repr=False)  # per slice: (header index, frame)
+
+    @property
+    def driving(self) -> int | None:
+        """The slice (0-based, series order) that shows the answer; None when withheld."""
+        return self.verdict.slice if self.verdict is not None else None
+
+    @property
+    def state(self) -> str:
+        return self.verdict.state if self.verdict is not None else WITHHELD
+
+    @property
+    def prediction(self):
+        """The shown slice's own prediction (None when the answer is withheld)."""
+        if self.answer is None or self.driving is None:
+            return None
+        return self.answer.slices[self.driving].prediction
+
+    def slice_header(self, i: int):
+        """Header of the instance that holds slice ``i``."""
+        return self.headers[self.slice_instances[i][0]]
+
+    def slice_frame(self, i: int) -> int:
+        """0-based frame of slice ``i`` in its instance (0 for single-frame images)."""
+        return self.slice_instances[i][1]
 
     @property
     def driving_header(self):
-        if self.answer is None or self.answer.driving is None:
-            return None
-        return self.headers[self.answer.slices[self.answer.driving].position]
+        return None if self.driving is None else self.slice_header(self.driving)
+
+    @property
+    def driving_frame(self) -> int | None:
+        return None if self.driving is None else self.slice_frame(self.driving)
+
+    @property
+    def answered_instances(self) -> list[tuple[int, object]]:
+        """(slice, header) of every slice the model answered (its gate verdict included)."""
+        if self.answer is None:
+            return []
+        return [(s.index, self.slice_header(s.index)) for s in self.answer.slices
+                if s.prediction is not None]
 
 
 @dataclass
@@ -432,10 +420,12 @@ class StudyReview:
     model: ModelIdentity
     series: list[SeriesReview]
     prior_results: list[SeriesInfo] = field(default_factory=list)  # this model's SR already there
+    answer_ids: dict[str, int] = field(default_factory=dict, repr=False)  # audit: SOP UID -> id
 
     @property
     def answered(self) -> list[SeriesReview]:
-        return [s for s in self.series if s.answer is not None and s.answer.slices]
+        return [s for s in self.series if s.answer is not None and s.answer.slices
+                and s.verdict is not None]
 
     @property
     def skipped(self) -> list[Skipped]:
@@ -474,48 +464,65 @@ def find_results(client: PacsClient, study_uid: str, model: ModelIdentity) -> li
 
 
 def review_series(client: PacsClient, predictor, series: SeriesInfo,
-                  roi_source: Callable | None = None, method: str = "gradcam") -> SeriesReview:
-    """Retrieve one series, classify its image slices and explain the slice that drove the
-    answer. Objects without an image (reports, presentation states) are skipped and listed."""
+                  roi_source: Callable | None = None, method: str = "gradcam") -> list[SeriesReview]:
+    """Retrieve one series and answer it as the series view does: its image instances are
+    gathered into ordered stacks (:func:`medcls.study.gather`: position along the normal,
+    multi-frame instances frame by frame), each stack is answered by
+    :func:`medcls.series_answer.answer_series` (the aggregation rule, the suspicious run, the
+    per-slice strip) and coded by :func:`medcls.series_answer.series_verdict`. The slice that
+    shows the answer is explained; a tumour answer gets its region (``roi_source``, default the
+    segmentation companion's outline when the card names one, else the heatmap region), a
+    no-tumour or withheld answer none. Objects without an image (reports, presentation states)
+    and images that cannot be read are skipped and listed. One review per stack: a series whose
+    slices face one way (the usual case) gives one."""
     from .dicom_results import default_roi
+    from .study import FindingKind, bytes_source, gather
 
     roi_source = roi_source or default_roi
     images: list[bytes] = []
-    review = SeriesReview(series, None)
-
-    def image_stream() -> Iterator[bytes]:
-        """The series' images as WADO-RS delivers them; non-images are listed, not passed on."""
-        for inst in client.iter_series(series.study_uid, series.series_uid):
-            if not inst.has_pixels:
-                reason = NotAnImageError("This DICOM object holds no image (a report or other "
-                                         "non-image object).")
-                review.skipped.append(Skipped(series.number, _sop_class_name(inst.sop_class_uid),
-                                              str(reason)))
-                continue
-            images.append(inst.data)
-            review.headers.append(_header(inst.data))
-            yield inst.data
-
-    answer = series_answer(predictor, image_stream())
+    headers: list = []
+    skipped: list[Skipped] = []
+    for inst in client.iter_series(series.study_uid, series.series_uid):
+        if not inst.has_pixels:
+            reason = NotAnImageError("This DICOM object holds no image (a report or other "
+                                     "non-image object).")
+            skipped.append(Skipped(series.number, _sop_class_name(inst.sop_class_uid), str(reason)))
+            continue
+        images.append(inst.data)
+        headers.append(_header(inst.data))
     if not images:
-        return review
-    review.answer = answer
-    for s in answer.slices:  # images the loader could not decode (with its reason)
-        if s.error:
-            sop_class = str(review.headers[s.position].get("SOPClassUID", ""))
-            review.skipped.append(Skipped(series.number, _sop_class_name(sop_class), s.error))
-    if answer.driving is not None:
-        from .scan import load_scan
-
-        pos = answer.slices[answer.driving].position
-        review.scan = load_scan(images[pos])
-        review.explanation = predictor.explain(review.scan, method=method)
-        # a region is a finding's: a "no tumour" answer has none (its heatmap stays on the SC)
-        if answer.prediction.label not in NEGATIVE_CLASSES:
-            review.roi = roi_source(predictor, review.explanation, review.scan)
-    log.info("PACS series %s: %d slice(s), %d skipped, state %s", handle(series.series_uid),
-             len(answer.slices), len(review.skipped), answer.state)
-    return review
+        return [SeriesReview(series, None, skipped=skipped)]
+    # sources named by their retrieval index: the slices map back to their instances' UIDs
+    study = gather([bytes_source(str(i), data) for i, data in enumerate(images)])
+    for f in study.findings:
+        if f.kind != FindingKind.UNREADABLE:
+            continue
+        for name in f.files:  # an instance whose header could not be read as an image
+            k = int(name)
+            skipped.append(Skipped(series.number, _sop_class_name(str(headers[k].get(
+                "SOPClassUID", ""))), f.message))
+    reviews = []
+    for stack in study.series:
+        answer = answer_series(predictor, stack, method=method)
+        review = SeriesReview(series, answer, headers, skipped if not reviews else [],
+                              slice_instances=[(int(r.name), r.frame) for r in stack.slices])
+        review.verdict = series_verdict(answer)
+        for s in answer.slices:  # images the loader could not decode (with its reason)
+            if s.error:
+                review.skipped.append(Skipped(series.number, _sop_class_name(str(
+                    review.slice_header(s.index).get("SOPClassUID", ""))), s.error))
+        i = review.driving
+        if i is not None:
+            review.scan = stack.scan(i)
+            review.explanation = slice_explanation(predictor, answer, i, method)
+            # a region is a finding's: a "no tumour" or withheld answer has none
+            if review.verdict.is_finding:
+                review.roi = roi_source(predictor, review.explanation, review.scan)
+        log.info("PACS series %s: %d slice(s), %d skipped, %s (%s)", handle(series.series_uid),
+                 len(answer.slices), len(review.skipped), answer.summary.outcome.value,
+                 review.state)
+        reviews.append(review)
+    return reviews
 
 
 def review_study(client: PacsClient, predictor, study_uid: str, roi_source: Callable | None = None,
@@ -527,7 +534,7 @@ def review_study(client: PacsClient, predictor, study_uid: str, roi_source: Call
     for s in all_series:
         if s.modality.upper() in NON_IMAGE_MODALITIES or s.description.startswith("MedCLS"):
             continue
-        reviews.append(review_series(client, predictor, s, roi_source, method))
+        reviews.extend(review_series(client, predictor, s, roi_source, method))
     return StudyReview(study_uid, model, reviews, find_results(client, study_uid, model))
 
 
@@ -564,6 +571,49 @@ def send_results(client: PacsClient, review: StudyReview) -> SendOutcome:
     series = tuple(dict.fromkeys(str(ds.SeriesInstanceUID) for ds in datasets))
     return SendOutcome(True, tuple(stored), series,
                        f"Stored {len(stored)} object(s) in {len(series)} new series.")
+
+
+# ----------------------------------------------------------------------------- audit
+
+def audit_answers(review: StudyReview, predictor, user: str, page: str = "pacs",
+                  method: str = "gradcam") -> list:
+    """The study's answers for the audit trail (:class:`medcls.audit.Answer`), one per answered
+    instance (per frame of a multi-frame one), keyed by its SOP Instance UID (not patient data:
+    the PACS holds it; no name, ID or date goes in): the model's identity, the slice's own answer
+    and state (low confidence, withheld by the input gate or the card's scope), the series'
+    outcome, and on the slice that shows a tumour answer its region's area, longest diameter and
+    method ("segmentation" or "Grad-CAM region")."""
+    from .audit import Answer
+
+    card = predictor.card
+    out = []
+    for s in review.series:
+        if s.answer is None:
+            continue
+        outcome = s.answer.summary.outcome.value
+        for i, header in s.answered_instances:
+            pred = s.answer.slices[i].prediction
+            multi = int(header.get("NumberOfFrames", 1) or 1) > 1
+            # the region belongs to the slice that shows a tumour answer (Answer.of keeps it
+            # for a tumour answer of that slice only)
+            region = s.roi if i == s.driving and s.verdict.is_finding else None
+            out.append(Answer.of(pred, card, user, page, region=region, input_source="pacs",
+                                 sop_instance_uid=str(header.SOPInstanceUID),
+                                 frame=s.slice_frame(i) if multi else None,
+                                 heatmap_method=method if i == s.driving else None,
+                                 series_outcome=outcome))
+    return out
+
+
+def record_review(store, review: StudyReview, predictor, user: str, page: str = "pacs") -> list[int]:
+    """Write :func:`audit_answers` to the audit ``store`` in one transaction; their ids (kept on
+    the review as ``answer_ids``: SOP Instance UID -> id). Raises
+    :class:`medcls.errors.AuditError` when the trail cannot be written (the caller shows it and
+    goes on: the answers stay on screen)."""
+    answers = audit_answers(review, predictor, user, page)
+    ids = store.record_answers(answers)
+    review.answer_ids = {a.sop_instance_uid: i for a, i in zip(answers, ids)}
+    return ids
 
 
 # ----------------------------------------------------------------------------- workspace
@@ -633,22 +683,31 @@ def study_rows(studies: Sequence[StudyInfo]) -> list[dict]:
 
 
 def series_rows(review: StudyReview) -> list[dict]:
-    """One row per image series: the answer, its state and the driving slice."""
+    """One row per answered stack: the series' coded answer (class, probability, state), the
+    slice that shows it, the suspicious run, the region's size and how it was measured, the
+    volume, and the study summary's sentence (no UIDs, no patient data)."""
     rows = []
     for s in review.series:
-        a = s.answer
-        pred = a.prediction if a else None
+        a, v, roi = s.answer, s.verdict, s.roi
+        run = a.summary.run if a is not None else None
+        shown = s.driving
         rows.append({
             "series": s.series.number, "modality": s.series.modality,
             "description": s.series.description,
-            "slices": sum(x.prediction is not None for x in a.slices) if a else 0, "skipped": len(s.skipped),
-            "answer": pred.label if pred is not None else "withheld",
-            "probability": round(pred.confidence, 3) if pred is not None else None,
-            "state": a.state if a else "withheld",
-            "driving slice": (a.slices[a.driving].instance_number if a and a.driving is not None
-                              else None),
-            "region mm²": (round(s.roi.area_mm2, 1) if s.roi is not None and s.roi.area_mm2
-                           else None),
+            "slices": sum(x.prediction is not None for x in a.slices) if a else 0,
+            "skipped": len(s.skipped),
+            "answer": v.label if v is not None and v.label is not None else "withheld",
+            "probability": round(v.probability, 3) if v is not None and v.probability is not None
+            else None,
+            "state": s.state,
+            "suspicious run": f"{run.start + 1}-{run.stop}" if run is not None else None,
+            "shown slice": shown + 1 if shown is not None else None,
+            "region method": roi.method if roi is not None else None,
+            "region mm²": round(roi.area_mm2, 1) if roi is not None and roi.area_mm2 else None,
+            "diameter mm": (round(roi.diameter_mm, 1) if roi is not None and roi.diameter_mm
+                            else None),
+            "volume mm³": round(a.volume_mm3) if a is not None and a.volume_mm3 else None,
+            "summary": v.text if v is not None else "No image in this series.",
         })
     return rows
 
@@ -707,6 +766,26 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+CLI_PAGE = "pacs-cli"
+
+
+def _cli_audit(review: StudyReview, predictor):
+    """Record the review's answers in the audit trail (the settings' database) as the user of
+    this command line; a failure is reported and the command goes on. (store, user)."""
+    import getpass
+
+    from .audit import open_store
+
+    user = f"{getpass.getuser()} (command line)"
+    try:
+        store = open_store()
+        record_review(store, review, predictor, user, CLI_PAGE)
+        return store, user
+    except MedclsError as exc:
+        print(f"Audit trail: {exc}", file=sys.stderr)
+        return None, user
+
+
 def _cmd_review(args: argparse.Namespace) -> int:
     from .inference import Predictor
 
@@ -716,9 +795,16 @@ def _cmd_review(args: argparse.Namespace) -> int:
     _print_table(series_rows(review))
     for k in review.skipped:
         print(f"skipped (series {k.series_number}, {k.sop_class}): {k.reason}")
+    store, user = _cli_audit(review, predictor)
     if args.send:
         outcome = send_results(client, review)
         print(outcome.message)
+        if outcome.sent and store is not None:
+            try:
+                store.record_export(user, CLI_PAGE, "pacs-send", n_answers=len(review.answer_ids),
+                                    target=" ".join(outcome.sop_instance_uids)[:1024])
+            except MedclsError as exc:
+                print(f"Audit trail: {exc}", file=sys.stderr)
         for uid in outcome.sop_instance_uids:
             print(f"stored {uid}")
         for uid in outcome.series_uids:
@@ -729,6 +815,6 @@ def _cmd_review(args: argparse.Namespace) -> int:
 
 
 __all__ = ["Instance", "ModelIdentity", "PacsClient", "PacsSettings", "PacsWorkspace", "SendOutcome",
-           "SeriesAnswer", "SeriesInfo", "SeriesReview", "StudyInfo", "StudyReview",
+           "SeriesAnswer", "SeriesInfo", "SeriesReview", "SeriesVerdict", "StudyInfo", "StudyReview",
            "add_pacs_parser", "find_results", "pacs_settings", "review_series",
-           "review_study", "send_results", "series_answer"]
+           "review_study", "send_results", "series_rows", "study_rows"]

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .findings import may_show_region
+from .findings import is_finding_answer, may_show_region
 from .inference import Explanation, Prediction
 from .present import fmt_prob
 from .render import overlay
 from .segmentation import size_text
+from .series_answer import HEATMAP_REGION, SEGMENTATION
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .series_answer import SeriesAnswer
+    from .series_answer import SeriesAnswer  # noqa: F811
 
 DISCLAIMER = ("Research tool - not a diagnosis. The result must be reviewed by a qualified "
               "clinician; the heatmap shows what drove the model, not a lesion boundary.")
@@ -40,6 +41,8 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
 
     if fmt not in ("png", "pdf"):
         raise ValueError("fmt must be 'png' or 'pdf'")
+    if segmentation is not None and not _is_finding(prediction, card):
+        segmentation = None  # a no-tumour or withheld answer carries no outline or size
     fig = plt.figure(figsize=(8.27, 11.69), dpi=100)  # A4 portrait
     fig.suptitle("MedCLS scan report", fontsize=16, fontweight="bold", y=0.975)
     gray = image01 if image01.ndim == 2 else image01.mean(axis=2)
@@ -80,11 +83,9 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     if prediction.outside_training_distribution:
         lines.append("WARNING: this scan is outside what the model was trained on; "
                      "the prediction is not meaningful.")
-    if segmentation is not None:
-        lines.append(f"Tumour size, by {segmentation.method}: {size_text(segmentation)}")
-    elif region is not None and region.area_mm2 and not card.get("segmentation"):
-        # a heatmap is no lesion boundary where a segmenter exists
-        lines.append(f"Heatmap region area: {region.area_mm2:.0f} mm2")
+    size = size_line(segmentation, region, card)
+    if size:
+        lines.append(size)
     lines += [
         f"Model: {card['name']} v{card['version']} ({card['architecture']}), "
         f"trained {card['training'].get('date', '?')}",
@@ -101,7 +102,10 @@ def _finish(fig, lines: list[str], top: float, fontsize: float, fmt: str) -> byt
     import matplotlib
     import matplotlib.pyplot as plt
 
-    fig.text(0.05, top, "\n".join(textwrap.fill(x, 100, subsequent_indent="  ") for x in lines),
+    # characters per line that fit the page from x = 5% (a monospace glyph is ~0.6 em wide;
+    # a longer line is cut off at the page's edge, and its last characters lost)
+    width = min(100, int(0.93 * fig.get_figwidth() * 72 / (0.61 * fontsize)))
+    fig.text(0.05, top, "\n".join(textwrap.fill(x, width, subsequent_indent="  ") for x in lines),
              fontsize=fontsize, va="top", family="monospace")
     fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000", fontweight="bold")
     buf = io.BytesIO()
@@ -111,6 +115,27 @@ def _finish(fig, lines: list[str], top: float, fontsize: float, fmt: str) -> byt
         fig.savefig(buf, format=fmt)
     plt.close(fig)
     return buf.getvalue()
+
+
+def _is_finding(prediction: Prediction, card: dict) -> bool:
+    if "classes" not in card:
+        return not prediction.outside_training_distribution
+    return is_finding_answer(prediction, card)
+
+
+def size_line(segmentation, region, card: dict) -> str | None:
+    """The tumour's size with the method named: the segmentation's area and longest diameter
+    when there is one (a tumour answer of a model whose card names a segmentation companion);
+    else, for a model without a companion, the Grad-CAM region's area (coarse: what drove the
+    class, not a lesion boundary). ``None``: no size to give (no region, or a companion that
+    found no outline: the heatmap's area would read as a lesion's)."""
+    if segmentation is not None:
+        name = f", {card['segmentation']}" if card.get("segmentation") else ""
+        return f"Tumour size (method: {SEGMENTATION}{name}): {size_text(segmentation)}"
+    if region is not None and region.area_mm2 and not card.get("segmentation"):
+        return (f"Region size (method: {HEATMAP_REGION}; coarse, not a lesion boundary): "
+                f"area {region.area_mm2:.0f} mm2")
+    return None
 
 
 def _shown_region(explanation: Explanation | None, prediction: Prediction, card: dict):
@@ -162,6 +187,9 @@ def render_series_report(answer: "SeriesAnswer", image01: np.ndarray | None,
     if fmt not in ("png", "pdf"):
         raise ValueError("fmt must be 'png' or 'pdf'")
     card, series, summary = answer.card, answer.series, answer.summary
+    # the segmentation of the shown slice, when it lies in the suspicious run (the only slices
+    # with a tumour answer) and the model's card names a segmentation companion
+    shown_seg = answer.segmentations.get(slice_index) if slice_index is not None else None
     fig = plt.figure(figsize=(8.27, 11.69), dpi=100)
     fig.suptitle("MedCLS series report", fontsize=16, fontweight="bold", y=0.975)
     fig.text(0.05, 0.935, textwrap.fill(summary.text, 90), fontsize=11, va="top",
@@ -172,6 +200,9 @@ def render_series_report(answer: "SeriesAnswer", image01: np.ndarray | None,
         gray = image01 if image01.ndim == 2 else image01.mean(axis=2)
         ax1 = fig.add_axes([0.05, 0.33, 0.43, 0.28])
         ax1.imshow(gray, cmap="gray", vmin=0, vmax=1)
+        if shown_seg is not None:
+            pts = np.array(shown_seg.polygon + shown_seg.polygon[:1])
+            ax1.plot(pts[:, 0], pts[:, 1], color="gold", lw=1.2)
         ax1.set_title(f"Most suspicious slice: {slice_index + 1} of {len(series)}", fontsize=10)
         ax1.axis("off")
         ax2 = fig.add_axes([0.52, 0.33, 0.43, 0.28])
@@ -195,6 +226,10 @@ def render_series_report(answer: "SeriesAnswer", image01: np.ndarray | None,
     ]
     if answer.volume_mm3 is not None:
         lines.append(f"Suspicious region volume: {answer.volume_mm3:.0f} mm3 ({answer.volume_note})")
+    elif summary.run is not None and answer.volume_note:
+        lines.append(f"Suspicious region volume: {answer.volume_note}")
+    if shown_seg is not None:
+        lines.append(f"Slice {slice_index + 1}: " + size_line(shown_seg, None, card))
     lines += [f"Input findings: {f.message}" for f in series.findings]
     lines += [
         f"Rule: {summary.rule}",

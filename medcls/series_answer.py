@@ -16,9 +16,22 @@ The aggregation rule (what :func:`summarise` implements, and the tests check):
 5. Otherwise **no tumour seen on N answered slices** (positive slices that do not make a run are
    counted in the sentence: they are not a finding, but they are not hidden either).
 
-The suspicious region's volume is the sum, over the run's slices, of the heatmap region's area
-(mm², the region of the run's class, as on the main page) times the slice spacing (mm); it is
-given only when the pixel spacing and the slice spacing are known.
+The suspicious region's volume is the sum, over the run's slices, of the tumour's area on each
+slice (mm²) times the slice spacing (mm); it is given only when the pixel spacing and the slice
+spacing are known. The area is the segmentation's when the model's card names a segmentation
+companion (a run slice where it finds no tumour adds 0), else the heatmap region's (the region of
+the run's class, as on the main page: coarse). :attr:`SeriesAnswer.volume_method` names which.
+
+The series' answer as one coded value (:func:`series_verdict`: what the PACS SR, the command line
+and the audit trail carry; the series view shows the same summary):
+
+- *suspected*: the run's class, with its mean calibrated probability over the run; "answered"
+  when that mean reaches the card's threshold, else "low-confidence" (a tumour run whose class is
+  uncertain); shown on the most suspicious slice;
+- *not seen*: the no-finding class, with its mean calibrated probability over the answered
+  slices; "answered" when that mean reaches the threshold and no slice is positive, else
+  "low-confidence"; shown on the most suspicious slice;
+- *cannot answer*: "withheld", no class, no slice.
 """
 
 from __future__ import annotations
@@ -188,8 +201,11 @@ class SeriesAnswer:
     summary: StudySummary
     card: dict = field(repr=False)
     regions: dict[int, Region | None] = field(default_factory=dict, repr=False)
+    # the run slices' segmentations (a model whose card names a segmentation companion)
+    segmentations: dict[int, object | None] = field(default_factory=dict, repr=False)
     volume_mm3: float | None = None
     volume_note: str = ""
+    volume_method: str | None = None  # SEGMENTATION or HEATMAP_REGION: what the areas came from
     elapsed_s: float = 0.0
 
     @property
@@ -215,7 +231,7 @@ class SeriesAnswer:
             "run_first_slice": run.start + 1 if run else None,
             "run_last_slice": run.stop if run else None,
             "run_mean_p_finding": run.mean_p_finding if run else None,
-            "volume_mm3": self.volume_mm3,
+            "volume_mm3": self.volume_mm3, "volume_method": self.volume_method,
             "most_suspicious_slice": sm.most_suspicious + 1 if sm.most_suspicious is not None else None,
             "answered": sm.n_answered, "outside_distribution": sm.n_outside,
             "unreadable": sm.n_slices - sm.n_readable,
@@ -276,8 +292,16 @@ def answer_series(predictor: Predictor, series: Series, min_run: int = MIN_RUN,
     return answer
 
 
+#: How a size was measured (named wherever a size is given: series view, reports, SR, audit).
+SEGMENTATION, HEATMAP_REGION = "segmentation", "Grad-CAM region"
+
+
 def _run_regions(predictor: Predictor, answer: SeriesAnswer, method: str) -> None:
-    """Regions of the run's class on the run's slices, and the volume they span."""
+    """The tumour's area on each of the run's slices and the volume they span: from the
+    segmentation companion when the card names one, else from the run class's heatmap regions."""
+    if predictor.segmenter is not None:
+        _run_segmentations(predictor, answer)
+        return
     run, series = answer.summary.run, answer.series
     areas = []
     for i in range(run.start, run.stop):
@@ -296,8 +320,81 @@ def _run_regions(predictor: Predictor, answer: SeriesAnswer, method: str) -> Non
         answer.volume_note = "no slice spacing in these files, so no volume"
     else:
         answer.volume_mm3 = float(sum(areas) * spacing)
+        answer.volume_method = HEATMAP_REGION
         answer.volume_note = (f"sum of {len(areas)} slice region areas × {spacing:.2f} mm slice "
-                              "spacing (heatmap regions: coarse)")
+                              f"spacing (method: {HEATMAP_REGION}, coarse)")
+
+
+def _run_segmentations(predictor: Predictor, answer: SeriesAnswer) -> None:
+    """Segmentation of each run slice; volume = sum of the mask areas × slice spacing (a slice
+    where the segmentation finds nothing adds 0)."""
+    run, series = answer.summary.run, answer.series
+    areas: list[float | None] = []
+    for i in range(run.start, run.stop):
+        try:
+            seg = predictor.outline(series.scan(i), answer.slices[i].prediction)
+        except Exception as exc:  # noqa: BLE001 - a slice that cannot be segmented leaves no area
+            log.debug("no segmentation for slice %d: %s", i, type(exc).__name__)
+            answer.segmentations[i] = None
+            areas.append(None)
+            continue
+        answer.segmentations[i] = seg
+        areas.append(0.0 if seg is None else seg.area_mm2)
+    spacing = series.slice_spacing
+    name = getattr(predictor.segmenter, "name", "")
+    if not areas or any(a is None for a in areas):
+        answer.volume_note = "no pixel spacing in these files, so no volume"
+    elif not spacing:
+        answer.volume_note = "no slice spacing in these files, so no volume"
+    else:
+        answer.volume_mm3 = float(sum(areas) * spacing)
+        answer.volume_method = SEGMENTATION
+        found = sum(1 for i in range(run.start, run.stop) if answer.segmentations.get(i) is not None)
+        answer.volume_note = (f"sum of {len(areas)} slice segmentation areas ({found} with a "
+                              f"tumour mask) × {spacing:.2f} mm slice spacing (method: "
+                              f"{SEGMENTATION}{f', {name}' if name else ''})")
+
+
+# ----------------------------------------------------------------------------- one coded answer
+
+ANSWERED, LOW_CONFIDENCE, WITHHELD = "answered", "low-confidence", "withheld"
+
+
+@dataclass(frozen=True)
+class SeriesVerdict:
+    """The series' answer as one coded value (see the module's rule): what the PACS SR, the
+    command line and the audit trail carry."""
+
+    outcome: Outcome
+    label: str | None  # the run's class, the no-finding class, or None (cannot answer)
+    probability: float | None  # mean calibrated probability of ``label`` (see the rule)
+    state: str  # ANSWERED, LOW_CONFIDENCE or WITHHELD
+    slice: int | None  # the slice that shows the answer (0-based, series order)
+    text: str  # the study summary's sentence
+
+    @property
+    def is_finding(self) -> bool:
+        """A tumour answer: the only kind that carries a region (outline, area, diameter)."""
+        return self.outcome == Outcome.SUSPECTED
+
+
+def series_verdict(answer: SeriesAnswer) -> SeriesVerdict:
+    """The coded answer of a series (class, probability, state, slice) by the module's rule."""
+    sm, card = answer.summary, answer.card
+    thr = sm.threshold
+    if sm.outcome == Outcome.SUSPECTED:
+        run = sm.run
+        p = float(run.mean_probabilities[run.class_index])
+        return SeriesVerdict(sm.outcome, run.class_name, p,
+                             ANSWERED if p >= thr else LOW_CONFIDENCE, sm.most_suspicious, sm.text)
+    if sm.outcome == Outcome.NOT_SEEN:
+        normal = normal_class(card)
+        ci = list(card["classes"]).index(normal)
+        answered = [s.prediction.probabilities[ci] for s in answer.slices if s.answered]
+        p = float(np.mean(answered))
+        state = ANSWERED if p >= thr and sm.n_positive == 0 else LOW_CONFIDENCE
+        return SeriesVerdict(sm.outcome, normal, p, state, sm.most_suspicious, sm.text)
+    return SeriesVerdict(sm.outcome, None, None, WITHHELD, None, sm.text)
 
 
 # ----------------------------------------------------------------------------- worklists

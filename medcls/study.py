@@ -41,8 +41,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from .errors import MedclsError, ScanTooLargeError, UnreadableScanError
-from .scan import (MAX_FILE_BYTES, MAX_PIXELS, Scan, _read_dataset, _read_source, _safe_metadata,
-                   _window_presets, load_scan, scan_from_array, sniff_format)
+from .scan import (MAX_FILE_BYTES, MAX_PIXELS, PLANES, Scan, _read_dataset, _read_source,
+                   _safe_metadata, _window_presets, load_scan, plane_of_normal, scan_from_array,
+                   slice_normal, sniff_format)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,6 @@ MAX_VOXELS = 512 * 512 * 1024
 #: Decoded slices kept per series (the page shows one at a time; the engine streams).
 SCAN_CACHE = 8
 
-PLANES = ("sagittal", "coronal", "axial")  # the LPS axis the slice normal follows: x, y, z
 PER_SLICE_ATTRIBUTES = ("InstanceNumber", "ImagePositionPatient", "SliceLocation",
                         "WindowCenter", "WindowWidth")
 
@@ -130,12 +130,7 @@ class SliceRef:
 
     @property
     def normal(self) -> np.ndarray | None:
-        if self.orientation is None:
-            return None
-        row, col = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
-        n = np.cross(row, col)
-        norm = float(np.linalg.norm(n))
-        return n / norm if norm > 1e-6 else None
+        return None if self.orientation is None else slice_normal(self.orientation)
 
 
 # ----------------------------------------------------------------------------- series
@@ -432,13 +427,6 @@ def _image_series(source: SourceLike) -> Series:
     return s
 
 
-def _plane(normal: np.ndarray | None) -> tuple[str | None, bool]:
-    if normal is None:
-        return None, False
-    axis = int(np.argmax(np.abs(normal)))
-    return PLANES[axis], float(np.abs(normal[axis])) < 0.9
-
-
 def _orientation_groups(refs: list[SliceRef]) -> list[list[SliceRef]]:
     """Split slices by plane: slices whose normals differ cannot be ordered along one axis."""
     groups: list[tuple[np.ndarray | None, list[SliceRef]]] = []
@@ -557,7 +545,7 @@ def _order_stack(stack: list[SliceRef], meta: dict) -> Series:
                                 f"The slices have {len(sizes)} different image sizes."))
     pixel = _most_common([r.pixel_spacing for r in unique if r.pixel_spacing])
     thickness = _most_common([r.thickness for r in unique if r.thickness])
-    plane, oblique = _plane(normal)
+    plane, oblique = plane_of_normal(normal)
     modality = str(meta.get("Modality", "OT"))
     number = meta.get("SeriesNumber")
     label = " · ".join(str(x) for x in (
@@ -662,7 +650,7 @@ def _nifti_series(name: str, data: bytes) -> Series:
     refs = [SliceRef(name=name, read=lambda: data, frame=k, size=(rows, cols),
                      pixel_spacing=pixel, thickness=spacing, uid_hash=_uid_hash(content, k),
                      content_hash=content) for k in range(n)]
-    _, oblique = _plane(normal)
+    _, oblique = plane_of_normal(normal)
     meta = {"Format": "NIfTI", "Rows": rows, "Columns": cols, "Slices": n,
             "PixelSpacing": list(pixel), "SpacingBetweenSlices": spacing}
 

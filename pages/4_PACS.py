@@ -9,13 +9,15 @@ environment or ``.streamlit/secrets.toml`` (see the README, section "PACS")."""
 from __future__ import annotations
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 import ui
+from ui_series import strip_figure, summary_box
 from medcls import MedclsError
 from medcls.dicom_results import RESEARCH_LABEL, overlay_capture
-from medcls.pacs import PacsClient, PacsWorkspace, pacs_settings, series_rows, study_rows
+from medcls.errors import AuditError
+from medcls.pacs import (PacsClient, PacsWorkspace, pacs_settings, record_review, series_rows,
+                         study_rows)
 
 WORKSPACE = "pacs_workspace"
 
@@ -76,23 +78,17 @@ if st.button("Run", type="primary", disabled=not chosen):
     except MedclsError as exc:
         ui.show_error(exc, "The PACS")
     bar.empty()
+    # every answered instance in the audit trail, by its SOP Instance UID (no patient data)
+    for uid in chosen:
+        if uid in ws.reviews:
+            try:
+                record_review(ui.audit_store(), ws.reviews[uid], predictor, ui.current_user().name)
+            except AuditError as exc:
+                ui.audit_warning(exc)
 
 # ----------------------------------------------------------------------------- results
 for uid, message in ws.errors.items():
     st.error(f"{ws.label(uid)}: {message}")
-
-
-def strip(series_review) -> go.Figure:
-    """P(any finding) per slice, the slice that drove the answer marked."""
-    a = series_review.answer
-    x = [s.instance_number if s.instance_number is not None else s.position + 1 for s in a.slices]
-    fig = go.Figure(go.Bar(x=x, y=[p if p is not None else 0 for p in a.p_abnormal],
-                           marker_color=["#e4572e" if i == a.driving else "#4c78a8"
-                                         for i in range(len(x))]))
-    fig.update_layout(height=180, margin=dict(l=10, r=10, t=30, b=10), yaxis_range=[0, 1],
-                      title="P(any finding) per slice (red: the slice that drove the answer)",
-                      xaxis_title="instance number")
-    return fig
 
 
 for uid, review in ws.reviews.items():
@@ -106,11 +102,22 @@ for uid, review in ws.reviews.items():
         if s.answer is None or not s.answer.slices:
             continue
         with st.expander(f"Series {s.series.number} · {s.series.description} · "
-                         f"{s.answer.state}", expanded=True):
-            st.plotly_chart(strip(s), width="stretch", key=f"strip-{s.series.series_uid}")
+                         f"{s.state}", expanded=True):
+            # the series view's summary and strip: the same answer as on the main page
+            summary_box(s.answer)
+            st.plotly_chart(strip_figure(s.answer, s.driving if s.driving is not None else 0),
+                            width="stretch", key=f"strip-{s.series.series_uid}-{s.answer.series.key}")
+            if s.roi is not None:
+                size = (f"area {s.roi.area_mm2:.0f} mm²" if s.roi.area_mm2 is not None
+                        else f"area {s.roi.area_px} px (no pixel spacing)")
+                if s.roi.diameter_mm is not None:
+                    size += f", longest diameter {s.roi.diameter_mm:.1f} mm"
+                st.caption(f"Tumour region on slice {s.driving + 1}: {size} "
+                           f"(method: {s.roi.method})")
             if s.explanation is not None:
                 st.image(overlay_capture(s, review.model), width=420,
-                         caption=f"The slice that drove the answer ({RESEARCH_LABEL})")
+                         caption=f"Slice {s.driving + 1}, the slice that shows the answer "
+                                 f"({RESEARCH_LABEL})")
     outcome = ws.outcomes.get(uid)
     if review.already_sent and outcome is None:
         st.info("Results of this model version are already in the PACS for this study "
@@ -123,7 +130,8 @@ for uid, review in ws.reviews.items():
             with st.spinner("Storing the SR and the captures (STOW-RS)..."):
                 outcome = ws.send(client, uid)
             if outcome.sent:
-                ui.record_export("pacs-send", "pacs", n_answers=len(review.series),
+                ui.record_export("pacs-send", "pacs", n_answers=len(review.answer_ids)
+                                 or len(review.series),
                                  target=" ".join(outcome.sop_instance_uids))
         except MedclsError as exc:
             ui.show_error(exc, "Sending")

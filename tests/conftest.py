@@ -29,6 +29,20 @@ def _audit_database(tmp_path_factory):
     yield os.environ["MEDCLS_DATABASE_URL"]
 
 
+@pytest.fixture(autouse=True)
+def _main_module_kept():
+    """Streamlit's AppTest runs a page as ``__main__`` and leaves it in ``sys.modules``; a
+    process started later with multiprocessing's spawn (the audit's concurrent writers) would
+    then run that page as its main module, fail, and be started again for ever (the pool
+    hangs). The real main module is put back after every test."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    yield
+    if main is not None and sys.modules.get("__main__") is not main:
+        sys.modules["__main__"] = main
+
+
 def require(path: Path) -> Path:
     """``path`` if it exists, else skip the calling test (the data set is not on this machine)."""
     path = Path(path)

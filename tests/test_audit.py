@@ -80,11 +80,34 @@ def test_a_newer_schema_is_refused_and_not_written(url):
         c.execute(sa.update(audit.schema_info).values(version=audit.SCHEMA_VERSION + 1))
     store.dispose()
     newer = AuditStore(url)
-    with pytest.raises(AuditSchemaError, match="schema version 2, newer than"):
+    with pytest.raises(AuditSchemaError,
+                       match=f"schema version {audit.SCHEMA_VERSION + 1}, newer than"):
         newer.record_answer(answer(1))
     with newer.engine.connect() as c:
         assert c.execute(sa.select(sa.func.count()).select_from(audit.answers)).scalar() == 1
     newer.dispose()
+
+
+def test_a_version_1_database_is_migrated_and_keeps_its_rows(url):
+    """A trail written by schema 1 (before the region columns) gets the new columns on first
+    use by this version; its rows stay, new answers carry the region."""
+    store = AuditStore(url)
+    store.record_answer(answer())
+    with store.engine.begin() as c:  # back to what schema 1 wrote
+        for _, table, name in audit.ADDED_COLUMNS:
+            c.exec_driver_sql(f'ALTER TABLE {table} DROP COLUMN "{name}"')
+        c.execute(sa.update(audit.schema_info).values(version=1))
+    store.dispose()
+    again = AuditStore(url)
+    aid = again.record_answer(answer(1, region_method="segmentation", region_area_mm2=120.5,
+                                     region_diameter_mm=14.0, series_outcome="suspected"))
+    rows = {r["id"]: r for r in again.rows("answers")}
+    assert len(rows) == 2 and again.rows("audit_schema")[0]["version"] == audit.SCHEMA_VERSION == 2
+    assert (rows[aid]["region_method"], rows[aid]["region_area_mm2"],
+            rows[aid]["region_diameter_mm"], rows[aid]["series_outcome"]) == (
+        "segmentation", 120.5, 14.0, "suspected")
+    assert min(rows) != aid and rows[min(rows)]["region_method"] is None
+    again.dispose()
 
 
 # ----------------------------------------------------------------------------- writes and reads

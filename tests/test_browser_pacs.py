@@ -6,6 +6,7 @@ STOW-RS; the app server gets the PACS settings through its environment."""
 from __future__ import annotations
 
 import copy
+import re
 
 import pydicom
 import pytest
@@ -57,7 +58,11 @@ def test_pacs_page_search_run_send(server, study, orthanc):
         page.keyboard.press("Escape")
         page.get_by_role("button", name="Run").click()
         page.get_by_text("Results:").first.wait_for(timeout=TIMEOUT)
-        page.get_by_text("P(any finding) per slice").first.wait_for(timeout=TIMEOUT)
+        # the series view's summary box and strip (the same answer as the main page's)
+        page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(
+            "Tumour suspected|No tumour seen|Cannot answer")).first.wait_for(timeout=TIMEOUT)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT)
+        page.get_by_text("Rule: Tumour suspected when at least").first.wait_for(timeout=TIMEOUT)
         page.get_by_role("button", name="Send results to PACS").click()
         page.get_by_text("Stored 2 object(s) in 2 new series.").wait_for(timeout=TIMEOUT)
         code = page.locator('[data-testid="stCode"]').first

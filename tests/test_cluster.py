@@ -222,3 +222,126 @@ def test_batch_page_reviews_a_server_folder_on_the_cluster(ray_cluster, brain_mo
     predictor = Predictor.from_path(job.model_path)  # the model the page picked
     local = list(run_review(predictor, folder_sources(root, "study")))
     _same_answers(job.rows, local)
+
+
+def _same_records(ray_rows: list[dict], local_rows: list[dict]) -> None:
+    """The same CSV records: equal text, numbers within 1e-5 (a region's volume within 0.1%)."""
+    assert len(ray_rows) == len(local_rows)
+    for a, b in zip(ray_rows, local_rows):
+        assert list(a) == list(b)
+        for k in a:
+            if a[k] == b[k]:
+                continue
+            try:
+                x, y = float(a[k]), float(b[k])
+            except ValueError:
+                pytest.fail(f"{k}: {a[k]!r} != {b[k]!r}")
+            tol = 1e-3 * abs(y) if k == "volume_mm3" else 1e-5
+            assert abs(x - y) <= tol, (k, x, y)
+
+
+def test_by_series_on_the_cluster_gives_the_local_series_answers(ray_cluster, brain_model_dir,
+                                                                 built_series, data_dir, tmp_path,
+                                                                 capsys):
+    """``--engine ray --by-series``: the local engine's by-series and slice CSVs and printed
+    summaries, over a tumour series (files in shuffled order), a second series with a duplicated
+    file, two plain JPEGs and a text file."""
+    from dicom_factory import series_files
+    from medcls.cli import main
+
+    brain = require(data_dir / "brain-mri")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k, data in enumerate(built_series.dicom()):
+        (folder / f"s{(k * 7) % 16:02d}.dcm").write_bytes(data)
+    second = series_files(built_series.arrays[:6], 5.0, series_number=2)
+    for k, data in enumerate(second):
+        (folder / f"t{k}.dcm").write_bytes(data)
+    (folder / "t0-copy.dcm").write_bytes(second[0])
+    for k, src in enumerate(sorted((brain / "glioma").glob("*.jpg"))[:2]):
+        (folder / f"img{k}.jpg").write_bytes(src.read_bytes())
+    (folder / "notes.txt").write_text("not a scan\n")
+
+    outputs = {}
+    for engine in ("local", "ray"):
+        out, slices = tmp_path / f"{engine}.csv", tmp_path / f"{engine}-slices.csv"
+        extra = ["--engine", "ray", "--address", ray_cluster.address] if engine == "ray" else []
+        assert main(["review", str(folder), "--model", str(brain_model_dir), "--out", str(out),
+                     "--by-series", "--slices", str(slices), *extra]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        outputs[engine] = ([*csv.DictReader(open(out, newline=""))],
+                           [*csv.DictReader(open(slices, newline=""))], printed[:-1])
+    (ray_series, ray_slices, ray_printed), (series, slices, printed) = outputs["ray"], outputs["local"]
+    assert sorted(r["kind"] for r in series) == ["dicom", "dicom", "image", "image"]
+    tumour = next(r for r in series if r["slices"] == "16")
+    assert tumour["outcome"] == "suspected" and tumour["suspected_class"] == "meningioma"
+    assert "duplicate" in next(r for r in series if r["slices"] == "6")["findings"]
+    _same_records(ray_series, series)
+    _same_records(ray_slices, slices)
+    assert ray_printed == printed  # findings (unreadable file, plain images, 2 series), summaries
+
+
+@pytest.fixture(scope="module")
+def pacs_series(orthanc, built_series):
+    """The tumour series stored in the real Orthanc (STOW-RS): (series UID, its files in order)."""
+    import io
+
+    import pydicom
+
+    from medcls.pacs import PacsClient
+
+    files = built_series.dicom()
+    PacsClient(orthanc.settings()).store([pydicom.dcmread(io.BytesIO(b)) for b in files])
+    return pydicom.dcmread(io.BytesIO(files[0]), stop_before_pixels=True).SeriesInstanceUID, files
+
+
+def test_pacs_series_uids_in_a_list_are_retrieved_by_the_cluster(ray_cluster, brain_model_dir,
+                                                                 brain_predictor, orthanc,
+                                                                 pacs_series, data_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A list file of a path, a PACS series UID and a UID the PACS does not hold: the cluster's
+    tasks retrieve the series (credentials from this process's settings, not the workers'
+    environment): one row per instance with the local engine's answers on the same files, and
+    the missing series a row with its reason; ``--by-series`` gives the local series answer."""
+    from medcls.cli import main
+    from medcls.cluster import cluster_sources, run_review
+    from medcls.review import Source, run_review as run_here
+
+    series_uid, files = pacs_series
+    for k, v in orthanc.env().items():
+        monkeypatch.setenv(k, v)
+    jpeg = sorted((require(data_dir / "brain-mri") / "glioma").glob("*.jpg"))[0]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{jpeg}\n{series_uid}\n1.2.826.0.1.3680043.99999.1\n")
+
+    rows = list(run_review(brain_model_dir, cluster_sources(listing), address=ray_cluster.address))
+    assert len(rows) == 1 + len(files) + 1
+    assert rows[0].file == str(jpeg) and rows[-1].predicted is None
+    assert "no series" in rows[-1].error
+    assert all(r.file.startswith("pacs series ") and series_uid not in r.file for r in rows[1:])
+    assert [r.instance_number for r in rows[1:-1]] == list(range(1, len(files) + 1))
+    local = list(run_here(brain_predictor, [Source(str(jpeg), lambda: jpeg)] +
+                          [Source(f"s{k}", lambda b=b: b) for k, b in enumerate(files)]))
+    for a, b in zip(rows[:-1], local):
+        assert a.error is None and a.predicted == b.predicted
+        for c in a.probabilities:
+            assert abs(a.probabilities[c] - b.probabilities[c]) <= 1e-5
+
+    listing.write_text(f"{series_uid}\n")
+    folder = tmp_path / "same-files"
+    folder.mkdir()
+    for k, b in enumerate(files):
+        (folder / f"s{k:02d}.dcm").write_bytes(b)
+    outputs = {}
+    for engine, src in (("ray", listing), ("local", folder)):
+        out, slices = tmp_path / f"{engine}-pacs.csv", tmp_path / f"{engine}-pacs-slices.csv"
+        extra = ["--engine", "ray", "--address", ray_cluster.address] if engine == "ray" else []
+        assert main(["review", str(src), "--model", str(brain_model_dir), "--out", str(out),
+                     "--by-series", "--slices", str(slices), *extra]) == 0
+        capsys.readouterr()
+        outputs[engine] = ([*csv.DictReader(open(out, newline=""))],
+                           [{k: v for k, v in r.items() if k != "file"}
+                            for r in csv.DictReader(open(slices, newline=""))])
+    assert outputs["ray"][0][0]["outcome"] == "suspected"
+    _same_records(outputs["ray"][0], outputs["local"][0])
+    _same_records(outputs["ray"][1], outputs["local"][1])

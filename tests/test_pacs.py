@@ -50,36 +50,20 @@ def dciodvfy_errors(ds, path) -> None:
 
 # ----------------------------------------------------------------------------- data in the PACS
 
-def built_series(data_dir, predictor) -> tuple[list[bytes], dict]:
-    """A 4-slice MR series from brain-mri test JPEGs (3 without tumour, then 1 glioma the model
-    classifies confidently), 0.5 mm pixels, plus a non-image object in the same series."""
-    with open(data_dir / "brain-mri" / "labels.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
-    normal = [r for r in rows if r["label"] == "no_tumor"][:3]
-    glioma = None
-    for r in (r for r in rows if r["label"] == "glioma"):
-        pred = predictor.predict_file(data_dir / "brain-mri" / r["file"])
-        if pred.label == "glioma" and pred.confidence > 0.95 and not pred.outside_training_distribution:
-            glioma = r
-            break
-    assert glioma is not None
+def pacs_series(built) -> tuple[list[bytes], dict]:
+    """The conftest's built tumour series (6 normal, 5 meningioma slices the default model
+    answers confidently, 5 normal; 5 mm apart) as one MR series of a study with patient tags,
+    0.5 mm pixels, plus a non-image object in the same series."""
     study, series = generate_uid(), generate_uid()
     files = []
-    for n, r in enumerate(normal + [glioma], start=1):
-        gray = cv2.imread(str(data_dir / "brain-mri" / r["file"]), cv2.IMREAD_GRAYSCALE)
-        ds = _identified(new_dataset(sop_class=MR_IMAGE, modality="MR"), study, series, n)
-        ds.Rows, ds.Columns = gray.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for n, data in enumerate(built.dicom(), start=1):
+        ds = _identified(pydicom.dcmread(io.BytesIO(data)), study, series, n)
         ds.PixelSpacing = [SPACING, SPACING]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [0, 0, 5.0 * n]
-        ds.PixelData = np.ascontiguousarray(gray).tobytes()
         files.append(to_bytes(ds))
     raw = _identified(new_dataset(sop_class=RAW_DATA, modality="MR"), study, series, 99)
     files.append(to_bytes(raw))
-    return files, {"study": study, "series": series, "glioma_instance": 4,
-                   "glioma_file": glioma["file"]}
+    return files, {"study": study, "series": series, "n_images": len(built.arrays),
+                   "tumour": built.tumour, "tumour_class": built.tumour_class}
 
 
 def _identified(ds, study, series, number):
@@ -100,11 +84,11 @@ def client(orthanc):
 
 
 @pytest.fixture(scope="module")
-def stored(client, data_dir, brain_predictor):
+def stored(client, data_dir, built_series):
     """Everything uploaded once by STOW-RS; returns what the tests need to know of it."""
     mprage = sorted(require(data_dir / "dicom" / "mprage-series").glob("*.dcm"))
     wg04 = sorted(require(data_dir / "dicom" / "wg04").glob("*.dcm"))
-    built, info = built_series(data_dir, brain_predictor)
+    built, info = pacs_series(built_series)
     datasets = [pydicom.dcmread(p) for p in mprage + wg04] + \
         [pydicom.dcmread(io.BytesIO(b)) for b in built]
     t = time.perf_counter()
@@ -135,7 +119,7 @@ def test_search_by_patient_id_date_modality_and_description(client, stored):
     assert [s.patient_id for s in client.search_studies(description="medcls TEST")] == [BUILT_PATIENT]
 
     series = client.search_series(stored["study"])
-    assert [(s.modality, s.n_instances) for s in series] == [("MR", 5)]
+    assert [(s.modality, s.n_instances) for s in series] == [("MR", stored["n_images"] + 1)]
 
 
 def test_study_not_found(client):
@@ -157,23 +141,46 @@ def built_review(client, stored, brain_predictor):
     return review_study(client, brain_predictor, stored["study"])
 
 
-def test_series_answer_is_the_tumour_slice_and_the_non_image_is_listed(built_review, stored,
-                                                                       brain_predictor):
-    from medcls.scan import load_scan
+def test_series_answer_is_the_series_views_answer_and_the_non_image_is_listed(
+        built_review, stored, brain_predictor):
+    """The PACS answers a series as the series view does (medcls.series_answer: the aggregation
+    rule, the suspicious run, the per-slice strip): the same summary, run and probabilities as
+    answer_series on the same files; the coded answer is the run's class, shown on the most
+    suspicious slice, with the segmentation's region."""
+    from medcls.series_answer import Outcome, answer_series, series_verdict
+    from medcls.study import bytes_source, gather
 
     (series,) = built_review.series
     answer = series.answer
-    assert [s.instance_number for s in answer.slices] == [1, 2, 3, 4]
+    assert len(answer.slices) == stored["n_images"]
     # the non-image object is skipped and listed, with its kind and a reason
     assert [(k.sop_class, "no image" in k.reason) for k in series.skipped] == [("Raw Data Storage", True)]
-    # the answer is driven by the glioma slice, with the same prediction as the slice alone
-    assert answer.slices[answer.driving].instance_number == stored["glioma_instance"]
-    alone = brain_predictor.predict(load_scan(stored["built_bytes"][3]))
-    assert answer.prediction.label == alone.label == "glioma"
-    assert answer.prediction.confidence == pytest.approx(alone.confidence, abs=1e-5)
-    assert answer.state == ("low-confidence" if alone.low_confidence else "answered")
-    assert series.roi is not None and series.roi.area_mm2 == pytest.approx(
-        series.roi.area_px * SPACING * SPACING)
+    # the series view's answer on the very files
+    local = answer_series(brain_predictor, gather(
+        [bytes_source(f"f{i}.dcm", b) for i, b in enumerate(stored["built_bytes"][:-1])]).series[0])
+    assert answer.summary.text == local.summary.text
+    assert (answer.summary.run.start, answer.summary.run.stop) == (local.summary.run.start,
+                                                                   local.summary.run.stop)
+    assert np.allclose(answer.probabilities(), local.probabilities(), atol=1e-5)
+    assert series.verdict == series_verdict(local)
+    # the suspicious run is where the tumour slices are; the answer is its class
+    run = answer.summary.run
+    assert answer.summary.outcome == Outcome.SUSPECTED
+    assert range(run.start, run.stop) == stored["tumour"]
+    assert series.verdict.label == stored["tumour_class"] == "meningioma"
+    assert series.driving == answer.summary.most_suspicious and series.driving in stored["tumour"]
+    assert int(series.driving_header.InstanceNumber) == series.driving + 1  # body order
+    assert series.state == ("answered" if series.verdict.probability >= answer.summary.threshold
+                            else "low-confidence")
+    # the region: the segmentation companion's outline on the shown slice (the card names one)
+    assert brain_predictor.segmenter is not None
+    seg = brain_predictor.outline(series.scan, answer.slices[series.driving].prediction)
+    assert series.roi is not None and series.roi.source == "segmentation"
+    assert series.roi.method == "segmentation"
+    assert series.roi.area_mm2 == pytest.approx(seg.area_px * SPACING * SPACING)
+    assert series.roi.diameter_mm == pytest.approx(seg.diameter_mm)
+    # the volume over the run comes from the segmentation too
+    assert answer.volume_method == "segmentation" and answer.volume_mm3 > 0
     assert not built_review.already_sent
 
 
@@ -198,24 +205,30 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
     model = ModelIdentity.of(brain_predictor)
     (group,) = read_sr(sr_ds)
     src = built_review.series[0]
-    pred = src.answer.prediction
-    assert group["class"] == pred.label == "glioma"
-    assert group["probability"] == pytest.approx(pred.confidence, abs=1e-9)
-    assert group["state"] == src.answer.state
+    verdict = src.verdict
+    assert group["class"] == verdict.label == "meningioma"
+    assert group["probability"] == pytest.approx(verdict.probability, abs=1e-9)
+    assert group["state"] == src.state
     assert group["algorithm"] == {"name": model.name, "version": model.version,
                                   "parameters": [f"sha256={model.sha256}"]}
-    assert group["roi"] and group["area_unit"] == "mm2"
-    # the region's source: the segmentation companion when the card names one, else the heatmap
-    region = (brain_predictor.outline(src.scan, pred) if brain_predictor.segmenter is not None
-              else src.explanation.region)
-    assert src.roi.source == ("heatmap" if brain_predictor.segmenter is None else "segmentation")
-    assert group["area_mm2"] == pytest.approx(region.area_px * SPACING ** 2)
+    assert group["roi"] and group["area_unit"] == "mm2" and group["diameter_unit"] == "mm"
+    # the region is the segmentation's (the card names a companion): its area and longest
+    # diameter replace the heatmap's, and the SR names the method
+    assert brain_predictor.card["segmentation"] == "brain-mri-seg"
+    seg = brain_predictor.outline(src.scan, src.answer.slices[src.driving].prediction)
+    assert group["area_mm2"] == pytest.approx(seg.area_px * SPACING ** 2)
+    assert group["area_mm2"] == pytest.approx(seg.area_mm2)
+    assert group["diameter_mm"] == pytest.approx(seg.diameter_mm)
+    assert group["method"] == group["diameter_method"] == "segmentation"
+    heat = src.explanation.region  # the heatmap's area is not what the SR carries
+    assert heat is not None and heat.area_mm2 != pytest.approx(group["area_mm2"])
     driving_uid = str(src.driving_header.SOPInstanceUID)
     assert group["referenced_sop_instance_uids"] == [driving_uid]
     evidence = {str(r.ReferencedSOPInstanceUID)
                 for item in sr_ds.CurrentRequestedProcedureEvidenceSequence
                 for s in item.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
-    assert evidence == {str(h.SOPInstanceUID) for h in src.headers} and len(evidence) == 4
+    assert evidence == {str(h.SOPInstanceUID) for h in src.headers}
+    assert len(evidence) == stored["n_images"]
     # patient and study identity copied from the source; new series in the same study
     assert sr_ds.PatientID == sc_ds.PatientID == BUILT_PATIENT
     assert sr_ds.StudyInstanceUID == sc_ds.StudyInstanceUID == stored["study"]
@@ -237,8 +250,8 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
     assert inside.mean() > 40  # the heatmap colours the region ...
     assert np.median(chroma) < inside.mean() / 2  # ... more than the rest of the slice
     # the banner holds exactly the research label and the answer, rendered as text
-    lines = [BANNER, f"MedCLS {model.name} {model.version}: {pred.label} "
-                     f"p={pred.confidence:.2f} ({src.answer.state})"]
+    lines = [BANNER, f"MedCLS {model.name} {model.version}: {verdict.label} "
+                     f"p={verdict.probability:.2f} ({src.state})"]
     expected = _with_banner(np.zeros((1, rgb.shape[1], 3), np.uint8), lines)[:-1]
     assert BANNER == "RESEARCH USE - NOT FOR DIAGNOSIS" and np.array_equal(rgb[:banner], expected)
 
@@ -247,7 +260,8 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
 
     # the content tree as people read it (kept for the README)
     outline = sr_outline(sr_ds)
-    assert f"Predicted class: {pred.label}" in outline and f"sha256={model.sha256}" in outline
+    assert f"Predicted class: {verdict.label}" in outline and f"sha256={model.sha256}" in outline
+    assert "Measurement Method: segmentation" in outline and "Long axis" in outline
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "pacs-sr.txt").write_text(outline + "\n\nread_sr: " + repr(group) + "\n")
     cv2.imwrite(str(OUTPUT / "pacs-sc.png"), rgb[:, :, ::-1])
@@ -285,6 +299,13 @@ def test_mprage_review_logs_no_patient_data(client, stored, brain_predictor, dat
     sr = client._web.retrieve_instance(study.study_uid, outcome.series_uids[0],
                                        outcome.sop_instance_uids[0])
     assert str(sr.PatientName) == SAMPLE_NAME and sr.PatientID == SAMPLE_ID
+    # no tumour seen: the SR says so, with no region, area or diameter
+    from medcls.dicom_results import read_sr
+
+    (group,) = read_sr(sr)
+    assert series.answer.summary.outcome.value == "not_seen" and series.roi is None
+    assert (group["class"], group["roi"], group["area_mm2"], group["diameter_mm"]) == (
+        "no_tumor", False, None, None)
 
 
 def test_wg04_compressed_instances_are_retrieved_and_classified_or_listed(client, stored,
@@ -305,7 +326,7 @@ def test_wg04_compressed_instances_are_retrieved_and_classified_or_listed(client
         # MR slices are classified; the CT is either classified (outside the training data) or,
         # when the model's card names its modality, refused slice by slice with a reason
         assert readable or patient == "1CT1", patient
-        states[patient] = series.answer.state
+        states[patient] = series.state
         reviews[patient] = review
     # a CT is far from the brain-MRI training data: the answer is withheld, and the SR says so
     # (no class, no probability, no region; it references the CT instance) with no capture
@@ -415,11 +436,24 @@ def test_cli_search_and_review(orthanc, stored, monkeypatch, capsys, brain_model
                  "--send"]) == 0
     out = capsys.readouterr().out
     assert loaded == [str(brain_model_dir)]
-    assert "glioma" in out and "Raw Data Storage" in out
+    assert "meningioma" in out and "Raw Data Storage" in out and "Tumour suspected" in out
+    assert "segmentation" in out  # the region's method
     # sent by the library test before (then not duplicated), or now when run alone
     assert "already in the PACS" in out or "Stored 2 object(s)" in out
     assert [s.modality for s in PacsClient(orthanc.settings()).search_series(
         stored["study"])].count("SR") == 1
+    # the command line's answers are in the audit trail (the settings' database), one per
+    # answered instance, by SOP Instance UID
+    import os
+
+    from medcls.audit import AuditStore
+
+    images = {str(pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True).SOPInstanceUID)
+              for b in stored["built_bytes"][:-1]}
+    audited = [r for r in AuditStore(os.environ["MEDCLS_DATABASE_URL"]).rows("answers")
+               if r["page"] == "pacs-cli"]
+    assert {r["sop_instance_uid"] for r in audited} >= images
+    assert all(r["user"].endswith("(command line)") for r in audited)
 
     monkeypatch.setenv("MEDCLS_PACS_PASSWORD", "wrong")
     assert main(["pacs", "search"]) == 2
@@ -477,14 +511,20 @@ def test_page_keeps_working_when_the_pacs_is_down(orthanc, stored, monkeypatch, 
 def test_results_from_a_bare_source_without_patient_tags_or_spacing(brain_predictor, data_dir,
                                                                     tmp_path):
     """Some archives leave Type 2 patient/study attributes out and give no pixel spacing: the
-    SR and SC are still valid; the region is there, without an area in mm²."""
+    SR and SC are still valid; the region is there, without an area or diameter in mm."""
     from medcls.dicom_results import build_results, heatmap_roi, read_sr
-    from medcls.pacs import (ModelIdentity, SeriesInfo, SeriesReview, StudyReview, _header,
-                             series_answer)
-    from medcls.scan import load_scan
+    from medcls.findings import finding_probability
+    from medcls.pacs import ModelIdentity, SeriesInfo, SeriesReview, StudyReview, _header
+    from medcls.series_answer import answer_series, series_verdict, slice_explanation
+    from medcls.study import bytes_source, gather
 
-    gray = cv2.imread(str(sorted((require(data_dir / "brain-mri") / "glioma").glob("*.jpg"))[0]),
-                      cv2.IMREAD_GRAYSCALE)
+    card = brain_predictor.card
+    for path in sorted((require(data_dir / "brain-mri") / "glioma").glob("*.jpg")):
+        pred = brain_predictor.predict_file(path)
+        if not pred.outside_training_distribution and \
+                finding_probability(pred.probabilities, card) >= card["low_confidence_threshold"]:
+            break  # one slice the model calls a tumour: a series of one is "suspected"
+    gray = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     ds = new_dataset(sop_class=MR_IMAGE, modality="MR")
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Rows, ds.Columns = gray.shape
@@ -492,15 +532,121 @@ def test_results_from_a_bare_source_without_patient_tags_or_spacing(brain_predic
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.PixelData = gray.tobytes()
     data = to_bytes(ds)
+    stack = gather([bytes_source("0", data)]).series[0]
+    answer = answer_series(brain_predictor, stack)
     review = SeriesReview(SeriesInfo(ds.StudyInstanceUID, ds.SeriesInstanceUID, "MR", None, ""),
-                          series_answer(brain_predictor, iter([data])), [_header(data)])
-    review.scan = load_scan(data)
-    review.explanation = brain_predictor.explain(review.scan)
+                          answer, [_header(data)], slice_instances=[(0, 0)],
+                          verdict=series_verdict(answer))
+    assert review.verdict.is_finding and review.driving == 0
+    review.scan = stack.scan(0)
+    review.explanation = slice_explanation(brain_predictor, answer, 0)
     review.roi = heatmap_roi(brain_predictor, review.explanation, review.scan)
     sr, sc = build_results(StudyReview(ds.StudyInstanceUID, ModelIdentity.of(brain_predictor),
                                        [review]))
     (group,) = read_sr(sr)
-    assert group["roi"] and group["area_mm2"] is None and group["class"] == review.answer.prediction.label
+    assert group["roi"] and group["area_mm2"] is None and group["diameter_mm"] is None
+    assert group["class"] == review.verdict.label
     assert sr.PatientID == "" and sc.StudyInstanceUID == ds.StudyInstanceUID
     dciodvfy_errors(sr, tmp_path / "bare-sr.dcm")
     dciodvfy_errors(sc, tmp_path / "bare-sc.dcm")
+
+
+# ----------------------------------------------------------------------------- audit
+
+@pytest.fixture(scope="module")
+def pg_url():
+    from pgserver import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audit_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'audit.sqlite'}"
+        return
+    yield request.getfixturevalue("pg_url")
+
+
+def test_pacs_answers_are_audited_per_sop_instance_uid(audit_url, client, stored, built_review,
+                                                       brain_predictor):
+    """Every answered instance of the PACS review in the audit store (SQLite and a real
+    PostgreSQL), keyed by its SOP Instance UID: the model's identity, the slice's answer and
+    state, the series' outcome; the region's size and method on the slice that shows the
+    tumour answer only; no patient name, ID or date anywhere."""
+    import sqlalchemy as sa
+
+    from medcls import audit
+    from medcls.audit import AuditStore
+    from medcls.pacs import record_review
+
+    store = AuditStore(audit_url)
+    try:
+        ids = record_review(store, built_review, brain_predictor, "rev@hospital.test")
+        (src,) = built_review.series
+        image_uids = [str(h.SOPInstanceUID) for h in src.headers]
+        assert len(ids) == len(image_uids) == stored["n_images"]
+        rows = [r for r in store.answers_with_verdicts() if r["id"] in ids]
+        assert sorted(r["sop_instance_uid"] for r in rows) == sorted(image_uids)
+        assert built_review.answer_ids == {r["sop_instance_uid"]: r["id"] for r in rows}
+        card = brain_predictor.card
+        by_uid = {r["sop_instance_uid"]: r for r in rows}
+        for i, header in src.answered_instances:
+            r = by_uid[str(header.SOPInstanceUID)]
+            pred = src.answer.slices[i].prediction
+            assert (r["model_name"], r["model_version"], r["model_sha256"]) == (
+                card["name"], str(card["version"]), card["model_sha256"])
+            assert (r["input_source"], r["page"], r["input_sha256"], r["frame"]) == (
+                "pacs", "pacs", None, None)
+            assert r["predicted"] == pred.label
+            assert r["confidence"] == pytest.approx(pred.confidence)
+            assert r["probabilities"] == pytest.approx(dict(zip(pred.classes,
+                                                                map(float, pred.probabilities))))
+            assert (r["low_confidence"], r["withheld"]) == (pred.low_confidence,
+                                                           pred.outside_training_distribution)
+            assert r["series_outcome"] == "suspected"
+            if i == src.driving:  # the tumour answer's region: the segmentation's size
+                assert r["region_method"] == "segmentation" and r["heatmap_method"] == "gradcam"
+                assert r["region_area_mm2"] == pytest.approx(src.roi.area_mm2)
+                assert r["region_diameter_mm"] == pytest.approx(src.roi.diameter_mm)
+            else:
+                assert (r["region_method"], r["region_area_mm2"], r["region_diameter_mm"]) == (
+                    None, None, None)
+        # a verdict attaches to an instance's answer
+        store.record_verdict(by_uid[image_uids[src.driving]]["id"], "rev@hospital.test", "agree")
+        # no patient name, ID or date in any table
+        with store.engine.connect() as c:
+            text = repr([list(row) for t in audit.metadata.sorted_tables
+                         for row in c.execute(sa.select(t))])
+        for value in (BUILT_PATIENT, "Test^Built", "Built", BUILT_DATE, stored["study"],
+                      stored["series"]):
+            assert value not in text, value
+    finally:
+        if store.engine.dialect.name == "postgresql":
+            audit.metadata.drop_all(store.engine)
+        store.dispose()
+
+
+def test_a_no_tumour_or_withheld_answer_carries_no_region_in_the_audit(brain_predictor):
+    from medcls.audit import Answer
+    from medcls.inference import Prediction
+    from medcls.segmentation import measure
+
+    prob = np.zeros((64, 64), np.float32)
+    prob[20:40, 20:40] = 0.9
+    seg = measure(prob, 0.5, pixel_spacing=(0.5, 0.5))
+    card = brain_predictor.card
+    classes = tuple(card["classes"])
+
+    def pred(p, gate=1.0):
+        return Prediction(classes, np.asarray(p, float), np.zeros(4), gate, 10.0, 0.9)
+
+    common = dict(user="u", page="main", input_sha256="0" * 64, region=seg)
+    tumour = Answer.of(pred([0.95, 0.02, 0.02, 0.01]), card, **common)
+    assert (tumour.region_method, tumour.region_area_mm2) == ("segmentation", 100.0)
+    assert tumour.region_diameter_mm == pytest.approx(seg.diameter_mm)
+    normal = Answer.of(pred([0.02, 0.02, 0.95, 0.01]), card, **common)
+    withheld = Answer.of(pred([0.95, 0.02, 0.02, 0.01], gate=20.0), card, **common)
+    for a in (normal, withheld):
+        assert (a.region_method, a.region_area_mm2, a.region_diameter_mm) == (None, None, None)

@@ -398,3 +398,44 @@ def test_series_summary_report_and_logs_hold_no_identifying_value(series_files, 
     out, err = capfd.readouterr()
     texts += [caplog.text, out, err]
     assert not leaks("\n".join(texts), needles)
+
+
+# ----------------------------------------------------------------------------- PACS audit
+
+def test_pacs_audit_holds_no_patient_data_only_instance_uids(series_files, needles, orthanc,
+                                                              brain_predictor, tmp_path, caplog):
+    """The MPRAGE series from a real Orthanc, reviewed and written to the audit store: one row
+    per answered instance keyed by its SOP Instance UID (not patient data: the PACS holds it),
+    and no other identifying value (the sample's name, ID, birth date, study date ...) in any
+    table or in the database file's bytes."""
+    import sqlalchemy as sa
+
+    from medcls import audit
+    from medcls.audit import AuditStore
+    from medcls.pacs import PacsClient, record_review, review_study
+
+    caplog.set_level(logging.DEBUG)
+    client = PacsClient(orthanc.settings())
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in series_files]
+    study_uid = str(headers[0].StudyInstanceUID)
+    if not client.search_studies(patient_id=str(headers[0].PatientID)):  # not stored yet
+        client.store([pydicom.dcmread(f) for f in series_files])
+    review = review_study(client, brain_predictor, study_uid)
+    path = tmp_path / "audit.sqlite"
+    store = AuditStore(f"sqlite:///{path}")
+    ids = record_review(store, review, brain_predictor, "clin@hospital.test")
+    with store.engine.connect() as c:
+        text = repr([list(row) for t in audit.metadata.sorted_tables for row in c.execute(sa.select(t))])
+    store.dispose()
+    sops = {str(h.SOPInstanceUID) for h in headers}
+    rows = AuditStore(f"sqlite:///{path}").rows("answers")
+    assert len(ids) == len(rows) == 24 and {r["sop_instance_uid"] for r in rows} == sops
+    others = {n: k for n, k in needles.items() if k != "SOPInstanceUID"}
+    assert {"PatientName", "PatientID", "PatientBirthDate"} <= set(others.values())
+    assert not leaks(text, others), leaks(text, others)
+    data = b"".join(p.read_bytes() for p in tmp_path.glob("audit.sqlite*"))
+    for uid in sops:  # the instance UIDs (the allowed key) embed the acquisition date: not a leak
+        data = data.replace(uid.encode(), b"")
+    assert not raw_leaks(data, others), raw_leaks(data, others)
+    assert "Doe" not in text and not re.search(r"(?<![\d.])0123(?![\d.])", text)
+    assert not leaks(caplog.text, needles)

@@ -288,6 +288,73 @@ def test_report_carries_the_measured_size(brain, companion_predictor):
     assert seg is not None
     text = pdf_text(render_report(display_image(scan), explanation, explanation.prediction,
                                   predictor.card, scan.sha256, fmt="pdf", segmentation=seg))
-    assert "Tumour size, by segmentation (brain-mri-seg)" in text
+    assert "Tumour size (method: segmentation, brain-mri-seg)" in text
     assert f"longest diameter {seg.diameter_px:.0f} px" in text and f"area {seg.area_px} px" in text
-    assert "Heatmap region area" not in text
+    assert "Grad-CAM region" not in text  # the segmentation's size replaces the heatmap's
+
+    # with pixel spacing: the size in mm², longest diameter in mm
+    import dataclasses
+
+    mm = dataclasses.replace(scan, pixel_spacing=(0.5, 0.5))
+    seg_mm = predictor.outline(mm, explanation.prediction)
+    text = pdf_text(render_report(display_image(mm), explanation, explanation.prediction,
+                                  predictor.card, mm.sha256, fmt="pdf", segmentation=seg_mm))
+    assert f"area {seg_mm.area_mm2:.0f} mm², longest diameter {seg_mm.diameter_mm:.1f} mm" in text
+    assert seg_mm.area_mm2 == pytest.approx(seg_mm.area_px * 0.25)
+
+
+def test_report_size_rule_no_tumour_withheld_and_heatmap(brain, companion_predictor):
+    """A no-tumour or withheld answer carries no size (even when handed a segmentation); a
+    model without a companion gives the Grad-CAM region's area, named as such; a model with one
+    never gives the heatmap's."""
+    import dataclasses
+
+    from medcls.report import render_report
+    from medcls.scan import display_image, load_scan
+
+    root, rows = brain
+    predictor = companion_predictor
+    tumour = load_scan(_answered(predictor, root, rows, "meningioma"))
+    tumour = dataclasses.replace(tumour, pixel_spacing=(0.5, 0.5))
+    e = predictor.explain(tumour)
+    seg = predictor.outline(tumour, e.prediction)
+    normal = load_scan(_answered(predictor, root, rows, "no_tumor"))
+    en = predictor.explain(normal)
+    withheld = dataclasses.replace(e.prediction, gate_score=e.prediction.gate_threshold + 1)
+
+    def text(expl, pred, card, segmentation, scan=tumour):
+        return pdf_text(render_report(display_image(scan), expl, pred, card, "0" * 64,
+                                      fmt="pdf", segmentation=segmentation))
+
+    for pred, expl, scan in ((en.prediction, en, normal), (withheld, e, tumour)):
+        t = text(expl, pred, predictor.card, seg, scan)
+        assert "Tumour size" not in t and "Region size" not in t and "mm²" not in t
+    no_companion = {k: v for k, v in predictor.card.items() if k != "segmentation"}
+    t = text(e, e.prediction, no_companion, None)
+    assert "Region size (method: Grad-CAM region; coarse" in t
+    assert f"area {e.region.area_mm2:.0f} mm2" in " ".join(t.split())
+    t = text(e, e.prediction, predictor.card, None)  # a companion that found no outline
+    assert "Grad-CAM region" not in t and "Tumour size" not in t
+
+
+def test_series_report_carries_the_segmentation_size_and_volume(built_series, companion_predictor):
+    """The series report of the built tumour series: the run's volume from the segmentation
+    (method named) and the shown slice's outline size."""
+    from medcls.report import render_series_report
+    from medcls.scan import display_image
+    from medcls.series_answer import answer_series, slice_explanation
+    from medcls.study import bytes_source, gather
+
+    series = gather([bytes_source(f"{i}.dcm", b)
+                     for i, b in enumerate(built_series.dicom())]).series[0]
+    answer = answer_series(companion_predictor, series)
+    i = answer.summary.most_suspicious
+    seg = answer.segmentations[i]
+    assert seg is not None and answer.volume_method == "segmentation"
+    pdf = pdf_text(render_series_report(answer, display_image(series.scan(i)),
+                                        slice_explanation(companion_predictor, answer, i), i,
+                                        fmt="pdf"))
+    assert f"Suspicious region volume: {answer.volume_mm3:.0f} mm3" in pdf
+    assert "method: segmentation, brain-mri-seg" in pdf
+    assert (f"Slice {i + 1}: Tumour size (method: segmentation, brain-mri-seg): area "
+            f"{seg.area_mm2:.0f} mm², longest diameter {seg.diameter_mm:.1f} mm") in " ".join(pdf.split())

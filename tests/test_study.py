@@ -56,6 +56,25 @@ def test_shuffled_files_without_instance_numbers_are_ordered_by_position(orienta
     assert s.pixel_spacing == (1.0, 1.0) and s.scan(0).pixel_spacing == (1.0, 1.0)
 
 
+@pytest.mark.parametrize("orientation,plane,oblique", [
+    ((1, 0, 0, 0, 1, 0), "axial", False), ((0, 1, 0, 0, 0, -1), "sagittal", False),
+    ((1, 0, 0, 0, 0, -1), "coronal", False),
+    ((1, 0, 0, 0, np.cos(0.3), -np.sin(0.3)), "axial", False),  # tilted 17°: still axial
+    ((1, 0, 0, 0, np.cos(0.7), -np.sin(0.7)), "axial", True)])  # tilted 40°: oblique
+def test_one_plane_rule_for_a_scan_and_its_series(orientation, plane, oblique):
+    """The card's scope (one scan, medcls.inference.scan_plane) and the series (medcls.study)
+    decide the plane by the same function (medcls.scan.plane_of_normal)."""
+    from medcls import inference, scan as scan_module
+
+    assert inference.scan_plane is scan_module.scan_plane
+    s = gather(shuffled(series_files(marked(3), 3.0, orientation=orientation))).series[0]
+    assert (s.plane, s.oblique) == (plane, oblique)
+    assert all(inference.scan_plane(s.scan(i)) == plane for i in range(len(s)))
+    assert scan_module.plane_of_normal(s.slices[0].normal) == (plane, oblique)
+    assert scan_module.plane_of_normal(None) == (None, False)
+    assert scan_module.slice_normal([1, 0, 0, 1, 0, 0]) is None  # degenerate: no plane
+
+
 def test_position_beats_instance_number_and_instance_number_is_the_fallback():
     files = series_files(marked(6), instance_numbers=True)
     # instance numbers that contradict the positions: the positions win
@@ -267,10 +286,23 @@ def test_built_tumour_series_finds_the_run_where_the_tumour_slices_are(built_ser
     assert set(range(run.start, run.stop)) == set(built_series.tumour)
     assert run.class_name == built_series.tumour_class
     assert a.summary.most_suspicious in built_series.tumour
+    # the default model's card names a segmentation companion: the volume is the sum of the
+    # run slices' mask areas times the slice spacing, and says so
+    assert brain_predictor.card.get("segmentation") and brain_predictor.segmenter is not None
+    assert a.volume_method == "segmentation" and "method: segmentation" in a.volume_note
+    assert set(a.segmentations) == set(built_series.tumour) and not a.regions
+    segs = [a.segmentations[i] for i in built_series.tumour]
+    assert sum(x is not None for x in segs) >= 3  # the masks found the tumour on most slices
+    for i in built_series.tumour:  # each area is the slice's own segmentation
+        alone = brain_predictor.outline(s.scan(i), a.slices[i].prediction)
+        assert (alone is None and a.segmentations[i] is None) or \
+            alone.area_mm2 == pytest.approx(a.segmentations[i].area_mm2)
+    areas = [x.area_mm2 if x is not None else 0.0 for x in segs]
+    assert all(x is None or x.area_mm2 == x.area_px * 1.0 for x in segs)  # 1 mm pixels
     assert a.volume_mm3 is not None and a.volume_mm3 > 0
-    areas = [a.regions[i].area_mm2 for i in built_series.tumour]
     assert a.volume_mm3 == pytest.approx(sum(areas) * 5.0)
     rec = a.as_record()
+    assert rec["volume_method"] == "segmentation"
     assert rec["run_first_slice"] == built_series.tumour.start + 1 and rec["outcome"] == "suspected"
     assert "duplicate" in rec["findings"]
     slices = a.slice_records()
@@ -279,6 +311,72 @@ def test_built_tumour_series_finds_the_run_where_the_tumour_slices_are(built_ser
     normal = gather(shuffled(series_files(built_series.arrays[:6]))).series[0]
     b = answer_series(brain_predictor, normal)
     assert b.summary.outcome == Outcome.NOT_SEEN and b.volume_mm3 is None
+
+
+def test_series_volume_from_heatmap_regions_without_a_segmentation_companion(built_series,
+                                                                             brain_predictor):
+    """A model whose card names no segmentation companion: the volume comes from the run
+    class's Grad-CAM regions, and is named so."""
+    files = built_series.dicom()
+    s = gather(shuffled(files)).series[0]
+    saved = brain_predictor._explainers.get("segmenter", "unset")
+    brain_predictor._explainers["segmenter"] = None  # as if the card named none
+    try:
+        a = answer_series(brain_predictor, s)
+    finally:
+        if saved == "unset":
+            brain_predictor._explainers.pop("segmenter", None)
+        else:
+            brain_predictor._explainers["segmenter"] = saved
+    assert a.summary.outcome == Outcome.SUSPECTED and not a.segmentations
+    areas = [a.regions[i].area_mm2 for i in built_series.tumour]
+    assert a.volume_method == "Grad-CAM region" and "Grad-CAM region" in a.volume_note
+    assert a.volume_mm3 == pytest.approx(sum(areas) * 5.0)
+
+
+def test_series_verdict_codes_the_summary(built_series, brain_predictor):
+    """The series' one coded answer (what the PACS SR, the CLI and the audit carry)."""
+    from medcls.series_answer import series_verdict
+
+    files = built_series.dicom()
+    a = answer_series(brain_predictor, gather(shuffled(files)).series[0])
+    v = series_verdict(a)
+    run = a.summary.run
+    assert (v.outcome, v.label, v.slice, v.text) == (Outcome.SUSPECTED, built_series.tumour_class,
+                                                     a.summary.most_suspicious, a.summary.text)
+    assert v.probability == pytest.approx(np.mean([a.slices[i].prediction.probabilities[
+        run.class_index] for i in built_series.tumour]))
+    assert v.state == ("answered" if v.probability >= a.summary.threshold else "low-confidence")
+    assert v.is_finding
+    normal = answer_series(brain_predictor, gather(shuffled(series_files(
+        built_series.arrays[:6]))).series[0])
+    n = series_verdict(normal)
+    assert (n.outcome, n.label, n.slice) == (Outcome.NOT_SEEN, "no_tumor",
+                                             normal.summary.most_suspicious)
+    assert n.probability == pytest.approx(np.mean([x.prediction.probabilities[2]
+                                                   for x in normal.slices]))
+    assert not n.is_finding
+
+
+def test_series_verdict_on_constructed_summaries():
+    from medcls.series_answer import SeriesAnswer, SliceAnswer, series_verdict
+
+    def answer(p_tumour, outside=None):
+        probs = probs_for(p_tumour)
+        outside = outside or [False] * len(p_tumour)
+        slices = [SliceAnswer(i, float(i), _pred(pr, gate=20.0 if o else 1.0), None,
+                              float(1 - pr[2])) for i, (pr, o) in enumerate(zip(probs, outside))]
+        return SeriesAnswer(None, slices, summarise(probs, outside, CARD), CARD)
+
+    v = series_verdict(answer([0.1, 0.95, 0.97, 0.96, 0.1]))
+    assert (v.outcome, v.label, v.state, v.slice) == (Outcome.SUSPECTED, "glioma", "answered", 2)
+    quiet = series_verdict(answer([0.02, 0.03, 0.01]))
+    assert (quiet.label, quiet.state) == ("no_tumor", "answered")
+    blip = series_verdict(answer([0.02, 0.95, 0.01]))  # one positive slice: not a run
+    assert (blip.outcome, blip.label, blip.state) == (Outcome.NOT_SEEN, "no_tumor", "low-confidence")
+    none = series_verdict(answer([0.5, 0.5, 0.5], outside=[True] * 3))
+    assert (none.outcome, none.label, none.probability, none.state, none.slice) == (
+        Outcome.CANNOT_ANSWER, None, None, "withheld", None)
 
 
 # ----------------------------------------------------------------------------- region rule
