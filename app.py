@@ -137,7 +137,10 @@ st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="p
 st.caption(f"Answered by {card['name']} v{card['version']} in {elapsed_ms:.0f} ms "
            "(preprocess, predict and heatmap). Probabilities are calibrated "
            f"(temperature {predictor.package.temperature:.2f}, fitted on the validation split).")
+# the audit keeps the tumour's size as shown: the segmentation, else the answer's heatmap region
+# (Answer.of keeps none for a no-tumour or withheld answer)
 answer_id = ui.audit_answer((scan.sha256, frame, model_path, method), pred, card, "main",
+                            region=outline if outline is not None else explained(None)[0].region,
                             input_sha256=scan.sha256, frame=frame, heatmap_method=method)
 ui_viewer.preload_other_tasks(card)
 

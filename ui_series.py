@@ -265,7 +265,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     getattr(st, kind)(f"Slice {shown + 1}: " + text)
     st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="series_probs")
     # the shown slice's answer goes into the audit trail, with the clinician's verdict on it
-    ui.audit_answer((series.key, model_path, shown, method), pred, card, "series",
+    ui.audit_answer((series.key, model_path, shown, method), pred, card, "series", region=region,
                     input_sha256=scan.sha256, frame=scan.frame if scan.n_frames > 1 else None,
                     heatmap_method=method)
     _report_buttons(predictor, answer, method, alpha, center, width)

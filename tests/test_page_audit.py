@@ -91,6 +91,11 @@ def test_main_page_records_the_answer_and_the_verdict(db, data_dir, brain_model_
                                                           map(float, expl.prediction.probabilities))))
     assert (row["user"], row["page"], row["heatmap_method"]) == ("local", "main", "gradcam")
     assert len(row["model_sha256"]) == 64
+    # the tumour's size as shown: the segmentation's (a JPEG has no spacing, so no mm); none for
+    # a no-tumour or withheld answer
+    shown_tumour = row["predicted"] != "no_tumor" and not row["withheld"]
+    assert row["region_method"] == ("segmentation" if shown_tumour else None)
+    assert row["region_area_mm2"] is None and row["region_diameter_mm"] is None
 
     # a rerun (another widget) does not record the same answer again
     at.slider(key="alpha").set_value(0.6).run()
@@ -107,6 +112,26 @@ def test_main_page_records_the_answer_and_the_verdict(db, data_dir, brain_model_
     at = verdict(at, "disagree")
     assert any("needs the class" in e.value for e in at.error)
     assert len(AuditStore(db).rows("verdicts")) == 1
+
+
+def test_main_page_audits_the_segmentation_size_of_a_dicom_tumour(db, tmp_path, data_dir):
+    """A DICOM with pixel spacing: the audit row carries the segmentation's area and longest
+    diameter in mm, the same figures the page shows; a no-tumour answer on the same page none."""
+    import numpy as np
+    from PIL import Image
+    from dicom_factory import mr_slice, to_bytes
+
+    gray = np.asarray(Image.open(brain_scan(data_dir, "meningioma")).convert("L"), np.uint16) * 16
+    data = to_bytes(mr_slice(gray, position=(0.0, 0.0, 0.0), spacing=(0.49, 0.49)))
+    at = page(APP, scan_bytes=data)
+    assert not at.exception, texts(at)
+    row = AuditStore(db).rows("answers")[0]
+    if row["predicted"] == "no_tumor" or row["withheld"]:
+        pytest.skip("the model did not answer a tumour on this slice")
+    assert row["region_method"] == "segmentation"
+    caption = next(c.value for c in at.caption if c.value.startswith("Tumour outline"))
+    assert f"area {row['region_area_mm2']:.0f} mm²" in caption, caption
+    assert f"longest diameter {row['region_diameter_mm']:.1f} mm" in caption, caption
 
 
 def test_series_view_records_the_shown_slice_and_the_verdict(db, built_series):
