@@ -157,7 +157,7 @@ def overlay_panel(gray: np.ndarray, explanation, pred, card: dict, alpha: float,
     if explanation.class_name != pred.label and not pred.outside_training_distribution:
         return over, f"Heatmap for “{cls_name}” (asked for; the answer is " \
                      f"“{present.class_name(card, pred.label)}”)", drawn
-    return over, f"Heatmap for “{cls_name}”", drawn
+    return over, f"Heatmap for “{cls_name}”: what drove the class", drawn
 
 
 def heatmap_note(pred, card: dict, explanation, drawn: bool) -> str:
