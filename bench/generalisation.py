@@ -70,7 +70,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     path = args.out / "generalisation.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    result = {"command": command(), "machine": machine(), "models": old.get("models", {}),
+    # an attempt keeps the headline's command: each attempt names its own training command
+    result = {"command": old.get("command") if args.attempt and old else command(),
+              "machine": machine(), "models": old.get("models", {}),
               "attempts": old.get("attempts", [])}
     for folder, card in list_packages(args.models):
         if card["task"] not in ("brain-mri", "chest-xray"):
