@@ -275,13 +275,18 @@ def _predictor_from_files(package_files: dict[str, bytes]):
     """A :class:`Predictor` from a package's files (received through Ray's object store)."""
     from .inference import Predictor
 
-    folder = Path(tempfile.mkdtemp(prefix="medcls-model-"))
+    root = Path(tempfile.mkdtemp(prefix="medcls-model-"))
+    folder = root / "package"
     try:
-        for name, content in package_files.items():
-            (folder / name).write_bytes(content)
-        return Predictor.from_path(folder)
+        for name, content in package_files.items():  # "../<companion>/..." lands beside it
+            path = (folder / name).resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+        predictor = Predictor.from_path(folder)
+        predictor.segmenter  # the companion the card names, loaded while its files exist
+        return predictor
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the model is in memory now
+        shutil.rmtree(root, ignore_errors=True)  # the models are in memory now
 
 
 class _Classifier:
@@ -307,9 +312,20 @@ class _Classifier:
 def package_files(model_dir: str | Path) -> dict[str, bytes]:
     """The files a model package is loaded from (what actors receive through Ray)."""
     folder = Path(model_dir)
-    read_card(folder)  # a broken package is refused here, before any cluster work
-    return {name: (folder / name).read_bytes() for name in (MODEL_FILE, CARD_FILE, GATE_FILE)
-            if (folder / name).is_file()}
+    card = read_card(folder)  # a broken package is refused here, before any cluster work
+    files = {name: (folder / name).read_bytes() for name in (MODEL_FILE, CARD_FILE, GATE_FILE)
+             if (folder / name).is_file()}
+    companion = card.get("segmentation")  # the segmentation package beside it, named by the card
+    if companion and not (folder.parent / companion).is_dir():
+        from .errors import ModelPackageError
+
+        raise ModelPackageError(f"Model {card.get('name')!r} names the segmentation package "
+                                f"{companion!r}, which is not in the models folder.")
+    if companion:
+        files.update({f"../{companion}/{name}": (folder.parent / companion / name).read_bytes()
+                      for name in (MODEL_FILE, CARD_FILE)
+                      if (folder.parent / companion / name).is_file()})
+    return files
 
 
 def _data_context():
