@@ -63,7 +63,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from .errors import ClusterError, MedclsError
+from .errors import ClusterError, MedclsError, ModelPackageError
 from .inference import Prediction, Predictor, StreamItem, check_modality, load_stream_item
 from .package import CARD_FILE, GATE_FILE, MODEL_FILE, read_card
 from .calibration import InputGate
@@ -317,8 +317,6 @@ def package_files(model_dir: str | Path) -> dict[str, bytes]:
              if (folder / name).is_file()}
     companion = card.get("segmentation")  # the segmentation package beside it, named by the card
     if companion and not (folder.parent / companion).is_dir():
-        from .errors import ModelPackageError
-
         raise ModelPackageError(f"Model {card.get('name')!r} names the segmentation package "
                                 f"{companion!r}, which is not in the models folder.")
     if companion:
