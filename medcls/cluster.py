@@ -283,7 +283,8 @@ def _predictor_from_files(package_files: dict[str, bytes]):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(content)
         predictor = Predictor.from_path(folder)
-        predictor.segmenter  # the companion the card names, loaded while its files exist
+        if any(name.startswith("../") for name in package_files):
+            predictor.segmenter  # the companion shipped with it, loaded while its files exist
         return predictor
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the models are in memory now
@@ -309,13 +310,15 @@ class _Classifier:
                 "logits": logits, "gate_score": gate, "error": batch["error"], "info": batch["info"]}
 
 
-def package_files(model_dir: str | Path) -> dict[str, bytes]:
-    """The files a model package is loaded from (what actors receive through Ray)."""
+def package_files(model_dir: str | Path, companion: bool = False) -> dict[str, bytes]:
+    """The files a model package is loaded from (what actors receive through Ray); with
+    ``companion``, also the segmentation package its card names (series answers measure the
+    tumour's volume with it; per-file review never loads it)."""
     folder = Path(model_dir)
     card = read_card(folder)  # a broken package is refused here, before any cluster work
     files = {name: (folder / name).read_bytes() for name in (MODEL_FILE, CARD_FILE, GATE_FILE)
              if (folder / name).is_file()}
-    companion = card.get("segmentation")  # the segmentation package beside it, named by the card
+    companion = companion and card.get("segmentation")  # its folder name, beside the package
     if companion and not (folder.parent / companion).is_dir():
         raise ModelPackageError(f"Model {card.get('name')!r} names the segmentation package "
                                 f"{companion!r}, which is not in the models folder.")
@@ -478,7 +481,7 @@ def review_by_series(model_dir: str | Path, sources: Sequence[Source], address: 
     from .study import gather
 
     card = read_card(model_dir)
-    files = package_files(model_dir)
+    files = package_files(model_dir, companion=True)
     items = path_items(sources)
     pacs = _pacs_for(items)
     file_sources = [s for s, it in zip(sources, items) if not it["pacs"]]

@@ -48,9 +48,7 @@ def render_report(image01: np.ndarray, explanation: Explanation | None, predicti
     gray = image01 if image01.ndim == 2 else image01.mean(axis=2)
     ax1 = fig.add_axes([0.05, 0.55, 0.43, 0.38])
     ax1.imshow(gray, cmap="gray", vmin=0, vmax=1)
-    if segmentation is not None:
-        pts = np.array(segmentation.polygon + segmentation.polygon[:1])
-        ax1.plot(pts[:, 0], pts[:, 1], color="gold", lw=1.2)
+    _draw_outline(ax1, segmentation)
     ax1.set_title("Image" + (" and tumour outline" if segmentation is not None else ""))
     ax1.axis("off")
     ax2 = fig.add_axes([0.52, 0.55, 0.43, 0.38])
@@ -138,6 +136,13 @@ def size_line(segmentation, region, card: dict) -> str | None:
     return None
 
 
+def _draw_outline(ax, segmentation) -> None:
+    """The segmentation's outline (closed polygon, gold) on the image axes; nothing for None."""
+    if segmentation is not None:
+        pts = np.array(segmentation.polygon + segmentation.polygon[:1])
+        ax.plot(pts[:, 0], pts[:, 1], color="gold", lw=1.2)
+
+
 def _shown_region(explanation: Explanation | None, prediction: Prediction, card: dict):
     """The region the report may draw (medcls.findings' rule): a heatmap of another class than
     the answer's was asked for explicitly."""
@@ -200,9 +205,7 @@ def render_series_report(answer: "SeriesAnswer", image01: np.ndarray | None,
         gray = image01 if image01.ndim == 2 else image01.mean(axis=2)
         ax1 = fig.add_axes([0.05, 0.33, 0.43, 0.28])
         ax1.imshow(gray, cmap="gray", vmin=0, vmax=1)
-        if shown_seg is not None:
-            pts = np.array(shown_seg.polygon + shown_seg.polygon[:1])
-            ax1.plot(pts[:, 0], pts[:, 1], color="gold", lw=1.2)
+        _draw_outline(ax1, shown_seg)
         ax1.set_title(f"Most suspicious slice: {slice_index + 1} of {len(series)}", fontsize=10)
         ax1.axis("off")
         ax2 = fig.add_axes([0.52, 0.33, 0.43, 0.28])

@@ -313,16 +313,23 @@ def _run_regions(predictor: Predictor, answer: SeriesAnswer, method: str) -> Non
             continue
         answer.regions[i] = e.region
         areas.append(e.region.area_mm2 if e.region is not None else 0.0)
-    spacing = series.slice_spacing
-    if any(a is None for a in areas) or not areas:
+    _set_volume(answer, areas, HEATMAP_REGION, f"{len(areas)} slice region areas",
+                f"{HEATMAP_REGION}, coarse")
+
+
+def _set_volume(answer: SeriesAnswer, areas: list[float | None], method: str, what: str,
+                method_text: str) -> None:
+    """Volume = sum of the run slices' areas (mm², None when a slice has no mm) × slice spacing,
+    or the reason there is none."""
+    spacing = answer.series.slice_spacing
+    if not areas or any(a is None for a in areas):
         answer.volume_note = "no pixel spacing in these files, so no volume"
     elif not spacing:
         answer.volume_note = "no slice spacing in these files, so no volume"
     else:
         answer.volume_mm3 = float(sum(areas) * spacing)
-        answer.volume_method = HEATMAP_REGION
-        answer.volume_note = (f"sum of {len(areas)} slice region areas × {spacing:.2f} mm slice "
-                              f"spacing (method: {HEATMAP_REGION}, coarse)")
+        answer.volume_method = method
+        answer.volume_note = f"sum of {what} × {spacing:.2f} mm slice spacing (method: {method_text})"
 
 
 def _run_segmentations(predictor: Predictor, answer: SeriesAnswer) -> None:
@@ -340,19 +347,11 @@ def _run_segmentations(predictor: Predictor, answer: SeriesAnswer) -> None:
             continue
         answer.segmentations[i] = seg
         areas.append(0.0 if seg is None else seg.area_mm2)
-    spacing = series.slice_spacing
     name = getattr(predictor.segmenter, "name", "")
-    if not areas or any(a is None for a in areas):
-        answer.volume_note = "no pixel spacing in these files, so no volume"
-    elif not spacing:
-        answer.volume_note = "no slice spacing in these files, so no volume"
-    else:
-        answer.volume_mm3 = float(sum(areas) * spacing)
-        answer.volume_method = SEGMENTATION
-        found = sum(1 for i in range(run.start, run.stop) if answer.segmentations.get(i) is not None)
-        answer.volume_note = (f"sum of {len(areas)} slice segmentation areas ({found} with a "
-                              f"tumour mask) × {spacing:.2f} mm slice spacing (method: "
-                              f"{SEGMENTATION}{f', {name}' if name else ''})")
+    found = sum(1 for i in range(run.start, run.stop) if answer.segmentations.get(i) is not None)
+    _set_volume(answer, areas, SEGMENTATION,
+                f"{len(areas)} slice segmentation areas ({found} with a tumour mask)",
+                f"{SEGMENTATION}{f', {name}' if name else ''}")
 
 
 # ----------------------------------------------------------------------------- one coded answer
