@@ -92,7 +92,10 @@ def cmd_train_seg(args) -> int:
                          batch_size=args.batch_size, lr=args.lr, max_train=args.max_train,
                          max_minutes=args.max_minutes, cache_dir=args.cache_dir,
                          negative_every=args.negative_every, freeze_until=args.freeze_until or None,
-                         init=args.init, empty_dice=not args.no_empty_dice)
+                         init=args.init, empty_dice=not args.no_empty_dice,
+                         decoder=tuple(int(f) for f in args.decoder.split(",")),
+                         convs_per_stage=args.convs_per_stage, encoder_from=args.encoder_from,
+                         patience=args.patience)
     print(train_segmentation(cfg, command=command_line()))
     return 0
 
@@ -185,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--init", help="continue from this companion package's weights")
     g.add_argument("--no-empty-dice", action="store_true",
                    help="Dice over tumour images only (cross-entropy alone for images without one)")
+    g.add_argument("--decoder", default="96,64,48,32,16",
+                   help="filters per decoder stage, from stride 16 to full size")
+    g.add_argument("--convs-per-stage", type=int, default=1)
+    g.add_argument("--patience", type=int, default=4, help="epochs without a better validation Dice before stopping")
+    g.add_argument("--encoder-from", help="classifier package whose MobileNetV2 backbone starts the encoder")
     g.add_argument("--cache-dir", default=".cache/medcls")
     g.set_defaults(func=cmd_train_seg)
 

@@ -92,13 +92,15 @@ def grid_to_original(grid: np.ndarray, geometry: Geometry) -> np.ndarray:
 # ----------------------------------------------------------------------------- 2. network
 
 def build_unet(input_size: int = 160, weights: str | Path | None = None,
-               decoder: Sequence[int] = (96, 64, 48, 32, 16), freeze_until: str | None = None):
+               decoder: Sequence[int] = (96, 64, 48, 32, 16), freeze_until: str | None = None,
+               convs_per_stage: int = 1):
     """U-Net over MobileNetV2 (alpha 0.35): the encoder's features at strides 32, 16, 8, 4, 2
     are upsampled step by step, each step concatenated with the skip of its stride and fused by
     a depthwise-separable convolution; a 1x1 sigmoid gives the tumour probability per pixel.
     One flat graph, input the preprocessed image in [0, 1] (3 channels). ``freeze_until``: the
     encoder layers before this one keep their ImageNet weights (the high-resolution stem: most
-    of the backward pass's cost, and edges transfer as they are)."""
+    of the backward pass's cost, and edges transfer as they are). ``convs_per_stage``: how many
+    separable convolutions fuse each decoder stage (the first graphs used one)."""
     import keras
     from keras import layers
 
@@ -119,11 +121,34 @@ def build_unet(input_size: int = 160, weights: str | Path | None = None,
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{i}_up")(x)
         if skip is not None:
             x = layers.Concatenate(name=f"dec{i}_concat")([x, skip])
-        x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"dec{i}_conv")(x)
-        x = layers.BatchNormalization(name=f"dec{i}_bn")(x)
-        x = layers.ReLU(name=f"dec{i}_relu")(x)
+        for j in range(convs_per_stage):
+            tag = "" if j == 0 else f"_{j + 1}"  # the first conv keeps the first graphs' names
+            x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"dec{i}_conv{tag}")(x)
+            x = layers.BatchNormalization(name=f"dec{i}_bn{tag}")(x)
+            x = layers.ReLU(name=f"dec{i}_relu{tag}")(x)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", name="tumour_probability")(x)
     return keras.Model(inputs, outputs, name="mobilenet_v2_unet")
+
+
+def copy_encoder(model, classifier_dir: str | Path) -> int:
+    """Start the U-Net's encoder from a brain classifier's fine-tuned MobileNetV2 backbone (the
+    segmentation head then sits on the classifier's own features): every layer of the same name
+    and weight shapes is copied. Returns the number of layers copied; none is an error."""
+    import keras
+
+    source = keras.saving.load_model(Path(classifier_dir) / MODEL_FILE, compile=False, safe_mode=True)
+    theirs = {layer.name: layer for layer in source.layers}
+    copied = 0
+    for layer in model.layers:
+        other = theirs.get(layer.name)
+        if other is None or not layer.weights or layer.name.startswith("dec"):
+            continue
+        if [w.shape for w in layer.get_weights()] == [w.shape for w in other.get_weights()]:
+            layer.set_weights(other.get_weights())
+            copied += 1
+    if not copied:
+        raise ValueError(f"{classifier_dir}: no encoder layer matches the U-Net's backbone")
+    return copied
 
 
 def dice_bce_loss(empty_dice: bool = True):
@@ -278,6 +303,9 @@ class SegTrainConfig:
     name: str = "brain-mri-seg"
     init: str | None = None  # continue from this companion package's weights (a second stage)
     empty_dice: bool = True  # Dice also on images without tumour (see dice_bce_loss)
+    decoder: tuple[int, ...] = (96, 64, 48, 32, 16)  # filters per decoder stage, stride 16 -> 1
+    convs_per_stage: int = 1
+    encoder_from: str | None = None  # classifier package whose backbone starts the encoder
 
 
 def training_spec(input_size: int) -> PreprocessSpec:
@@ -320,7 +348,10 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
     log.info("arrays ready after %.0f s", time.time() - t_start)
     tumour = va["y"].reshape(len(va["y"]), -1).any(1)
 
-    model = build_unet(cfg.input_size, cfg.weights, freeze_until=cfg.freeze_until)
+    model = build_unet(cfg.input_size, cfg.weights, decoder=cfg.decoder, freeze_until=cfg.freeze_until,
+                       convs_per_stage=cfg.convs_per_stage)
+    if cfg.encoder_from:
+        log.info("encoder from %s: %d layers", cfg.encoder_from, copy_encoder(model, cfg.encoder_from))
     if cfg.init:  # same graph: the weights of an earlier stage
         model.set_weights(Segmenter(cfg.init).model.get_weights())
     steps = int(np.ceil(len(train) / cfg.batch_size))
@@ -371,6 +402,8 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
                     "binary cross-entropy; box-only tumours: no loss inside the box (grown 10%), "
                     "background outside",
             "input_size": cfg.input_size, "frozen_before": cfg.freeze_until, "init": cfg.init,
+            "encoder_from": cfg.encoder_from, "decoder": list(cfg.decoder),
+            "convs_per_stage": cfg.convs_per_stage,
             "images_without_mask_kept": f"every {cfg.negative_every}", "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "peak_lr": cfg.lr,
             "augmentation": "flip, rotation, shift, zoom moving image and mask together; "

@@ -183,6 +183,26 @@ def test_companion_is_found_through_the_classifier_card(tmp_path, brain_model_di
     assert companion_predictor.segmenter.name == "brain-mri-seg"
 
 
+def test_unet_decoder_depth_and_encoder_from_the_classifier(brain_model_dir):
+    """Two convolutions per decoder stage keep the output on the input's grid; the encoder
+    copied from the brain classifier carries the classifier's own backbone weights."""
+    import keras
+
+    from medcls.package import MODEL_FILE
+    from medcls.segmentation import build_unet, copy_encoder
+
+    one = build_unet(64, decoder=(16, 16, 8, 8, 8))
+    two = build_unet(64, decoder=(16, 16, 8, 8, 8), convs_per_stage=2)
+    assert one.output_shape == two.output_shape == (None, 64, 64, 1)
+    assert two.count_params() > one.count_params() and two.get_layer("dec4_conv_2") is not None
+    net = build_unet(224, decoder=(16, 16, 8, 8, 8), convs_per_stage=2)
+    assert copy_encoder(net, brain_model_dir) > 50
+    classifier = keras.saving.load_model(brain_model_dir / MODEL_FILE, compile=False)
+    for name in ("Conv1", "block_6_depthwise", "block_16_project"):
+        for a, b in zip(net.get_layer(name).get_weights(), classifier.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_shipped_companion_segments_real_test_tumours(brain, segmenter):
     """On eight test tumours (every class), Dice against the authors' masks is real."""
     from medcls.preprocess import preprocess
