@@ -95,8 +95,17 @@ def cmd_train_seg(args) -> int:
                          init=args.init, empty_dice=not args.no_empty_dice,
                          decoder=tuple(int(f) for f in args.decoder.split(",")),
                          convs_per_stage=args.convs_per_stage, encoder_from=args.encoder_from,
-                         patience=args.patience)
+                         patience=args.patience, flip_average=args.flip_average)
     print(train_segmentation(cfg, command=command_line()))
+    return 0
+
+
+def cmd_fit_seg(args) -> int:
+    from .segmentation import refit
+
+    fit = refit(args.model, args.data, args.flip_average)
+    print(f"threshold {fit['threshold']}, {fit['postprocess']}: validation Dice {fit['dice_tumour']:.3f} "
+          f"on {fit['n']} tumour images (flip averaging {'on' if args.flip_average else 'off'})")
     return 0
 
 
@@ -193,8 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--convs-per-stage", type=int, default=1)
     g.add_argument("--patience", type=int, default=4, help="epochs without a better validation Dice before stopping")
     g.add_argument("--encoder-from", help="classifier package whose MobileNetV2 backbone starts the encoder")
+    g.add_argument("--flip-average", action="store_true",
+                   help="the package averages each image's probabilities with its mirror image's")
     g.add_argument("--cache-dir", default=".cache/medcls")
     g.set_defaults(func=cmd_train_seg)
+
+    h = sub.add_parser("fit-seg", help="set a segmentation package's flip averaging and refit its "
+                                       "threshold on the validation split")
+    h.add_argument("--model", required=True, help="segmentation package folder")
+    h.add_argument("--data", required=True, help="dataset with masks.csv (brain-mri)")
+    h.add_argument("--flip-average", action="store_true")
+    h.set_defaults(func=cmd_fit_seg)
 
     # a broken import must fail loudly here, not silently remove a subcommand
     from .adapt import add_adapt_parser

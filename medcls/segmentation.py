@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SEG_SCHEMA = COMPANION_SCHEMAS[0]  # "medcls.seg-card/1"
 SEG_KEY = "segmentation"  # the classifier card's key naming its companion folder
+FLIP_KEY = "flip_average"  # card: average the probabilities of the image and its mirror image
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
                "block_13_expand_relu")  # MobileNetV2 features at strides 2, 4, 8, 16
 BOTTLENECK = "block_16_project"  # stride 32
@@ -306,6 +307,7 @@ class SegTrainConfig:
     decoder: tuple[int, ...] = (96, 64, 48, 32, 16)  # filters per decoder stage, stride 16 -> 1
     convs_per_stage: int = 1
     encoder_from: str | None = None  # classifier package whose backbone starts the encoder
+    flip_average: bool = False  # the package averages each image with its mirror image
 
 
 def training_spec(input_size: int) -> PreprocessSpec:
@@ -420,9 +422,7 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
                    "2-D slice only; sizes are in-plane."],
     }
     folder = save_segmenter(cfg.out, model, card)
-    fit = fit_threshold(Segmenter.from_path(folder), val, spec)
-    update_seg_card(folder, {"threshold": fit["threshold"], "postprocess": fit["postprocess"],
-                             "metrics": {"val": fit}})
+    fit = refit(folder, cfg.data, cfg.flip_average, val)
     log.info("companion written to %s: %s", folder, fit)
     return folder
 
@@ -444,6 +444,19 @@ def fit_threshold(segmenter: "Segmenter", items: Sequence[Sample], spec: Preproc
             if best is None or d > best["dice_tumour"]:
                 best = {"threshold": t, "postprocess": post, "dice_tumour": d, "n": len(tumours)}
     return best
+
+
+def refit(folder: str | Path, data: str | Path, flip_average: bool,
+          items: Sequence[Sample] | None = None) -> dict:
+    """Set a package's test-time flip averaging and refit its threshold and post-processing on
+    the validation split of ``data`` (what ``train-seg`` does at its end): the choice between
+    with and without flip averaging is made on validation, never on test."""
+    update_seg_card(folder, {FLIP_KEY: bool(flip_average)})
+    segmenter = Segmenter(folder)
+    fit = fit_threshold(segmenter, samples(data, "val") if items is None else items, segmenter.spec)
+    update_seg_card(folder, {"threshold": fit["threshold"], "postprocess": fit["postprocess"],
+                             "metrics": {"val": {**fit, FLIP_KEY: bool(flip_average)}}})
+    return fit
 
 
 # ----------------------------------------------------------------------------- package
@@ -526,8 +539,17 @@ class Segmenter:
         self.spec = PreprocessSpec.from_dict(self.card["preprocessing"])
         s = self.spec.input_size
         self.threshold = float(self.card["threshold"])
-        self._forward = tf.function(lambda x: self.model(x, training=False),
-                                    input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
+        self.flip_average = bool(self.card.get(FLIP_KEY, False))
+
+        def forward(x):
+            if not self.flip_average:
+                return self.model(x, training=False)
+            # the image and its mirror image in one batch; the mirrored answer mirrored back
+            both = self.model(tf.concat([x, x[:, :, ::-1]], 0), training=False)
+            n = tf.shape(x)[0]
+            return (both[:n] + both[n:][:, :, ::-1]) / 2.0
+
+        self._forward = tf.function(forward, input_signature=[tf.TensorSpec([None, s, s, 3], tf.float32)])
 
     @classmethod
     def from_path(cls, folder: str | Path) -> "Segmenter":

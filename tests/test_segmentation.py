@@ -203,6 +203,32 @@ def test_unet_decoder_depth_and_encoder_from_the_classifier(brain_model_dir):
             np.testing.assert_array_equal(a, b)
 
 
+def test_flip_averaging_mirrors_with_the_image(tmp_path, brain, segmenter):
+    """With the card's flip averaging, the probabilities of a mirrored slice are the mirrored
+    probabilities (exactly, up to float rounding); they are the mean of the plain network's
+    answers for the slice and for its mirror image."""
+    from medcls.preprocess import preprocess
+    from medcls.scan import load_scan
+    from medcls.segmentation import FLIP_KEY, Segmenter, update_seg_card
+
+    root, rows = brain
+    folder = tmp_path / "flip"
+    shutil.copytree(SEG_DIR, folder)
+    update_seg_card(folder, {FLIP_KEY: True})
+    flipped = Segmenter(folder)
+    plain = Segmenter(folder)
+    plain.flip_average = False
+    plain._forward = lambda x: plain.model(x, training=False)
+    r = next(r for r in rows if r["split"] == "test" and r["label"] == "meningioma")
+    x = preprocess(load_scan(root / r["file"]), flipped.spec).array[None].astype(np.float32)
+    mirror = x[:, :, ::-1].copy()
+    a, b = flipped.probability_grid(x)[0], flipped.probability_grid(mirror)[0]
+    np.testing.assert_allclose(b, a[:, ::-1], atol=1e-5)
+    expected = (plain.probability_grid(x)[0] + plain.probability_grid(mirror)[0][:, ::-1]) / 2
+    np.testing.assert_allclose(a, expected, atol=1e-5)
+    assert np.abs(plain.probability_grid(x)[0] - a).max() > 1e-3  # the averaging does something
+
+
 def test_shipped_companion_segments_real_test_tumours(brain, segmenter):
     """On eight test tumours (every class), Dice against the authors' masks is real."""
     from medcls.preprocess import preprocess
