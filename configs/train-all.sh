@@ -15,7 +15,8 @@ mkdir -p runs
 run() { local name=$1; shift; echo "== $name"; "$PY" -m medcls --log "runs/$name.log" train "$@"; }
 # brain-mri-default 2.0.0 = "mobilenet" (1.0.0) then "default-v2" (fine-tuned on four sources);
 # brain-mri-compact-cnn 2.0.0 = "compact" then "compact-v2"; brain-mri-seed-cnn 2.0.0 = "seed" then "seed-v2"
-for which in "${@:-mobilenet default-v2 compact compact-v2 seed seed-v2 chest}"; do
+# brain-mri-seg = "seg" (after the default classifier: its backbone starts the encoder)
+for which in "${@:-mobilenet default-v2 seg compact compact-v2 seed seed-v2 chest}"; do
   for w in $which; do
     case $w in
       mobilenet) run brain-mri-default $BRAIN --task-description "$BRAIN_DESC" --arch mobilenet-tl \
@@ -30,6 +31,13 @@ from medcls.package import update_card
 update_card("models/brain-mri-default", {"segmentation": "brain-mri-seg"})
 PYEOF
                  ;;
+      seg)       SEG="--data $DATA/brain-mri --negatives $DATA/normal-ixi --box-data $DATA/br35h-tumour --weights $W \
+                   --decoder 128,96,64,48,32 --convs-per-stage 2 --freeze-until '' --no-empty-dice"
+                 "$PY" -m medcls --log runs/seg-r6.log train-seg $SEG --encoder-from models/brain-mri-default \
+                   --out runs/brain-mri-seg-r6 --epochs 30 --patience 8 --lr 1e-3 --input-size 224 --max-minutes 62
+                 "$PY" -m medcls --log runs/seg-r7.log train-seg $SEG --init runs/brain-mri-seg-r6 --flip-average \
+                   --out runs/brain-mri-seg-r7 --epochs 8 --patience 4 --lr 3e-4 --input-size 288 --max-minutes 30
+                 rm -rf models/brain-mri-seg && cp -r runs/brain-mri-seg-r7 models/brain-mri-seg ;;
       compact)   run brain-mri-compact-cnn $BRAIN --task-description "$BRAIN_DESC" --arch compact-cnn \
                    --out models/brain-mri-compact-cnn --epochs 30 --patience 8 --lr 2e-3 --label-smoothing 0.1 --box-loss 1.0 ;;  # no EMA: BN statistics follow the raw weights
       compact-v2) run brain-mri-compact-cnn-v2 $SOURCES --task-description "$BRAIN_DESC" --init models/brain-mri-compact-cnn \

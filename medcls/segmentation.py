@@ -390,8 +390,8 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
         "schema": SEG_SCHEMA, "name": cfg.name, "version": "1.0.0", "task": "brain-mri",
         "kind": "segmentation",
         "description": "Tumour mask of a brain MRI slice: U-Net decoder over MobileNetV2 (alpha "
-                       "0.35, ImageNet), a companion of the brain classifier, which is unchanged "
-                       "(its class accuracy is the same with or without this package).",
+                       f"0.35, {encoder_origin(cfg)}), a companion of the brain classifier, which is "
+                       "unchanged (its class accuracy is the same with or without this package).",
         "input_size": cfg.input_size, "channels": 3, "preprocessing": spec.to_dict(),
         "output": "sigmoid tumour probability per pixel of the model grid",
         "threshold": 0.5, "postprocess": "largest",
@@ -425,6 +425,15 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
     fit = refit(folder, cfg.data, cfg.flip_average, val)
     log.info("companion written to %s: %s", folder, fit)
     return folder
+
+
+def encoder_origin(cfg: SegTrainConfig) -> str:
+    """Where the encoder's weights came from, in words for the card."""
+    if cfg.init:
+        return f"continued from the package {Path(cfg.init).name}"
+    if cfg.encoder_from:
+        return f"encoder started from the classifier {Path(cfg.encoder_from).name}'s backbone"
+    return "ImageNet"
 
 
 def fit_threshold(segmenter: "Segmenter", items: Sequence[Sample], spec: PreprocessSpec,
