@@ -251,6 +251,32 @@ def test_shipped_companion_segments_real_test_tumours(brain, segmenter):
     assert card["metrics"]["test"]["dice_tumour"]["mean"] >= 0.6 and 0 < card["threshold"] < 1
 
 
+def test_card_test_dice_is_what_the_code_produces(brain, segmenter):
+    """The shipped card's test Dice and per-class Dice (written by bench.segmentation) are
+    recomputed here from the package over every test tumour image: a card never states a figure
+    the code no longer produces."""
+    from medcls.preprocess import preprocess
+    from medcls.scan import load_scan
+    from medcls.segmentation import dice, mask_index, read_mask
+
+    root, rows = brain
+    masks = mask_index(root)
+    per_class: dict[str, list[float]] = {}
+    for r in rows:
+        if r["split"] != "test" or r["file"] not in masks:
+            continue
+        scan = load_scan(root / r["file"])
+        seg = segmenter.segment(scan, preprocess(scan, segmenter.spec))
+        pred = seg.mask if seg is not None else np.zeros(scan.shape, bool)
+        per_class.setdefault(r["label"], []).append(dice(pred, read_mask(root / masks[r["file"]])))
+    stated = segmenter.card["metrics"]["test"]
+    scores = [d for v in per_class.values() for d in v]
+    assert len(scores) == stated["n_tumour_images"]
+    assert np.mean(scores) == pytest.approx(stated["dice_tumour"]["mean"], abs=1e-4)
+    for cls, value in stated["dice_per_class"].items():
+        assert np.mean(per_class[cls]) == pytest.approx(value, abs=1e-4), cls
+
+
 # ----------------------------------------------------------------------------- page and report
 
 @pytest.fixture(scope="module")
