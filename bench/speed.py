@@ -114,7 +114,7 @@ def app_timings(data) -> dict:
     import csv
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from appserver import AppServer, browser
+    from appserver import AppServer, browser, verdict_alert
 
     with open(data / "brain-mri" / "labels.csv", newline="") as fh:
         jpeg = data / "brain-mri" / next(r["file"] for r in csv.DictReader(fh) if r["split"] == "test")
@@ -131,7 +131,7 @@ def app_timings(data) -> dict:
             out["page_ready_s"] = time.perf_counter() - srv.started_at
             t = time.perf_counter()
             uploader.set_input_files(str(jpeg))
-            page.get_by_text("Prediction").first.wait_for(timeout=timeout)
+            verdict_alert(page, timeout)
             out["immediate_upload_to_answer_s"] = time.perf_counter() - t
             out["cold_start_to_first_answer_s"] = time.perf_counter() - srv.started_at
         finally:
@@ -148,7 +148,7 @@ def app_timings(data) -> dict:
             out["warm_up_done_s"] = time.perf_counter() - srv.started_at
             t = time.perf_counter()
             page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.set_input_files(str(jpeg))
-            page.get_by_text("Prediction").first.wait_for(timeout=timeout)
+            verdict_alert(page, timeout)
             out["first_upload_to_answer_s"] = time.perf_counter() - t
             page.get_by_text("A series", exact=True).click()
             page.get_by_text("A folder", exact=True).click()
@@ -179,6 +179,11 @@ def app_model() -> str:
         return "none"
     card = found[0]
     seg = card.get("segmentation")
+    if seg:
+        from medcls.segmentation import read_seg_card
+
+        s = read_seg_card(load_settings().models_dir / seg)
+        seg = f"{seg} {s['version']} (sha256 {s['model_sha256'][:12]})"
     return (f"{card['name']} {card['version']} (sha256 {card['model_sha256'][:12]})"
             + (f" with segmentation companion {seg}" if seg else ""))
 
@@ -195,7 +200,9 @@ def write_app_timings(data, out_dir) -> dict:
     timings["app_model"] = app_model()  # which model the figures were measured with
     print(json.dumps(timings), flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in result.get("app_timings_runs", []) if r.get("app_model") == timings["app_model"]]
     result.update(timings)
+    result["app_timings_runs"] = runs + [timings]  # the runs of this same model, oldest first
     result["app_timings_command"] = "python -m bench.speed --app"
     md_path = path.with_suffix(".md")
     md = md_path.read_text() if md_path.is_file() else "# Speed (2-core CPU)\n"

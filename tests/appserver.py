@@ -91,6 +91,16 @@ def browser():
 
 # ----------------------------------------------------------------------------- server memory
 
+def verdict_alert(page, timeout_ms: int):
+    """The main page's verdict alert (class and calibrated probability, or "Answer withheld"),
+    once it is shown: the answer the user waits for."""
+    alerts = page.locator('[data-testid="stAlert"]')
+    v = alerts.filter(has_text="calibrated probability ·").or_(
+        alerts.filter(has_text="Answer withheld")).first
+    v.wait_for(timeout=timeout_ms)
+    return v
+
+
 def process_tree(pid: int) -> list[int]:
     """pid and all its descendants (via /proc/<pid>/task/*/children)."""
     out, todo = [], [pid]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from appserver import OUTPUT, PROJECT_ROOT, AppServer, browser
+from appserver import OUTPUT, PROJECT_ROOT, AppServer, browser, verdict_alert
 from conftest import require, unsure_agreement_case
 
 pytestmark = pytest.mark.browser
@@ -193,11 +193,7 @@ def settle(page, timeout_ms: int = 60_000) -> None:
 
 def verdict_box(page):
     """The verdict alert (class and calibrated probability, or "Answer withheld")."""
-    alerts = page.locator('[data-testid="stAlert"]')
-    v = alerts.filter(has_text="calibrated probability ·").or_(
-        alerts.filter(has_text="Answer withheld")).first
-    v.wait_for(timeout=TIMEOUT)
-    return v
+    return verdict_alert(page, TIMEOUT)
 
 
 def inside_first_viewport(box, size) -> bool:
