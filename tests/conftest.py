@@ -171,6 +171,33 @@ class BuiltSeries:
         return series_files(self.arrays, self.spacing_mm, **kwargs)
 
 
+@pytest.fixture(scope="session")
+def pg_url():
+    """A real PostgreSQL on a free localhost port with temporary storage, for the whole run."""
+    from pgserver import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def audit_url(request, tmp_path):
+    """An empty audit database: SQLite in a folder not yet created (created on first use), then
+    the PostgreSQL server, its tables dropped after the test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sub' / 'audit.sqlite'}"
+        return
+    import sqlalchemy as sa
+
+    from medcls import audit
+
+    base = request.getfixturevalue("pg_url")
+    yield base
+    engine = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://"))
+    audit.metadata.drop_all(engine)  # the next test starts from an empty database
+    engine.dispose()
+
+
 def _brain_array(path: Path, size: int = 256):
     import cv2
     import numpy as np

@@ -25,30 +25,10 @@ from medcls.scan import IDENTIFYING_ATTRIBUTES
 from audit_helpers import CLASSES, answer, read_only_db, writer
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    from pgserver import postgres_server
-
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'sub' / 'audit.sqlite'}"  # the folder is created on first use
-        return
-    base = request.getfixturevalue("pg_url")
-    yield base
-    engine = sa.create_engine(base.replace("postgresql://", "postgresql+psycopg://"))
-    audit.metadata.drop_all(engine)  # the next test starts from an empty database
-    engine.dispose()
-
-
 # ----------------------------------------------------------------------------- schema
 
-def test_schema_is_created_on_first_use_with_its_version(url):
-    store = AuditStore(url)
+def test_schema_is_created_on_first_use_with_its_version(audit_url):
+    store = AuditStore(audit_url)
     store.record_answer(answer())
     engine = store.engine
     names = set(sa.inspect(engine).get_table_names())
@@ -73,13 +53,13 @@ def test_no_column_can_hold_a_patient_identifier():
                                                "physician", "institution")), (table.name, name)
 
 
-def test_a_newer_schema_is_refused_and_not_written(url):
-    store = AuditStore(url)
+def test_a_newer_schema_is_refused_and_not_written(audit_url):
+    store = AuditStore(audit_url)
     store.record_answer(answer())
     with store.engine.begin() as c:
         c.execute(sa.update(audit.schema_info).values(version=audit.SCHEMA_VERSION + 1))
     store.dispose()
-    newer = AuditStore(url)
+    newer = AuditStore(audit_url)
     with pytest.raises(AuditSchemaError,
                        match=f"schema version {audit.SCHEMA_VERSION + 1}, newer than"):
         newer.record_answer(answer(1))
@@ -88,17 +68,17 @@ def test_a_newer_schema_is_refused_and_not_written(url):
     newer.dispose()
 
 
-def test_a_version_1_database_is_migrated_and_keeps_its_rows(url):
+def test_a_version_1_database_is_migrated_and_keeps_its_rows(audit_url):
     """A trail written by schema 1 (before the region columns) gets the new columns on first
     use by this version; its rows stay, new answers carry the region."""
-    store = AuditStore(url)
+    store = AuditStore(audit_url)
     store.record_answer(answer())
     with store.engine.begin() as c:  # back to what schema 1 wrote
         for _, table, name in audit.ADDED_COLUMNS:
             c.exec_driver_sql(f'ALTER TABLE {table} DROP COLUMN "{name}"')
         c.execute(sa.update(audit.schema_info).values(version=1))
     store.dispose()
-    again = AuditStore(url)
+    again = AuditStore(audit_url)
     aid = again.record_answer(answer(1, region_method="segmentation", region_area_mm2=120.5,
                                      region_diameter_mm=14.0, series_outcome="suspected"))
     rows = {r["id"]: r for r in again.rows("answers")}
@@ -112,8 +92,8 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(url):
 
 # ----------------------------------------------------------------------------- writes and reads
 
-def test_answers_verdicts_and_exports_round_trip(url):
-    store = AuditStore(url)
+def test_answers_verdicts_and_exports_round_trip(audit_url):
+    store = AuditStore(audit_url)
     a = answer(7, "meningioma", low_confidence=True, frame=2, input_source="server-folder",
                input_path="study/x.dcm")
     aid = store.record_answer(a)
@@ -142,8 +122,8 @@ def test_answers_verdicts_and_exports_round_trip(url):
     store.dispose()
 
 
-def test_verdicts_are_checked(url):
-    store = AuditStore(url)
+def test_verdicts_are_checked(audit_url):
+    store = AuditStore(audit_url)
     aid = store.record_answer(answer())
     with pytest.raises(AuditError, match="needs the class"):
         store.record_verdict(aid, "u@h.test", "disagree")
@@ -155,15 +135,15 @@ def test_verdicts_are_checked(url):
     store.dispose()
 
 
-def test_eight_concurrent_writers_lose_no_row(url):
+def test_eight_concurrent_writers_lose_no_row(audit_url):
     """8 processes start on an empty database at once (schema creation races included) and
     write 25 answers and 25 verdicts each."""
     n = 25
     with mp.get_context("spawn").Pool(8) as pool:
-        ids = pool.map(writer, [(url, w, n) for w in range(8)])
+        ids = pool.map(writer, [(audit_url, w, n) for w in range(8)])
     flat = [i for part in ids for i in part]
     assert len(flat) == len(set(flat)) == 8 * n
-    store = AuditStore(url)
+    store = AuditStore(audit_url)
     rows = store.answers_with_verdicts()
     assert len(rows) == 8 * n and len(store.rows("verdicts")) == 8 * n
     assert {r["input_sha256"] for r in rows} == {f"{w * 1000 + i:064x}" for w in range(8) for i in range(n)}
@@ -171,10 +151,10 @@ def test_eight_concurrent_writers_lose_no_row(url):
     store.dispose()
 
 
-def test_eight_threads_share_one_store(url):
+def test_eight_threads_share_one_store(audit_url):
     from concurrent.futures import ThreadPoolExecutor
 
-    store = AuditStore(url)
+    store = AuditStore(audit_url)
     with ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda i: store.record_answer(answer(i)), range(80)))
     assert len(set(ids)) == 80 and len(store.rows("answers")) == 80
@@ -224,10 +204,10 @@ def test_an_unreachable_postgresql_gives_a_clear_error():
 
 # ----------------------------------------------------------------------------- monitoring and export
 
-def test_monitoring_tables(url):
+def test_monitoring_tables(audit_url):
     from medcls import monitoring as mon
 
-    store = AuditStore(url)
+    store = AuditStore(audit_url)
     ids = store.record_answers([answer(0, "glioma"), answer(1, "glioma", withheld=True),
                                 answer(2, "meningioma", low_confidence=True),
                                 answer(3, "pituitary"), answer(4, "glioma")])

@@ -553,22 +553,6 @@ def test_results_from_a_bare_source_without_patient_tags_or_spacing(brain_predic
 
 # ----------------------------------------------------------------------------- audit
 
-@pytest.fixture(scope="module")
-def pg_url():
-    from pgserver import postgres_server
-
-    with postgres_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def audit_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'audit.sqlite'}"
-        return
-    yield request.getfixturevalue("pg_url")
-
-
 def test_pacs_answers_are_audited_per_sop_instance_uid(audit_url, client, stored, built_review,
                                                        brain_predictor):
     """Every answered instance of the PACS review in the audit store (SQLite and a real
