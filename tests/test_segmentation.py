@@ -203,7 +203,7 @@ def test_unet_decoder_depth_and_encoder_from_the_classifier(brain_model_dir):
             np.testing.assert_array_equal(a, b)
 
 
-def test_flip_averaging_mirrors_with_the_image(tmp_path, brain, segmenter):
+def test_flip_averaging_mirrors_with_the_image(tmp_path, brain):
     """With the card's flip averaging, the probabilities of a mirrored slice are the mirrored
     probabilities (exactly, up to float rounding); they are the mean of the plain network's
     answers for the slice and for its mirror image."""
@@ -212,13 +212,13 @@ def test_flip_averaging_mirrors_with_the_image(tmp_path, brain, segmenter):
     from medcls.segmentation import FLIP_KEY, Segmenter, update_seg_card
 
     root, rows = brain
-    folder = tmp_path / "flip"
-    shutil.copytree(SEG_DIR, folder)
-    update_seg_card(folder, {FLIP_KEY: True})
-    flipped = Segmenter(folder)
-    plain = Segmenter(folder)
-    plain.flip_average = False
-    plain._forward = lambda x: plain.model(x, training=False)
+    packages = {}
+    for flag in (True, False):  # the same weights, with and without flip averaging
+        folder = tmp_path / f"flip-{flag}"
+        shutil.copytree(SEG_DIR, folder)
+        update_seg_card(folder, {FLIP_KEY: flag})
+        packages[flag] = Segmenter(folder)
+    flipped, plain = packages[True], packages[False]
     r = next(r for r in rows if r["split"] == "test" and r["label"] == "meningioma")
     x = preprocess(load_scan(root / r["file"]), flipped.spec).array[None].astype(np.float32)
     mirror = x[:, :, ::-1].copy()
