@@ -37,6 +37,7 @@ and the audit trail carry; the series view shows the same summary):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -307,9 +308,10 @@ def _run_regions(predictor: Predictor, answer: SeriesAnswer, method: str) -> Non
     for i in range(run.start, run.stop):
         try:
             e = predictor.explain(series.scan(i), method, class_index=run.class_index)
-        except Exception as exc:  # noqa: BLE001 - a slice without a region leaves no area
+        except Exception as exc:  # noqa: BLE001 - a slice without a region: no volume
             log.debug("no region for slice %d: %s", i, type(exc).__name__)
             answer.regions[i] = None
+            areas.append(UNMEASURED)
             continue
         answer.regions[i] = e.region
         areas.append(e.region.area_mm2 if e.region is not None else 0.0)
@@ -317,12 +319,18 @@ def _run_regions(predictor: Predictor, answer: SeriesAnswer, method: str) -> Non
                 f"{HEATMAP_REGION}, coarse")
 
 
+UNMEASURED = float("nan")  # a run slice whose measurement failed: no volume over the run
+
+
 def _set_volume(answer: SeriesAnswer, areas: list[float | None], method: str, what: str,
                 method_text: str) -> None:
-    """Volume = sum of the run slices' areas (mm², None when a slice has no mm) × slice spacing,
-    or the reason there is none."""
+    """Volume = sum of the run slices' areas (mm², None when a slice has no mm, ``UNMEASURED``
+    when its measurement failed) × slice spacing, or the reason there is none."""
     spacing = answer.series.slice_spacing
-    if not areas or any(a is None for a in areas):
+    failed = sum(1 for a in areas if a is not None and math.isnan(a))
+    if failed:
+        answer.volume_note = f"{failed} of {len(areas)} run slices could not be measured, so no volume"
+    elif not areas or any(a is None for a in areas):
         answer.volume_note = "no pixel spacing in these files, so no volume"
     elif not spacing:
         answer.volume_note = "no slice spacing in these files, so no volume"
@@ -340,10 +348,10 @@ def _run_segmentations(predictor: Predictor, answer: SeriesAnswer) -> None:
     for i in range(run.start, run.stop):
         try:
             seg = predictor.outline(series.scan(i), answer.slices[i].prediction)
-        except Exception as exc:  # noqa: BLE001 - a slice that cannot be segmented leaves no area
+        except Exception as exc:  # noqa: BLE001 - a slice that cannot be segmented: no volume
             log.debug("no segmentation for slice %d: %s", i, type(exc).__name__)
             answer.segmentations[i] = None
-            areas.append(None)
+            areas.append(UNMEASURED)
             continue
         answer.segmentations[i] = seg
         areas.append(0.0 if seg is None else seg.area_mm2)

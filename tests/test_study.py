@@ -421,3 +421,25 @@ def test_review_by_series_command_line(built_series, brain_model_dir, tmp_path):
     assert float(dicom["volume_mm3"]) > 0
     assert next(r for r in rows if r["kind"] == "nifti")["outcome"] == "not_seen"
     assert len(list(csv.DictReader(open(slices)))) == 16 + 6
+
+
+def test_series_volume_rule_names_why_there_is_none():
+    """One volume rule for segmentation and heatmap areas: a run slice whose measurement failed
+    cancels the volume and says so (not "no pixel spacing"); a slice without mm or a series
+    without slice spacing gives its own reason; otherwise the areas' sum × the spacing."""
+    from types import SimpleNamespace
+
+    from medcls.series_answer import UNMEASURED, _set_volume
+
+    def volume(areas, spacing=2.0):
+        a = SimpleNamespace(series=SimpleNamespace(slice_spacing=spacing), volume_mm3=None,
+                            volume_method=None, volume_note="")
+        _set_volume(a, areas, "segmentation", f"{len(areas)} areas", "segmentation")
+        return a
+
+    failed = volume([10.0, UNMEASURED, 0.0])
+    assert failed.volume_mm3 is None and failed.volume_note.startswith("1 of 3 run slices could not")
+    assert "pixel spacing" in volume([10.0, None]).volume_note and volume([10.0, None]).volume_mm3 is None
+    assert "slice spacing" in volume([10.0, 5.0], spacing=None).volume_note
+    ok = volume([10.0, 5.0])
+    assert ok.volume_mm3 == 30.0 and ok.volume_method == "segmentation"
