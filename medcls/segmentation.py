@@ -1,7 +1,8 @@
 """Tumour segmentation: the outline and size of a tumour, from a small U-Net.
 
 The classifier answers *which* class; this module answers *where exactly* and *how large*:
-a light U-Net decoder over an ImageNet MobileNetV2 (alpha 0.35) encoder, trained on the
+a light U-Net decoder over a MobileNetV2 (alpha 0.35) encoder (ImageNet's weights, or the
+brain classifier's own backbone with :func:`copy_encoder`), trained on the
 figshare authors' own tumour borders (``brain-mri/masks``). It ships as a companion package
 (``models/brain-mri-seg/``: ``model.keras`` + ``card.json``) that a classifier's card names
 with ``"segmentation": "<folder>"``; the classifier is untouched, so its accuracy is too.
@@ -10,13 +11,15 @@ Reading order:
 
 1. masks: read a mask, bring it onto the model grid through the image's own preprocessing
    geometry (crop to the head, resize, pad);
-2. the network (:func:`build_unet`) and its loss (Dice + BCE, with a per-pixel weight so that
+2. the network (:func:`build_unet`, :func:`copy_encoder`) and its loss (Dice + BCE, with a per-pixel weight so that
    images known only by a tumour box teach "no tumour outside the box" and nothing inside);
 3. the training data: arrays cached once, a tf.data pipeline whose augmentation moves image,
    mask and weight together;
 4. training (:func:`train_segmentation`), choosing the epoch by validation Dice, then the
-   threshold on the validation split at the original image's resolution;
-5. inference (:class:`Segmenter`): probabilities on the grid, mapped back to the original image
+   threshold (:func:`fit_threshold`; :func:`refit` also switches flip averaging) on the
+   validation split at the original image's resolution;
+5. inference (:class:`Segmenter`): probabilities on the grid (averaged with the mirror image's
+   when the card says ``flip_average``), mapped back to the original image
    (crop and padding undone), thresholded; outline, area, longest diameter, confidence;
 6. measurements: Dice, IoU, 95% Hausdorff distance, longest diameter.
 """
