@@ -13,8 +13,9 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-$(VENV)/.installed: requirements.txt $(VENV)/bin/activate
+$(VENV)/.installed: requirements.txt pyproject.toml $(VENV)/bin/activate
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # medcls and ui importable from anywhere
 	touch $@
 
 $(VENV)/.installed-test: requirements-test.txt requirements-ray.txt $(VENV)/.installed

@@ -7,34 +7,32 @@ from pathlib import Path
 
 import streamlit as st
 
-import ui
-import ui_series
-import ui_viewer
 from medcls import identifying_attributes
-from medcls.render import draw_outline
-from medcls.report import render_report
-from medcls.saliency import METHODS
-from medcls.segmentation import size_text
+from medcls.engine.render import draw_outline
+from medcls.engine.report import render_report
+from medcls.models.saliency import METHODS
+from medcls.models.segmenter import size_text
+from ui import audit, chrome, common, models, scans, series, viewer
 
 RESULTS = "_results"  # session key: {(scan, frame, model, method, class): (explanation, ms, outline)}
 EXPLAIN = "explain"  # session key prefix: the class the heatmap explains, per scan and model
 MAX_RESULTS = 2  # per session: the answer's heatmap and one other class's
 
-ui.navigation()  # runs the chosen page; returns here when it is this one
+chrome.navigation()  # runs the chosen page; returns here when it is this one
 
-ui.page_header("MedCLS · scan classification", "Upload a scan, read the calibrated class "
+chrome.page_header("MedCLS · scan classification", "Upload a scan, read the calibrated class "
                "probabilities and see where the model looked; every result needs a clinician's "
                "review.", tab_title="MedCLS")
 
-ui.require_models()
-warm_up = ui.warm_default_model()  # TensorFlow and the default model load while a file is picked
+models.require_models()
+warm_up = models.warm_default_model()  # TensorFlow and the default model load while a file is picked
 
 with st.sidebar:
     st.header("Model")
-    model_path = ui.pick_model("model")
-    ui.warm_up_status(warm_up)
+    model_path = models.pick_model("model")
+    models.warm_up_status(warm_up)
     st.header("Heatmap")
-    method = ui.method_picker()
+    method = models.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
     show_overlay = st.toggle("Heatmap overlay", value=True, key="show_overlay",
                              help="Off: the right panel shows the plain scan, for comparison.")
@@ -44,29 +42,29 @@ with st.sidebar:
                          help="Shows patient name, ID and dates of a DICOM on screen only. "
                               "They are never stored, logged or exported.")
 
-if ui_series.series_mode():  # several files, a folder, a zip or a NIfTI: ui_series lays it out
-    ui_series.series_page(model_path, method, alpha, show_region, show_overlay)
+if series.series_mode():  # several files, a folder, a zip or a NIfTI: ui_series lays it out
+    series.series_page(model_path, method, alpha, show_region, show_overlay)
     st.stop()
 
 uploaded = st.file_uploader("Upload a scan: DICOM (with or without .dcm), PNG, JPEG, TIFF or BMP",
                             type=None, key="upload")
-data = ui.current_scan_bytes(uploaded)
+data = scans.current_scan_bytes(uploaded)
 if data is None:
     st.info("Upload a scan to classify it. Models answer for their own task only; "
             "pick the task in the sidebar.")
     st.stop()
 
-with ui.user_errors():  # every failure becomes a message, never a trace
-    scan = ui.cached_scan(data)
+with common.user_errors():  # every failure becomes a message, never a trace
+    scan = scans.cached_scan(data)
 
 frame = 0
 if scan.n_frames > 1:
     frame = st.slider("Frame", 1, scan.n_frames, 1, key="frame") - 1
-    with ui.user_errors():
-        scan = ui.cached_scan(data, frame)
+    with common.user_errors():
+        scan = scans.cached_scan(data, frame)
 
-with ui.user_errors("The model"):
-    predictor = ui.load_predictor(model_path)
+with common.user_errors("The model"):
+    predictor = models.load_predictor(model_path)
 card = predictor.card
 
 
@@ -87,36 +85,36 @@ def explained(class_index: int | None):
     return results[key]
 
 
-with ui.user_errors():
+with common.user_errors():
     explanation, elapsed_ms, outline = explained(None)
 pred = explanation.prediction
 
 # ---------------------------------------------------------------- the answer, first
-verdict = ui_viewer.verdict_line(pred, card)
+verdict = viewer.verdict_line(pred, card)
 if verdict.withheld:
     with st.spinner("Checking whether another task's model accepts this scan..."):
-        suggestion = ui_viewer.suggest_other_task(scan, card)
+        suggestion = models.suggest_other_task(scan, card)
     if suggestion:
         st.info(suggestion)
 
 # ---------------------------------------------------------------- viewer
 c_wl, c_cls = st.columns([3, 2])
 with c_wl:  # window/level once, for both images
-    center, width = ui.window_controls(scan, key="main")
+    center, width = scans.window_controls(scan, key="main")
 with c_cls:
-    class_index = ui_viewer.explain_class_picker(
+    class_index = viewer.explain_class_picker(
         pred, card, key=f"{EXPLAIN}_{scan.short_id}_{frame}_{Path(model_path).name}")
 if class_index != explanation.class_index:
-    with ui.user_errors():
+    with common.user_errors():
         explanation = explained(class_index)[0]
-image = ui.display(scan, center, width)
+image = scans.display(scan, center, width)
 gray = image if image.ndim == 2 else image.mean(axis=2)
 asked = explanation.class_index != pred.index  # another class's map, asked for
 # the heatmap's own region only without a segmenter (it is no lesion edge), or when asked for
 heatmap_region = show_region and (predictor.segmenter is None or asked)
-over, over_title, region_drawn = ui_viewer.overlay_panel(gray, explanation, pred, card, alpha,
+over, over_title, region_drawn = viewer.overlay_panel(gray, explanation, pred, card, alpha,
                                                          show_overlay, heatmap_region, key="main")
-ui_viewer.linked_viewer(draw_outline(image, outline if show_region else None), over,
+viewer.linked_viewer(draw_outline(image, outline if show_region else None), over,
                         ("Scan", f"{over_title} · {METHODS[method].label}"), key="viewer")
 st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
            + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
@@ -125,24 +123,24 @@ st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
            + ". Drag to pan, scroll to zoom (both images move together), double-click to reset.")
 if show_overlay and not (pred.outside_training_distribution
                          and not st.session_state.get("main_anyway")):
-    st.caption(ui_viewer.heatmap_note(pred, card, explanation, region_drawn))
+    st.caption(viewer.heatmap_note(pred, card, explanation, region_drawn))
 if region_drawn:
-    st.caption(ui_viewer.region_caption(explanation.region))
+    st.caption(viewer.region_caption(explanation.region))
 if outline is not None:
     st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
 
-kind, text = ui.confidence_statement(pred, card)
+kind, text = viewer.confidence_statement(pred, card)
 getattr(st, kind)(text)
-st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="probs")
+st.plotly_chart(viewer.probability_chart(pred, card), width="stretch", key="probs")
 st.caption(f"Answered by {card['name']} v{card['version']} in {elapsed_ms:.0f} ms "
            "(preprocess, predict and heatmap). Probabilities are calibrated "
            f"(temperature {predictor.package.temperature:.2f}, fitted on the validation split).")
 # the audit keeps the tumour's size as shown: the segmentation, else the answer's heatmap region
 # (Answer.of keeps none for a no-tumour or withheld answer)
-answer_id = ui.audit_answer((scan.sha256, frame, model_path, method), pred, card, "main",
+answer_id = audit.audit_answer((scan.sha256, frame, model_path, method), pred, card, "main",
                             region=outline if outline is not None else explained(None)[0].region,
                             input_sha256=scan.sha256, frame=frame, heatmap_method=method)
-ui_viewer.preload_other_tasks(card)
+models.preload_other_tasks(card)
 
 # ---------------------------------------------------------------- export
 c1, c2 = st.columns(2)
@@ -154,16 +152,16 @@ for col, fmt in ((c1, "png"), (c2, "pdf")):
                             segmentation=outline),  # built on click
                         file_name=f"medcls-report-{scan.short_id}.{fmt}",
                         mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}",
-                        on_click=ui.export_logger(answer_id, f"report-{fmt}", "main"))
+                        on_click=audit.export_logger(answer_id, f"report-{fmt}", "main"))
 
 # ---------------------------------------------------------------- model + metadata
 with st.expander("Model card: which model answered, its test figures and limits"):
-    ui.card_summary(card)
+    models.card_summary(card)
 with st.expander("Scan metadata (de-identified)"):
     st.json(scan.metadata, expanded=False)
     if show_phi:
         phi = {}
-        with ui.user_errors(stop=False):
+        with common.user_errors(stop=False):
             phi = identifying_attributes(data)
         if phi:
             st.warning("Identifying tags, shown on request only; not stored or exported.")

@@ -21,8 +21,8 @@ PUBLISHED = {  # MedMNIST v2 (Yang et al. 2023), test AUC / ACC, from shared/dat
 
 
 def main(argv=None):
-    from medcls.evaluate import evaluate_model
-    from medcls.package import list_packages
+    from medcls.learning.evaluate import evaluate_model
+    from medcls.models.package import list_packages
 
     p = parser(__doc__)
     p.add_argument("--bootstrap", type=int, default=1000)

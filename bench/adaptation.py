@@ -11,7 +11,7 @@ Sites (labels.csv files written under ``.cache/medcls/sites``; the images stay w
 
     python -m bench.adaptation [--models models] [--recipes plain last-blocks mixed] [--seeds 0 1]
 
-Each (site, recipe, seed) runs ``medcls.adapt.adapt`` with a hold-out leaving 60 cases to
+Each (site, recipe, seed) runs ``medcls.learning.adapt.adapt`` with a hold-out leaving 60 cases to
 adapt on; the figures are the check part's, before (parent) and after, with 95% bootstrap CIs,
 and the reference test accuracy before and after.
 """
@@ -81,7 +81,7 @@ def _card(folder: Path) -> dict:
 
 
 def main() -> None:
-    from medcls.adapt import RECIPES, AdaptConfig, adapt
+    from medcls.learning.adapt import RECIPES, AdaptConfig, adapt
 
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES))

@@ -9,7 +9,7 @@ import platform
 import sys
 from pathlib import Path
 
-from medcls.settings import load_settings
+from medcls.core.settings import load_settings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

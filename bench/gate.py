@@ -23,7 +23,7 @@ OTHER_TASK = {"brain-mri": "chest-xray", "chest-xray": "brain-mri"}
 def photo_scans():
     import skimage.data
 
-    from medcls.scan import scan_from_array
+    from medcls.io.load import scan_from_array
 
     out = []
     for name in PHOTOS:
@@ -41,10 +41,10 @@ def flagged(predictor, arrays) -> float:
 
 
 def main(argv=None):
-    from medcls.data import load_dataset, preprocess_records
-    from medcls.inference import Predictor
-    from medcls.package import list_packages
-    from medcls.preprocess import stack
+    from medcls.engine.inference import Predictor
+    from medcls.io.preprocess import stack
+    from medcls.learning.data import load_dataset, preprocess_records
+    from medcls.models.package import list_packages
 
     args = parser(__doc__).parse_args(argv)
     step = 10 if args.quick else 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.common import RESULTS, command, machine, parser, table, write
+from bench.common import command, machine, parser, table, write
 
 BRAIN_SETS = ("brain-mri", "br35h-tumour", "normal-ixi", "volunteer-sagittal-t1")
 FIELDS = ("n", "accuracy", "macro_f1", "called_no_tumor", "called_tumour", "ece", "ece_uncalibrated",
@@ -30,7 +30,7 @@ FIELDS = ("n", "accuracy", "macro_f1", "called_no_tumor", "called_tumour", "ece"
 
 def volunteer_series(data: Path, classes):
     """The volunteer's sagittal series as a one-source dataset of normal slices."""
-    from medcls.data import Dataset, Record
+    from medcls.learning.data import Dataset, Record
 
     folder = data / "dicom" / "volunteer-sagittal-t1"
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in ("LICENSE", "SOURCE.md"))
@@ -40,8 +40,8 @@ def volunteer_series(data: Path, classes):
 
 
 def evaluate_sets(model_dir: Path, card: dict, data: Path) -> dict:
-    from medcls.data import load_datasets
-    from medcls.evaluate import evaluate_model
+    from medcls.learning.data import load_datasets
+    from medcls.learning.evaluate import evaluate_model
 
     sets = {}
     names = BRAIN_SETS if card["task"] == "brain-mri" else (card["task"],)
@@ -62,7 +62,7 @@ def evaluate_sets(model_dir: Path, card: dict, data: Path) -> dict:
 
 
 def main(argv=None):
-    from medcls.package import list_packages
+    from medcls.models.package import list_packages
 
     p = parser(__doc__)
     p.add_argument("--attempt", help="record these models as an attempt with this name")

@@ -80,10 +80,12 @@ def main_page(png: Path, jpeg: Path, model: Path) -> dict:
 
 
 def decoder_overhead(data_dir: Path, runs: int) -> list[dict]:
-    from medcls import scan as scan_module
-    from medcls.scan import _read_dataset, decode_budget, decode_timeout, load_scan
+    from medcls.io import dicom as dicom_module
+    from medcls.io.budget import decode_budget, decode_timeout
+    from medcls.io.dicom_tags import read_dataset
+    from medcls.io.load import load_scan
 
-    pool = scan_module._decoder_pool()
+    pool = dicom_module._decoder_pool()
     rows = []
     for rel in COMPRESSED:
         path = data_dir / "dicom" / rel
@@ -94,7 +96,7 @@ def decoder_overhead(data_dir: Path, runs: int) -> list[dict]:
         def in_process():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return _read_dataset(data).pixel_array
+                return read_dataset(data).pixel_array
 
         def worker():
             return pool.decode(data, 0, 1, decode_budget(), decode_timeout())
@@ -113,8 +115,8 @@ def decoder_overhead(data_dir: Path, runs: int) -> list[dict]:
 
 
 def single_compressed_scan(data_dir: Path, model: Path, runs: int) -> dict:
-    from medcls.inference import Predictor
-    from medcls.scan import load_scan
+    from medcls.engine.inference import Predictor
+    from medcls.io.load import load_scan
 
     predictor = Predictor.from_path(model).warmup()
     out = {}
@@ -126,8 +128,10 @@ def single_compressed_scan(data_dir: Path, model: Path, runs: int) -> dict:
 
 
 def zip_check() -> dict:
-    from medcls.review import ArchiveRejectedError, zip_sources
     from test_hardening import _zip_of_zeros
+
+    from medcls.core.errors import ArchiveRejectedError
+    from medcls.io.sources import zip_sources
 
     with tempfile.TemporaryDirectory() as tmp:
         data = _zip_of_zeros(Path(tmp) / "bomb.zip", 3000, 1 << 20).read_bytes()
@@ -142,8 +146,10 @@ def zip_check() -> dict:
 
 
 def main(argv=None):
-    from medcls.scan import decode_budget, load_scan
     from test_hardening import bomb_png
+
+    from medcls.io.budget import decode_budget
+    from medcls.io.load import load_scan
 
     args = parser(__doc__).parse_args(argv)
     runs = 3 if args.quick else 15

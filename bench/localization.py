@@ -31,11 +31,17 @@ def tumour_rows(data_dir, split="test"):
 
 def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, layer=None,
             seed=0):
-    from medcls.calibration import probabilities
-    from medcls.localization import (box_iou, deletion_insertion, energy_in_box,
-                                     normalised_box_to_pixels, pointing_hit, road)
-    from medcls.saliency import CamEngine
-    from medcls.scan import load_scan
+    from medcls.io.load import load_scan
+    from medcls.learning.localization import (
+        box_iou,
+        deletion_insertion,
+        energy_in_box,
+        normalised_box_to_pixels,
+        pointing_hit,
+        road,
+    )
+    from medcls.models.calibration import probabilities
+    from medcls.models.saliency import CamEngine
 
     if layer is not None:  # ablation: another CAM layer through the same mechanism
         engine = CamEngine(predictor.model, layer, predictor.spec.input_size, predictor.spec.channels)
@@ -89,9 +95,9 @@ def measure(predictor, rows, data_dir, method, faithfulness=True, mask=True, lay
 
 
 def main(argv=None):
-    from medcls.inference import Predictor
-    from medcls.package import list_packages
-    from medcls.saliency import METHODS
+    from medcls.engine.inference import Predictor
+    from medcls.models.package import list_packages
+    from medcls.models.saliency import METHODS
 
     p = parser(__doc__)
     p.add_argument("--merge", action="store_true",

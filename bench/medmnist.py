@@ -41,7 +41,7 @@ def _value(text: str):
 
 
 def main(argv=None):
-    from medcls.train import TrainConfig, train
+    from medcls.learning.train import TrainConfig, train
 
     p = parser(__doc__)
     p.add_argument("--datasets", nargs="+", default=list(RECIPES))

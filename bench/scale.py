@@ -38,7 +38,7 @@ WINDOW = (0.10, 0.90)  # share of the rows between which the steady rate is read
 
 
 def _sources(data, n: int):
-    from medcls.review import Source
+    from medcls.io.sources import Source
 
     brain = data / "brain-mri"
     with open(brain / "labels.csv", newline="") as fh:
@@ -99,8 +99,8 @@ def steady(times: list[float], window=WINDOW) -> dict:
 
 
 def local_run(model, sources, batch_size: int) -> dict:
-    from medcls.inference import Predictor
-    from medcls.review import run_review
+    from medcls.engine.inference import Predictor
+    from medcls.engine.review import run_review
 
     load = _load()
     with LoadSampler() as sampler:
@@ -118,12 +118,12 @@ def _worker_model_load(model) -> float:
     """Seconds for a fresh task on the cluster to load the model (TensorFlow's import included)."""
     import ray
 
-    from medcls.cluster import _predictor_from_files, package_files
+    from medcls.integrations.ray.cluster import package_files, predictor_from_files
 
     @ray.remote(num_cpus=0.5, max_calls=1)  # max_calls=1: a new worker process, as an actor gets
     def load(files):
         t = time.perf_counter()
-        _predictor_from_files(files)
+        predictor_from_files(files)
         return time.perf_counter() - t
 
     t = time.perf_counter()
@@ -133,9 +133,10 @@ def _worker_model_load(model) -> float:
 
 def ray_run(model, sources, nodes: int, batch_size: int) -> dict:
     import ray
-
-    from medcls import cluster
     from raycluster import LocalRayCluster
+
+    from medcls.integrations.ray import cluster
+    from medcls.integrations.ray import review as ray_review
 
     load = _load()
     with LoadSampler() as sampler:
@@ -148,7 +149,7 @@ def ray_run(model, sources, nodes: int, batch_size: int) -> dict:
             cluster.connect(c.address)
             connect_s = time.perf_counter() - t
             try:
-                times, _ = _timed_rows(cluster.run_review(model, sources, address=c.address,
+                times, _ = _timed_rows(ray_review.run_review(model, sources, address=c.address,
                                                           batch_size=batch_size))
                 load_inside, load_task = _worker_model_load(model)
             finally:

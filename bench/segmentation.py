@@ -55,7 +55,7 @@ def region_mask(region, shape) -> np.ndarray:
 
 def compare(pred: np.ndarray, truth: np.ndarray) -> dict:
     """Per-image figures of a predicted mask against the true one (pixels)."""
-    from medcls.segmentation import dice, hausdorff95, iou, longest_diameter
+    from medcls.models.measures import dice, hausdorff95, iou, longest_diameter
 
     a_p, a_t = int(pred.sum()), int(truth.sum())
     d_t = longest_diameter(truth)
@@ -90,7 +90,7 @@ def load_rows(data_dir, split="test"):
 def heatmap_figures(predictor, scan, row, truth) -> dict:
     """Today's heatmap region and Grad-CAM's pointing and energy against one true mask, and
     whether the classifier's answer is a tumour (so the page would show an outline)."""
-    from medcls.localization import normalised_box_to_pixels, pointing_hit
+    from medcls.learning.localization import normalised_box_to_pixels, pointing_hit
     e = predictor.explain(scan, "gradcam", class_index=predictor.classes.index(row["label"]))
     hm = np.clip(e.heatmap, 0, None)
     py, px = np.unravel_index(int(np.argmax(hm)), hm.shape)
@@ -107,8 +107,8 @@ def timed_scan(predictor, segmenter, data: bytes, runs: int) -> dict:
     """One scan as the main page answers it: decode, class + Grad-CAM, mask (tumour answer);
     alternated with the same scan without the mask, so that the mask's own cost is measured in
     the same conditions (this CPU is shared: absolute times vary with the load)."""
-    from medcls.scan import load_scan
-    from medcls.segmentation import outline_for
+    from medcls.io.load import load_scan
+    from medcls.models.segmenter import outline_for
 
     def once(with_mask: bool):
         scan = load_scan(data)
@@ -138,10 +138,11 @@ def main(argv=None) -> None:
     p.add_argument("--segmenter", default=None, help="companion folder (default models/brain-mri-seg)")
     p.add_argument("--classifier", default=None, help="classifier folder (default models/brain-mri-default)")
     args = p.parse_args(argv)
-    from medcls.inference import Predictor
-    from medcls.preprocess import preprocess
-    from medcls.scan import load_scan
-    from medcls.segmentation import Segmenter, mask_index, read_mask
+    from medcls.engine.inference import Predictor
+    from medcls.io.load import load_scan
+    from medcls.io.preprocess import preprocess
+    from medcls.learning.segmentation import mask_index, read_mask
+    from medcls.models.segmenter import Segmenter
 
     seg_dir = args.segmenter or args.models / "brain-mri-seg"
     segmenter = Segmenter(seg_dir).warmup()
@@ -211,7 +212,7 @@ def main(argv=None) -> None:
 
 def segmenter_card_fields(folder, result) -> None:
     """The companion's own test figures go into its card (measured fields only)."""
-    from medcls.segmentation import update_seg_card
+    from medcls.learning.segmentation import update_seg_card
 
     s = result["segmentation"]["all"]
     update_seg_card(folder, {"metrics": {**_card_metrics(folder), "test": {
@@ -228,7 +229,7 @@ def segmenter_card_fields(folder, result) -> None:
 
 
 def _card_metrics(folder) -> dict:
-    from medcls.segmentation import read_seg_card
+    from medcls.models.segmenter import read_seg_card
 
     return {k: v for k, v in read_seg_card(folder).get("metrics", {}).items() if k != "test"}
 

@@ -52,7 +52,7 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 
 def single_scan(predictor, data: bytes, runs: int) -> dict:
-    from medcls.scan import load_scan
+    from medcls.io.load import load_scan
 
     for _ in range(3):
         predictor.explain(load_scan(data), "gradcam")
@@ -65,7 +65,8 @@ def single_scan(predictor, data: bytes, runs: int) -> dict:
 
 
 def batch_throughput(predictor, files) -> float:
-    from medcls.review import Source, run_review
+    from medcls.engine.review import run_review
+    from medcls.io.sources import Source
 
     sources = [Source(str(f), lambda f=f: f) for f in files]
     list(run_review(predictor, sources[:64]))  # warm
@@ -76,8 +77,8 @@ def batch_throughput(predictor, files) -> float:
 
 def naive_throughput(predictor, files) -> float:
     """The loop a first script would write: load, preprocess, model.predict per file."""
-    from medcls.preprocess import preprocess
-    from medcls.scan import load_scan
+    from medcls.io.load import load_scan
+    from medcls.io.preprocess import preprocess
 
     model = predictor.model
     model.predict(np.zeros((1, *model.input_shape[1:]), np.float32), verbose=0)
@@ -89,7 +90,7 @@ def naive_throughput(predictor, files) -> float:
 
 
 def cold_start(model_dir, file) -> float:
-    code = ("import time; t=time.perf_counter(); from medcls.inference import Predictor; "
+    code = ("import time; t=time.perf_counter(); from medcls.engine.inference import Predictor; "
             f"p=Predictor.from_path({str(model_dir)!r}); p.explain(__import__('medcls').load_scan({str(file)!r})); "
             "print(time.perf_counter()-t)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
@@ -167,10 +168,10 @@ def app_timings(data) -> dict:
 
 def app_model() -> str:
     """Name, version and SHA-256 prefix of the model the app opens with (as
-    ``ui.default_model_path`` picks it: the brain task's ``*-default`` in the models folder),
+    ``ui.models.default_model_path`` picks it: the brain task's ``*-default`` in the models folder),
     plus its segmentation companion when the card names one."""
-    from medcls.package import list_packages
-    from medcls.settings import load_settings
+    from medcls.core.settings import load_settings
+    from medcls.models.package import list_packages
 
     found = sorted((c for _, c in list_packages(load_settings().models_dir)
                     if c["task"] == "brain-mri"),
@@ -180,7 +181,7 @@ def app_model() -> str:
     card = found[0]
     seg = card.get("segmentation")
     if seg:
-        from medcls.segmentation import read_seg_card
+        from medcls.models.segmenter import read_seg_card
 
         s = read_seg_card(load_settings().models_dir / seg)
         seg = f"{seg} {s['version']} (sha256 {s['model_sha256'][:12]})"
@@ -231,8 +232,8 @@ def main(argv=None):
         write_app_timings(args.data, args.out)
         return
 
-    from medcls.inference import Predictor
-    from medcls.package import list_packages, update_card
+    from medcls.engine.inference import Predictor
+    from medcls.models.package import list_packages, update_card
 
     p = parser(__doc__)
     p.add_argument("--merge", action="store_true",

@@ -27,7 +27,7 @@ for which in "${@:-mobilenet default-v2 seg compact compact-v2 seed seed-v2 ches
                    --fine-tune-lr 2e-4 --fine-tune-from block_3_expand --label-smoothing 0.1 --ema --box-loss 1.0
                  rm -rf models/brain-mri-default && cp -r runs/default-r6 models/brain-mri-default
                  "$PY" - <<'PYEOF'
-from medcls.package import update_card
+from medcls.models.package import update_card
 update_card("models/brain-mri-default", {"segmentation": "brain-mri-seg"})
 PYEOF
                  ;;

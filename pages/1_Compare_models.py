@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
 
-# `streamlit run app.py` puts the project folder on sys.path; running this page on its own
-# (AppTest.from_file, `streamlit run pages/...`) does not, so `ui` and `medcls` would not import.
-_ROOT = str(Path(__file__).resolve().parent.parent)
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
-
-import pandas as pd  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
-import streamlit as st  # noqa: E402
-
-import ui  # noqa: E402
-import ui_viewer  # noqa: E402
-from medcls import present  # noqa: E402
-from medcls.compare import (ModelResult, card_table, check_compatible, run_model,  # noqa: E402
-                            summarize)
-from medcls.saliency import METHODS  # noqa: E402
+from medcls.engine import present
+from medcls.engine.compare import ModelResult, card_table, check_compatible, run_model, summarize
+from medcls.models.saliency import METHODS
+from ui import audit, chrome, common, models, scans, viewer
 
 MAX_MODELS = 4
 MAX_CACHED_RESULTS = 16  # per session, all for the open scan: models x methods
 RESULTS_KEY = "_compare_results"
 RESULTS_FILE = "bench/results/accuracy.json"  # the benchmark behind the figures' intervals
 
-ui.page_header("Compare models", "One scan, two to four models of the same task, side by "
+chrome.page_header("Compare models", "One scan, two to four models of the same task, side by "
                "side: do they agree, how sure is each, where does each look, and how did each do "
                "on the fixed test split.")
 
@@ -83,13 +72,13 @@ def recall_chart(cards: list[dict]) -> go.Figure:
 def benchmark_results() -> dict | None:
     """The benchmark results behind the figures' intervals, with the date they come from: the
     file's own ``date``, else the date of the commit that last wrote it."""
-    results = present.load_results(ui.APP_DIR / RESULTS_FILE)
+    results = present.load_results(common.APP_DIR / RESULTS_FILE)
     if results is not None and not results.get("date"):
         import subprocess
 
         try:
             out = subprocess.run(["git", "log", "-1", "--format=%cs", "--", RESULTS_FILE],
-                                 cwd=ui.APP_DIR, capture_output=True, text=True, timeout=10)
+                                 cwd=common.APP_DIR, capture_output=True, text=True, timeout=10)
             if out.returncode == 0 and out.stdout.strip():
                 results["date"] = f"committed {out.stdout.strip()}"
         except (OSError, subprocess.SubprocessError):
@@ -99,26 +88,26 @@ def benchmark_results() -> dict | None:
 
 # ----------------------------------------------------------------------------- models
 
-ui.require_models()
+models.require_models()
 
 with st.sidebar:
     st.header("Models")
-    task = ui.task_picker(key="cmp_task")
-    task_models = ui.models_for_task(task)
+    task = models.task_picker(key="cmp_task")
+    task_models = models.models_for_task(task)
     cards_by_path = dict(task_models)
     if len(task_models) >= 2:
         chosen = st.multiselect(
             f"Models to compare (2 to {MAX_MODELS})", list(cards_by_path),
             default=list(cards_by_path)[:MAX_MODELS], max_selections=MAX_MODELS,
-            key=f"cmp_models_{task}", format_func=lambda p: ui.short_model_label(cards_by_path[p]),
+            key=f"cmp_models_{task}", format_func=lambda p: models.short_model_label(cards_by_path[p]),
             help="Models by their name within the task; their figures are in the table below.")
     st.header("Heatmap")
-    method = ui.method_picker(key="cmp_method")
+    method = models.method_picker(key="cmp_method")
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="cmp_alpha")
     show_region = st.toggle("Region outline and box", value=True, key="cmp_show_region")
 
 if len(task_models) < 2:
-    st.warning(f"Task “{task}” has {len(task_models)} model package in `{ui.models_root()}`; "
+    st.warning(f"Task “{task}” has {len(task_models)} model package in `{common.models_root()}`; "
                "a comparison needs two or more models of the same task. Pick another task or "
                "train another model for this one.")
     st.stop()
@@ -127,23 +116,23 @@ if len(task_models) < 2:
 
 uploaded = st.file_uploader("Upload a scan (or keep the one open on the main page): DICOM, PNG, "
                             "JPEG, TIFF or BMP", type=None, key="cmp_upload")
-data = ui.current_scan_bytes(uploaded)
+data = scans.current_scan_bytes(uploaded)
 if data is None:
     st.info("Upload a scan, or open one on the main page: it is compared here as well.")
     st.stop()
 
-with ui.user_errors():  # every failure becomes a message, never a trace
-    scan = ui.cached_scan(data)
+with common.user_errors():  # every failure becomes a message, never a trace
+    scan = scans.cached_scan(data)
     frame = 0
     if scan.n_frames > 1:
         frame = st.slider("Frame", 1, scan.n_frames, 1, key="cmp_frame") - 1
-        scan = ui.cached_scan(data, frame)
+        scan = scans.cached_scan(data, frame)
 
 if len(chosen) < 2:
     st.info(f"Pick two to {MAX_MODELS} models in the sidebar to compare them.")
     st.stop()
 
-with ui.user_errors("These models"):
+with common.user_errors("These models"):
     check_compatible([cards_by_path[p] for p in chosen])
 
 # ----------------------------------------------------------------------------- run
@@ -151,14 +140,14 @@ with ui.user_errors("These models"):
 results: dict[str, ModelResult] = {}
 for path in chosen:
     name = cards_by_path[path].name
-    with ui.user_errors(f"Model {name}", stop=False):  # the others still answer
-        predictor = ui.load_predictor(path)  # cached per folder: other models are not reloaded
+    with common.user_errors(f"Model {name}", stop=False):  # the others still answer
+        predictor = models.load_predictor(path)  # cached per folder: other models are not reloaded
         with st.spinner(f"{name}: classifying and computing {METHODS[method].label}..."):
             results[path] = cached_result(predictor, scan, (scan.sha256, frame), path, method)
 
 comparison = None
 if len(results) >= 2:
-    with ui.user_errors("These models"):
+    with common.user_errors("These models"):
         comparison = summarize(list(results.values()), method)
 else:
     st.warning("Fewer than two of the chosen models could answer, so there is nothing to compare.")
@@ -169,7 +158,7 @@ if comparison is not None:
     agr = comparison.agreement
     first_card = cards_by_path[chosen[0]]
     # green only for confident agreement; amber when they agree but are unsure; red otherwise
-    ui_viewer.agreement_banner([r.prediction for r in comparison.results], first_card,
+    viewer.agreement_banner([r.prediction for r in comparison.results], first_card,
                                f"Largest probability spread {present.fmt_prob(agr.max_spread)} "
                                f"(on {present.class_name(first_card, agr.max_spread_class)}).")
     c1, c2, c3 = st.columns(3)
@@ -193,8 +182,8 @@ if comparison is not None:
 
 # ----------------------------------------------------------------------------- panels
 
-center, width = ui.window_controls(scan, key="cmp")
-image = ui.display(scan, center, width)
+center, width = scans.window_controls(scan, key="cmp")
+image = scans.display(scan, center, width)
 gray = image if image.ndim == 2 else image.mean(axis=2)
 
 cols = st.columns(len(chosen))
@@ -208,17 +197,17 @@ for i, (col, path) in enumerate(zip(cols, chosen)):
             continue
         res = results[path]
         pred, expl = res.prediction, res.explanation
-        ui.log_answer((scan.sha256, frame, path, method), pred, card, "compare",
+        audit.log_answer((scan.sha256, frame, path, method), pred, card, "compare",
                       input_sha256=scan.sha256, frame=frame, heatmap_method=method)
         v = present.verdict(pred, card)
         st.markdown(f"**{v.name}** · {v.probability_text} · {v.state}" if not v.withheld
                     else "**Answer withheld:** outside what this model was trained on")
-        kind, text = ui.confidence_statement(pred, card)
+        kind, text = viewer.confidence_statement(pred, card)
         if kind != "success":
             getattr(st, kind)(text)
-        st.plotly_chart(ui_viewer.probability_chart(pred, card, height=200),
+        st.plotly_chart(viewer.probability_chart(pred, card, height=200),
                         width="stretch", key=f"cmp_probs_{i}")
-        over, title, _ = ui_viewer.overlay_panel(gray, expl, pred, card, alpha, True, show_region,
+        over, title, _ = viewer.overlay_panel(gray, expl, pred, card, alpha, True, show_region,
                                                  key=f"cmp_{i}")
         st.image(over, width="stretch", caption=f"{title} · {METHODS[method].label}")
         st.caption(f"{res.ms:.0f} ms for this scan (preprocess, predict and heatmap)")
@@ -264,8 +253,8 @@ st.subheader("Each model's test figures, intervals and caveats")
 st.caption("For the engineer: every figure of each card's test split with its 95% bootstrap "
            "interval where the benchmark computed one, the caveat that qualifies it and where it "
            "comes from (card and training date; results file and its date).")
-ui_viewer.figures_table(chosen_cards, benchmark_results(), RESULTS_FILE, key="cmp_figures")
+viewer.figures_table(chosen_cards, benchmark_results(), RESULTS_FILE, key="cmp_figures")
 for col, card in zip(st.columns(min(len(chosen_cards), 2)) * 2, chosen_cards):
-    fig = ui_viewer.confusion_chart(card)
+    fig = viewer.confusion_chart(card)
     if fig is not None:
         col.plotly_chart(fig, width="stretch", key=f"cmp_confusion_{card['name']}")

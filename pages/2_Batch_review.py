@@ -2,10 +2,10 @@
 scan looks like to the model, which are uncertain, which could not be read.
 
 Input is a folder on the server, only inside the allowed scan folder (``scan_root`` of
-:mod:`medcls.settings`: ``MEDCLS_SCAN_ROOT``, else ``.streamlit/secrets.toml``, else
+:mod:`medcls.core.settings`: ``MEDCLS_SCAN_ROOT``, else ``.streamlit/secrets.toml``, else
 ``scans/`` next to app.py), or a folder, several files or one .zip uploaded through the
-browser. The run is a :class:`medcls.review.ReviewJob` kept in the session (on this server, or on the
-configured Ray cluster through :func:`medcls.cluster.review_stream`) (its docstring
+browser. The run is a :class:`medcls.engine.review.ReviewJob` kept in the session (on this server, or on the
+configured Ray cluster through :func:`medcls.integrations.ray.review.review_stream`) (its docstring
 tells how a run proceeds across reruns and how Stop really stops); this page is layout.
 """
 
@@ -17,15 +17,14 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-import ui
-import ui_series
-import ui_viewer
-from medcls import present
-from medcls.cluster import review_stream
-from medcls.render import draw_outline
-from medcls.review import ReviewJob, folder_sources, upload_sources
-from medcls.saliency import METHODS
-from medcls.segmentation import size_text
+from medcls.engine import present
+from medcls.engine.render import draw_outline
+from medcls.engine.review import ReviewJob
+from medcls.integrations.ray.review import review_stream
+from medcls.io.sources import folder_sources, upload_sources
+from medcls.models.saliency import METHODS
+from medcls.models.segmenter import size_text
+from ui import audit, chrome, common, models, scans, series, signin, viewer
 
 BATCH_SIZE = 16
 WORKERS = 2
@@ -37,7 +36,7 @@ SORT = "batch_sort"  # session key: the worklist's order, kept when the filters 
 POSITION = "_batch_pos"  # session key prefix: the viewer's row, per job and view
 SEEN = "_batch_seen"  # session key prefix: the table selection the viewer last followed
 
-ui.page_header("Batch review", "Triage a folder of scans: predicted class, calibrated "
+chrome.page_header("Batch review", "Triage a folder of scans: predicted class, calibrated "
                "probabilities and the scans that need a look (low confidence, outside what the "
                "model was trained on, unreadable).", icon="🗂️")
 
@@ -53,7 +52,7 @@ def progress_text(job: ReviewJob) -> tuple[float, str]:
 
 
 def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
-    from medcls.report import render_report
+    from medcls.engine.report import render_report
 
     return render_report(gray, explanation, pred, card, sha256, fmt=fmt,
                          method_label=METHODS[HEATMAP_METHOD].label)
@@ -79,11 +78,11 @@ def table_of(job: ReviewJob, indices: list[int]) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- model
 
-ui.require_models()
+models.require_models()
 
 with st.sidebar:
     st.header("Model")
-    model_path = ui.pick_model("batch_model")
+    model_path = models.pick_model("batch_model")
     st.caption("Every scan is classified by this model; flags use its low-confidence "
                "threshold and input gate (see its card).")
 
@@ -96,7 +95,7 @@ running = bool(job and job.running)
 def begin(make_sources, origin: str, address: str | None = None) -> None:
     """Build the sources and start a job (replacing this session's); refusals become
     messages, never traces, and keep the earlier results."""
-    with ui.user_errors("The input", stop=False) as outcome:
+    with common.user_errors("The input", stop=False) as outcome:
         sources = make_sources()
     if outcome.failed:
         return
@@ -104,8 +103,8 @@ def begin(make_sources, origin: str, address: str | None = None) -> None:
         st.warning("No files were found there (hidden files, DICOMDIR and labels.csv are "
                    "skipped).")
         return
-    with ui.user_errors("The model", stop=False) as outcome:
-        predictor = ui.load_predictor(model_path)
+    with common.user_errors("The model", stop=False) as outcome:
+        predictor = models.load_predictor(model_path)
     if outcome.failed:
         return
     old = st.session_state.get(JOB)
@@ -123,8 +122,8 @@ def begin(make_sources, origin: str, address: str | None = None) -> None:
 server_tab, upload_tab = st.tabs(["Folder on the server", "Upload from this computer"])
 
 with server_tab:
-    folder_allowed = ui.permitted("server-folder")  # reviewers and admins only
-    root = ui.settings().scan_root
+    folder_allowed = signin.permitted("server-folder")  # reviewers and admins only
+    root = common.settings().scan_root
     # the folder's name only: its absolute path tells anyone how the server is laid out
     st.caption(f"Allowed scan folder: `{root.name or 'scans'}`. Only folders inside it can be reviewed; "
                "subfolders are searched (a DICOM series folder gives one row per file).")
@@ -136,7 +135,7 @@ with server_tab:
     if not root_ok:
         st.warning("The scan folder does not exist on this server. Set `MEDCLS_SCAN_ROOT` (or "
                    "`scan_root` in `.streamlit/secrets.toml`) to the folder that holds the scans.")
-    cluster = ui.settings().ray_address
+    cluster = common.settings().ray_address
     on_cluster = bool(cluster) and st.toggle(
         f"Run on the Ray cluster (`{cluster}`)", key="batch_on_cluster",
         help="The cluster reads the scans from the same folder (it must be mounted on every "
@@ -179,10 +178,10 @@ if job is None:
 # ----------------------------------------------------------------------------- results
 
 rows, classes, card = job.rows, job.classes, job.card
-answer_ids = ui.audit_rows(job, "batch", ui.settings().scan_root)
+answer_ids = audit.audit_rows(job, "batch", common.settings().scan_root)
 n_total = len(job.sources)
 if job.state == "failed":
-    ui.show_error(job.error, "The review")
+    common.show_error(job.error, "The review")
 status = {"done": "finished", "stopped": "stopped", "failed": "ended by an error"}[job.state]
 st.subheader(f"Results: {job.origin}")
 st.caption(f"{len(rows)} of {n_total} scans, {status} in {job.elapsed_s:.1f} s · model "
@@ -221,7 +220,7 @@ if st.toggle("Group by series", key="batch_by_series",
              help="One row per DICOM series or NIfTI volume with its study summary: every slice "
                   "and frame answered, ordered along the slice normal (see the main page's "
                   "series mode for the rule)."):
-    ui_series.batch_series_table(job, ui.load_predictor(job.model_path))
+    series.batch_series_table(job, models.load_predictor(job.model_path))
 
 # ---------------------------------------------------------------- table
 sort_by = st.selectbox("Order", list(present.SORTS), key=SORT,
@@ -238,7 +237,7 @@ name_filter = f3.text_input("File name contains", key="batch_name").strip()
 passing = set(job.filter(attention_only, chosen, name_filter))
 view = table_of(job, [i for i in present.triage_order(rows, sort_by) if i in passing])
 
-prob_cols = [f"pt_{c}" for c in classes]  # as text: medcls.present.fmt_prob
+prob_cols = [f"pt_{c}" for c in classes]  # as text: medcls.engine.present.fmt_prob
 column_config = {
     "file": st.column_config.TextColumn("File", width="medium"),
     "predicted": st.column_config.TextColumn("Predicted"),
@@ -278,7 +277,7 @@ shown = list(view.index)
 st.download_button(f"Download CSV ({len(shown)} rows shown)",
                    data=lambda shown=shown: job.csv(shown),
                    file_name="medcls-review.csv", mime="text/csv", key="batch_csv",
-                   on_click=ui.export_logger(None, "worklist-csv", "batch", len(shown)),
+                   on_click=audit.export_logger(None, "worklist-csv", "batch", len(shown)),
                    help="File names, predictions, probabilities, flags and series/instance "
                         "numbers; no patient tags.")
 
@@ -304,7 +303,7 @@ p1, p2, p3 = st.columns([1, 1, 4])
 p1.button("◀ Previous", key="batch_prev", on_click=step, args=(-1,), disabled=position == 0)
 p2.button("Next ▶", key="batch_next", on_click=step, args=(1,), disabled=position >= len(view) - 1)
 p3.caption(f"Row {position + 1} of {len(view)} shown.")
-ui_viewer.keyboard_steps({"j": "Next ▶", "k": "◀ Previous"})
+chrome.keyboard_steps({"j": "Next ▶", "k": "◀ Previous"})
 if row.error is not None:
     st.error(f"This file could not be read: {row.error}")
     st.stop()
@@ -312,43 +311,43 @@ if row.error is not None:
 cache = st.session_state.setdefault(SELECTED, {})
 key = (job.id, index, HEATMAP_METHOD)
 if key not in cache:
-    with ui.user_errors():
+    with common.user_errors():
         with st.spinner("Reloading the scan and computing its heatmap..."):
             scan = job.load(index)
-            predictor = ui.load_predictor(job.model_path)
+            predictor = models.load_predictor(job.model_path)
             explanation = predictor.explain(scan, HEATMAP_METHOD)
             outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
     cache.clear()  # one selected scan per session
     cache[key] = (scan, explanation, outline)
 scan, explanation, outline = cache[key]
 pred = explanation.prediction
-ui_viewer.verdict_line(pred, card)
+viewer.verdict_line(pred, card)
 
 c1, c2 = st.columns([2, 1.2])
 with c1:
     w1, w2 = st.columns([2, 1])
     with w1:  # one window/level for both images
-        center, width = ui.window_controls(scan, key="batch")
+        center, width = scans.window_controls(scan, key="batch")
     show_overlay = w2.toggle("Overlay", value=True, key="batch_overlay",
                              help="The heatmap overlay on the right image; off: the plain scan.")
-    image = ui.display(scan, center, width)
+    image = scans.display(scan, center, width)
     gray = image if image.ndim == 2 else image.mean(axis=2)
     # the heatmap's own region only without a segmentation companion (it is no lesion edge)
-    over, title, drawn = ui_viewer.overlay_panel(gray, explanation, pred, card, 0.45, show_overlay,
+    over, title, drawn = viewer.overlay_panel(gray, explanation, pred, card, 0.45, show_overlay,
                                                  not card.get("segmentation"), key="batch")
-    ui_viewer.linked_viewer(draw_outline(image, outline), over,
+    viewer.linked_viewer(draw_outline(image, outline), over,
                             ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
                             key="batch_viewer", height=340)
     st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
-               + (f" · {ui_viewer.region_caption(explanation.region)}" if drawn else "")
+               + (f" · {viewer.region_caption(explanation.region)}" if drawn else "")
                + ". Drag to pan, scroll to zoom (both images move together).")
     if outline is not None:
         st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
 with c2:
-    kind, text = ui.confidence_statement(pred, card)
+    kind, text = viewer.confidence_statement(pred, card)
     getattr(st, kind)(text)
-    st.plotly_chart(ui_viewer.probability_chart(pred, card), width="stretch", key="batch_probs")
-    ui.verdict_control(answer_ids[index] if answer_ids else None, row.predicted, classes,
+    st.plotly_chart(viewer.probability_chart(pred, card), width="stretch", key="batch_probs")
+    audit.verdict_control(answer_ids[index] if answer_ids else None, row.predicted, classes,
                        key=f"batch_verdict_{id(job)}_{index}")
     for fmt in ("pdf", "png"):  # built on click; no file name or patient tag goes in
         st.download_button(

@@ -1,7 +1,7 @@
 """PACS: search the hospital's PACS (DICOMweb), classify whole studies, and send the results
 back as DICOM (a TID 1500 structured report and heatmap captures) beside the images.
 
-Layout only: searching, reviewing and sending are :class:`medcls.pacs.PacsWorkspace` calls;
+Layout only: searching, reviewing and sending are :class:`medcls.integrations.pacs.workspace.PacsWorkspace` calls;
 the workspace lives in this session's state (patient data shown here, never logged or
 written anywhere but the DICOM results sent to the PACS). Connection settings come from the
 environment or ``.streamlit/secrets.toml`` (see the README, section "PACS")."""
@@ -11,24 +11,24 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-import ui
-from ui_series import strip_figure, summary_box
 from medcls import MedclsError
-from medcls.dicom_results import RESEARCH_LABEL, overlay_capture
-from medcls.errors import AuditError
-from medcls.pacs import (PacsClient, PacsWorkspace, pacs_settings, record_review, series_rows,
-                         study_rows)
+from medcls.core.errors import AuditError
+from medcls.integrations.pacs.client import PacsClient, pacs_settings
+from medcls.integrations.pacs.results import RESEARCH_LABEL, overlay_capture
+from medcls.integrations.pacs.review import record_review
+from medcls.integrations.pacs.workspace import PacsWorkspace, series_rows, study_rows
+from ui import audit, chrome, common, models, series, signin
 
 WORKSPACE = "pacs_workspace"
 
-ui.page_header("PACS", "Search the PACS, classify whole studies series by series, and send the "
+chrome.page_header("PACS", "Search the PACS, classify whole studies series by series, and send the "
                "results back as DICOM beside the images.", icon="🏥")
-ui.require_models()
+models.require_models()
 
 try:
-    settings = pacs_settings(ui.settings())
+    settings = pacs_settings(common.settings())
 except MedclsError as exc:
-    ui.show_error(exc, "The PACS settings")
+    common.show_error(exc, "The PACS settings")
     st.stop()
 if settings is None:
     st.info("No PACS is configured. Set `MEDCLS_PACS_URL` (and `MEDCLS_PACS_USER` / "
@@ -40,7 +40,7 @@ ws: PacsWorkspace = st.session_state.setdefault(WORKSPACE, PacsWorkspace())
 
 with st.sidebar:
     st.header("Model")
-    model_path = ui.pick_model("pacs_model")
+    model_path = models.pick_model("pacs_model")
     st.caption(f"PACS: {client.address}")
 
 # ----------------------------------------------------------------------------- search
@@ -59,7 +59,7 @@ if searched:
                       date_to=date_to, modality=modality.strip().upper() or None,
                       description=description.strip() or None)
     except MedclsError as exc:
-        ui.show_error(exc, "The PACS search")
+        common.show_error(exc, "The PACS search")
 
 if not ws.studies:
     st.caption("No studies listed yet: search by patient ID, study date, modality or description.")
@@ -70,21 +70,21 @@ st.dataframe(pd.DataFrame(study_rows(ws.studies)), hide_index=True, width="stret
 uids = [s.study_uid for s in ws.studies]
 chosen = st.multiselect("Studies to classify", uids, format_func=ws.label, key="pacs_selected")
 if st.button("Run", type="primary", disabled=not chosen):
-    predictor = ui.load_predictor(model_path)
+    predictor = models.load_predictor(model_path)
     bar = st.progress(0.0, text="Retrieving and classifying...")
     try:
         ws.run(client, predictor, chosen,
                progress=lambda i, n: bar.progress(i / n, text=f"{i} / {n} studies done"))
     except MedclsError as exc:
-        ui.show_error(exc, "The PACS")
+        common.show_error(exc, "The PACS")
     bar.empty()
     # every answered instance in the audit trail, by its SOP Instance UID (no patient data)
     for uid in chosen:
         if uid in ws.reviews:
             try:
-                record_review(ui.audit_store(), ws.reviews[uid], predictor, ui.current_user().name)
+                record_review(audit.audit_store(), ws.reviews[uid], predictor, signin.current_user().name)
             except AuditError as exc:
-                ui.audit_warning(exc)
+                common.audit_warning(exc)
 
 # ----------------------------------------------------------------------------- results
 for uid, message in ws.errors.items():
@@ -104,8 +104,8 @@ for uid, review in ws.reviews.items():
         with st.expander(f"Series {s.series.number} · {s.series.description} · "
                          f"{s.state}", expanded=True):
             # the series view's summary and strip: the same answer as on the main page
-            summary_box(s.answer)
-            st.plotly_chart(strip_figure(s.answer, s.driving if s.driving is not None else 0),
+            series.summary_box(s.answer)
+            st.plotly_chart(series.strip_figure(s.answer, s.driving if s.driving is not None else 0),
                             width="stretch", key=f"strip-{s.series.series_uid}-{s.answer.series.key}")
             if s.roi is not None:
                 size = (f"area {s.roi.area_mm2:.0f} mm²" if s.roi.area_mm2 is not None
@@ -125,16 +125,16 @@ for uid, review in ws.reviews.items():
         st.code("\n".join(f"SR series {s.series_uid}" for s in review.prior_results))
     elif outcome is None and st.button("Send results to PACS", key=f"send-{uid}",
                                        disabled=not review.answered
-                                       or not ui.permitted("pacs-send")) and ui.permitted("pacs-send", False):
+                                       or not signin.permitted("pacs-send")) and signin.permitted("pacs-send", False):
         try:
             with st.spinner("Storing the SR and the captures (STOW-RS)..."):
                 outcome = ws.send(client, uid)
             if outcome.sent:
-                ui.record_export("pacs-send", "pacs", n_answers=len(review.answer_ids)
+                audit.record_export("pacs-send", "pacs", n_answers=len(review.answer_ids)
                                  or len(review.series),
                                  target=" ".join(outcome.sop_instance_uids))
         except MedclsError as exc:
-            ui.show_error(exc, "Sending")
+            common.show_error(exc, "Sending")
     if outcome is not None:
         (st.success if outcome.sent else st.info)(outcome.message)
         st.code("\n".join([f"stored {u}" for u in outcome.sop_instance_uids]

@@ -1,7 +1,7 @@
 """Adapt to site (admins): adapt a model to this hospital's scanners from cases its clinicians
 confirmed, see before/after on other local cases, then make it the site default or discard it.
 
-Layout only: the work is :mod:`medcls.adapt` (an :class:`~medcls.adapt.AdaptationJob` runs in
+Layout only: the work is :mod:`medcls.learning.adapt` (an :class:`~medcls.learning.site.AdaptationJob` runs in
 a background thread kept in the session; each script run shows its progress and reruns).
 """
 
@@ -14,23 +14,30 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-import ui
 from medcls import MedclsError
-from medcls.adapt import (AdaptationJob, AdaptConfig, Recipe, cases_folder, discard, figures_table,
-                          new_package_folder, set_site_default, unpack_cases)
+from medcls.learning.adapt import AdaptConfig, Recipe, figures_table
+from medcls.learning.site import (
+    AdaptationJob,
+    cases_folder,
+    discard,
+    new_package_folder,
+    set_site_default,
+    unpack_cases,
+)
+from ui import chrome, common, models
 
 JOB = "adapt_job"
 POLL_S = 1.0
 
-ui.page_header("Adapt to site", "Adapt a model to this site's scanners with cases its clinicians "
+chrome.page_header("Adapt to site", "Adapt a model to this site's scanners with cases its clinicians "
                "confirmed; the parent model is kept.", icon="🏥", permission="adapt")
-ui.require_models()
+models.require_models()
 with st.sidebar:
-    parent = ui.pick_model("adapt_model")
+    parent = models.pick_model("adapt_model")
 
 st.markdown("Confirmed cases: a folder with `labels.csv` (`file`, `label`: a class of the model or "
             "`tumor` for a tumour of unknown type; optional `group` = patient) or one folder per "
-            f"class, inside the scan folder `{ui.settings().scan_root}`, or the same as a .zip.")
+            f"class, inside the scan folder `{common.settings().scan_root}`, or the same as a .zip.")
 folder = st.text_input("Folder of confirmed cases (inside the scan folder)", key="adapt_folder")
 upload = st.file_uploader("... or upload a .zip", type=["zip"], key="adapt_zip")
 reference = st.text_input("Reference data (the parent's training folders, space-separated; "
@@ -45,14 +52,14 @@ if st.button("Adapt", type="primary", disabled=bool(job and job.running)):
         if upload is not None:
             data = unpack_cases(upload.getvalue(), tempfile.mkdtemp(prefix="medcls-site-"))
         else:
-            data = cases_folder(ui.settings().scan_root, folder)
+            data = cases_folder(common.settings().scan_root, folder)
         parent_name = Path(parent).name
         cfg = AdaptConfig(model=parent, data=str(data), holdout=holdout,
-                          out=str(new_package_folder(ui.models_root(), parent_name)),
+                          out=str(new_package_folder(common.models_root(), parent_name)),
                           reference=reference.split(), recipe=Recipe(epochs=int(epochs)))
         job = st.session_state[JOB] = AdaptationJob(cfg).start()
     except MedclsError as exc:
-        ui.show_error(exc, "These cases")
+        common.show_error(exc, "These cases")
 
 if job is not None:
     if job.running:
@@ -81,7 +88,7 @@ if job is not None:
                 set_site_default(job.cfg.out)
                 st.success("It is now the site default: the model pickers offer it first.")
             except MedclsError as exc:
-                ui.show_error(exc, "This model")
+                common.show_error(exc, "This model")
         if c2.button("Discard it"):
             discard(job.cfg.out)
             del st.session_state[JOB]

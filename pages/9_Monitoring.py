@@ -1,25 +1,19 @@
 """Monitoring: what the audit trail says about the models in use (reviewers and admins).
-Every table is computed by :mod:`medcls.monitoring`; this page lays them out."""
+Every table is computed by :mod:`medcls.integrations.audit.monitoring`; this page lays them out."""
 
 from __future__ import annotations
 
 import datetime as dt
-import sys
-from pathlib import Path
 
-_ROOT = str(Path(__file__).resolve().parent.parent)  # see pages/1_Compare_models.py
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
 
-import plotly.express as px  # noqa: E402
-import plotly.graph_objects as go  # noqa: E402
-import streamlit as st  # noqa: E402
+from medcls.core.errors import AuditError
+from medcls.integrations.audit import monitoring as mon
+from ui import audit, chrome
 
-import ui  # noqa: E402
-from medcls import monitoring as mon  # noqa: E402
-from medcls.errors import AuditError  # noqa: E402
-
-ui.page_header("Monitoring", "Answers, drift and agreement with the clinicians, from the audit "
+chrome.page_header("Monitoring", "Answers, drift and agreement with the clinicians, from the audit "
                "trail.", icon="📈", permission="monitoring")
 
 with st.sidebar:
@@ -33,11 +27,11 @@ since = dt.datetime.combine(start, dt.time(), dt.timezone.utc)
 until = dt.datetime.combine(end, dt.time(), dt.timezone.utc) + dt.timedelta(days=1)
 
 try:
-    frame = mon.answers_frame(ui.audit_store(), since, until)
+    frame = mon.answers_frame(audit.audit_store(), since, until)
 except AuditError as exc:
     st.error(str(exc).replace(" The answer is shown, but it was not recorded in the audit trail.", ""))
     st.stop()
-st.caption(f"Audit trail: {ui.audit_store().where}")
+st.caption(f"Audit trail: {audit.audit_store().where}")
 if frame.empty:
     st.info("No answers were recorded in this period.")
     st.stop()
@@ -94,4 +88,4 @@ st.caption("Inputs are named by SHA-256, SOP Instance UID or path in the scan fo
            "with known files as a labels.csv for training.")
 st.download_button("Download disagreements (CSV)", data=mon.to_csv(dis),
                    file_name="medcls-disagreements.csv", mime="text/csv", key="mon_csv",
-                   on_click=ui.export_logger(None, "disagreements-csv", "monitoring", len(dis)))
+                   on_click=audit.export_logger(None, "disagreements-csv", "monitoring", len(dis)))

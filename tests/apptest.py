@@ -1,7 +1,7 @@
 """Running a page under Streamlit's AppTest, one way for every page test.
 
 AppTest cannot drive ``st.file_uploader``; the pages read the open scan from
-``st.session_state["scan_bytes"]`` (where an upload lands, see ``ui.current_scan_bytes``), so
+``st.session_state["scan_bytes"]`` (where an upload lands, see ``ui.scans.current_scan_bytes``), so
 :func:`run_page` puts a file's bytes there. One timeout for every run: the first run of a
 test process loads TensorFlow and a model on a shared CPU.
 """

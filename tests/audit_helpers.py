@@ -1,5 +1,5 @@
 """Audit-test helpers, importable by the writer processes the concurrency test spawns (kept
-light: the children import only this and medcls.audit)."""
+light: the children import only this and medcls.integrations.audit.store)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
-from medcls.audit import Answer, AuditStore
+from medcls.integrations.audit.store import Answer, AuditStore
 
 CLASSES = ("glioma", "meningioma", "no_tumor", "pituitary")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from medcls.settings import load_settings
+from medcls.core.settings import load_settings
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("MEDCLS_DATA", PROJECT_ROOT.parent / "shared" / "data")).resolve()
@@ -104,7 +104,7 @@ def model_package(task: str) -> Path:
     """The model package folder for ``task`` under $MEDCLS_MODELS (default <project>/models),
     preferring a ``*-default`` package; skips the calling test when there is none (models are
     trained separately and land in models/)."""
-    from medcls.package import MODEL_FILE, list_packages
+    from medcls.models.package import MODEL_FILE, list_packages
 
     found = [(p, c) for p, c in list_packages(MODELS_DIR)
              if c["task"] == task and (p / MODEL_FILE).is_file()]
@@ -117,7 +117,7 @@ def model_package(task: str) -> Path:
 
 def model_packages(task: str, n: int) -> list[Path]:
     """The first ``n`` packages of ``task`` in the models folder (sorted by name), or skip."""
-    from medcls.package import list_packages
+    from medcls.models.package import list_packages
 
     found = [p for p, card in list_packages(MODELS_DIR) if card.task == task]
     if len(found) < n:
@@ -134,7 +134,7 @@ def brain_model_dir() -> Path:
 @pytest.fixture(scope="module")
 def brain_predictor(brain_model_dir):
     """A Predictor of the brain-mri package, loaded once per test module."""
-    from medcls.inference import Predictor
+    from medcls.engine.inference import Predictor
 
     return Predictor.from_path(brain_model_dir)
 
@@ -189,7 +189,7 @@ def audit_url(request, tmp_path):
         return
     import sqlalchemy as sa
 
-    from medcls import audit
+    from medcls.integrations.audit import store as audit
 
     base = request.getfixturevalue("pg_url")
     yield base
@@ -213,9 +213,9 @@ def built_series(data_dir, brain_model_dir) -> BuiltSeries:
     answers it confidently and inside its training distribution."""
     import csv
 
-    from medcls.findings import finding_probability
-    from medcls.inference import Predictor
-    from medcls.scan import scan_from_array
+    from medcls.engine.findings import finding_probability
+    from medcls.engine.inference import Predictor
+    from medcls.io.load import scan_from_array
 
     predictor = Predictor.from_path(brain_model_dir)
     card, thr = predictor.card, float(predictor.card["low_confidence_threshold"])
@@ -255,7 +255,7 @@ def shipped_package(name: str) -> Path:
 @pytest.fixture(scope="module")
 def predictors():
     """``predictors(name)``: a Predictor of a shipped model, loaded once per test module."""
-    from medcls.inference import Predictor
+    from medcls.engine.inference import Predictor
 
     cache = {}
 
@@ -285,9 +285,9 @@ def app_env(brain_model_dir: Path):
 def _clear_model_list() -> None:
     """The model list is cached per process (st.cache_data): forget it, so the page lists the
     packages of this module's MEDCLS_MODELS."""
-    import ui
+    from ui import models
 
-    for fn in (getattr(ui, "available_models", None), getattr(ui, "_packages", None)):
+    for fn in (models.available_models, models._packages):
         if hasattr(fn, "clear"):
             fn.clear()
 
@@ -298,8 +298,9 @@ def unsure_agreement_case(data_dir: Path, model_dirs, limit: int = 120) -> Path 
     """A brain-MRI test image on which the models of ``model_dirs`` all give the same class,
     each below its own low-confidence threshold (issue 14's "agree, but every model is unsure"
     case), found with the library; ``None`` among the first ``limit`` test images."""
-    from medcls import load_scan, present
-    from medcls.inference import Predictor
+    from medcls.engine import present
+    from medcls.engine.inference import Predictor
+    from medcls.io.load import load_scan
 
     predictors = [Predictor.from_path(p) for p in model_dirs]
     for row in split_rows(data_dir, "brain-mri")[:limit]:
@@ -308,3 +309,51 @@ def unsure_agreement_case(data_dir: Path, model_dirs, limit: int = 120) -> Path 
         if state.state == "agree_unsure" and "every model is unsure" in state.text:
             return row["path"]
     return None
+
+
+# ----------------------------------------------------------------------------- servers and browser
+
+@pytest.fixture(scope="module")
+def app_server():
+    """Factory of real app servers (``streamlit run app.py`` on a free loopback port, the shipped
+    models): ``app_server(**env)`` starts one per distinct environment (and ``args=[...]`` of
+    ``streamlit run``, ``port=`` when the caller needs it known first); all are stopped when the
+    module ends."""
+    from appserver import AppServer
+
+    require(PROJECT_ROOT / "models" / "brain-mri-default")
+    started: dict = {}
+
+    def start(args: tuple | list = (), port: int | None = None, **env) -> "AppServer":
+        key = (tuple(args), port, tuple(sorted(env.items())))
+        if key not in started:
+            started[key] = AppServer(env=env, args=list(args), port=port).start()
+        return started[key]
+
+    yield start
+    for srv in started.values():
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def shipped_models() -> Path:
+    """The shipped models folder; the module is skipped when the default model is not there."""
+    require(PROJECT_ROOT / "models" / "brain-mri-default")
+    return PROJECT_ROOT / "models"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """One headless Chromium (Debian's) per test module."""
+    from appserver import browser
+
+    with browser() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def mprage_files(data_dir) -> list[Path]:
+    """The 24 files of the MPRAGE sample series (with sample patient tags)."""
+    files = sorted(require(data_dir / "dicom" / "mprage-series").glob("*.dcm"))
+    assert len(files) == 24, "SOURCE.md documents 24 slices"
+    return files

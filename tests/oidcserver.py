@@ -12,7 +12,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from appserver import OUTPUT, free_port
 
 OIDC_DIR = Path(__file__).resolve().parent / "oidc"

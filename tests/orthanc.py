@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from appserver import free_port
 
 PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
@@ -60,7 +59,7 @@ class Orthanc:
         (self.dir / "config.json").write_text(json.dumps(config, indent=1))
 
     def settings(self, **overrides):
-        from medcls.pacs import PacsSettings
+        from medcls.core.settings import PacsSettings
 
         values = {"url": self.url, "user": self.user, "password": self.password, "timeout": 10.0,
                   **overrides}

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from appserver import free_port
 
 
