@@ -18,8 +18,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(VENV)/bin/activate
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # medcls and ui importable from anywhere
 	touch $@
 
-$(VENV)/.installed-test: requirements-test.txt requirements-ray.txt $(VENV)/.installed
-	$(PY) -m pip install -q -r requirements-test.txt -r requirements-ray.txt
+$(VENV)/.installed-test: requirements-test.txt requirements-ray.txt requirements-train.txt $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-test.txt -r requirements-ray.txt -r requirements-train.txt
 	touch $@
 
 venv: $(VENV)/.installed

@@ -95,3 +95,8 @@ class AuditSchemaError(AuditError):
 
 class AccessDeniedError(MedclsError):
     """The signed-in user may not use this page or action."""
+
+
+class PretrainedWeightsError(ModelPackageError):
+    """A pretrained weights file (an ImageNet backbone) is malformed, refused (a pickle naming
+    anything but tensors) or does not match the network it is loaded into."""

