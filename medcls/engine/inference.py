@@ -22,12 +22,12 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from medcls.core.errors import MedclsError, WrongModalityError
-from medcls.io.geometry import scan_plane
+from medcls.io.acquisition import Acquisition, acquisition_of
 from medcls.io.load import load_scan
 from medcls.io.preprocess import Preprocessed, preprocess
 from medcls.io.scan import Scan
 from medcls.models.calibration import probabilities
-from medcls.models.card import EMBEDDING_LAYER
+from medcls.models.card import EMBEDDING_LAYER, scope_note
 from medcls.models.package import ModelPackage, load_package
 from medcls.models.saliency import CamEngine, Region, heatmap_region
 
@@ -173,24 +173,22 @@ class Predictor:
     def predict(self, scan: Scan | Sequence[Scan]) -> Prediction | list[Prediction]:
         """Calibrated prediction for one scan (or a list of scans), with the card's scope."""
         if isinstance(scan, Scan):
-            return self.within_scope(self.predict_arrays(self.preprocess(scan).array)[0], scan_plane(scan))
+            return self.within_scope(self.predict_arrays(self.preprocess(scan).array)[0],
+                                     acquisition_of(scan.metadata, scan.modality))
         scans = list(scan)
         items = [self.preprocess(s) for s in scans]
         if not items:
             return []
         preds = self.predict_arrays(np.stack([p.array for p in items]))
-        return [self.within_scope(p, scan_plane(s)) for p, s in zip(preds, scans)]
+        return [self.within_scope(p, acquisition_of(s.metadata, s.modality)) for p, s in zip(preds, scans)]
 
-    def within_scope(self, prediction: Prediction, plane: str | None) -> Prediction:
-        """``prediction`` with a scope note when the scan's plane (known for DICOM from its
-        orientation) is not one of the card's ``scope.validated_planes``: normal anatomy in
-        other planes was not validated, so a tumour answer there cannot be trusted."""
-        validated = (self.card.get("scope") or {}).get("validated_planes")
-        if not plane or not validated or plane in validated:
-            return prediction
-        note = (f"a {plane} slice: {self.name} was validated on normal anatomy in "
-                f"{' and '.join(validated)} slices only")
-        return replace(prediction, scope_note=note)
+    def within_scope(self, prediction: Prediction, acquisition: Acquisition | None) -> Prediction:
+        """``prediction`` with a scope note when the scan's plane or MR sequence (known for DICOM
+        from its own tags) is outside the card's validated scope (:func:`medcls.models.card.scope_note`):
+        normal anatomy in other planes or sequences was not validated, so an answer there cannot
+        be trusted and is withheld."""
+        note = scope_note(self.card, acquisition)
+        return prediction if note is None else replace(prediction, scope_note=note)
 
     def predict_file(self, source) -> Prediction:
         return self.predict(load_scan(source))
@@ -282,7 +280,7 @@ class Predictor:
         for i, (item, _) in enumerate(loaded):
             pred = preds.get(i)
             if pred is not None:
-                pred = self.within_scope(pred, item.info.get("plane"))
+                pred = self.within_scope(pred, acquisition_from_info(item.info))
             yield StreamItem(item.source, pred, item.error, item.info)
 
 
@@ -333,7 +331,18 @@ def scan_info(scan: Scan) -> dict:
     meta = scan.metadata
     return {"modality": scan.modality, "rows": scan.shape[0], "columns": scan.shape[1],
             "series_number": meta.get("SeriesNumber"), "instance_number": meta.get("InstanceNumber"),
-            "frames": scan.n_frames, "sha256": scan.sha256, "plane": scan_plane(scan)}
+            "frames": scan.n_frames, "sha256": scan.sha256, **acquisition_info(scan)}
+
+
+def acquisition_info(scan: Scan) -> dict:
+    """The scan's acquisition as plain values (a stream item's ``info`` crosses processes)."""
+    a = acquisition_of(scan.metadata, scan.modality)
+    return {"plane": a.plane, "oblique": a.oblique, "sequence": a.sequence, "contrast": a.contrast}
+
+
+def acquisition_from_info(info: dict) -> Acquisition:
+    return Acquisition(plane=info.get("plane"), oblique=bool(info.get("oblique")),
+                       sequence=info.get("sequence"), contrast=info.get("contrast"))
 
 
 def timed(fn, *args, **kwargs):

@@ -123,9 +123,11 @@ def _runs(positive: np.ndarray) -> list[tuple[int, int]]:
 
 def summarise(probabilities: np.ndarray, outside: Sequence[bool], card: Mapping,
               readable: Sequence[bool] | None = None, threshold: float | None = None,
-              min_run: int = MIN_RUN) -> StudySummary:
+              min_run: int = MIN_RUN, scope_notes: Sequence[str | None] | None = None) -> StudySummary:
     """The study summary from per-slice calibrated probabilities (N, C) in series order,
-    the input gate's verdicts and which slices could be read (see the module's rule)."""
+    the verdicts of the input gate and the card's scope (``outside``; ``scope_notes`` says why
+    for the slices outside the validated scope) and which slices could be read (see the module's
+    rule)."""
     probs = np.asarray(probabilities, dtype=float).reshape(len(outside), -1)
     n = len(probs)
     outside = np.asarray(outside, dtype=bool)
@@ -156,6 +158,12 @@ def summarise(probabilities: np.ndarray, outside: Sequence[bool], card: Mapping,
         return StudySummary(Outcome.CANNOT_ANSWER, "Cannot answer: no slice of this series "
                             "could be read.", None, (), most_suspicious=None, **common)
     if n_ans == 0 or n_out > n_read / 2:
+        notes = [note for note in (scope_notes or []) if note]
+        if notes and len(notes) > n_out / 2:  # outside the validated scope, not just unusual
+            note = max(set(notes), key=notes.count)
+            return StudySummary(Outcome.CANNOT_ANSWER, f"Not validated for this series, so no "
+                                f"answer: {note} ({len(notes)} of {n_read} slices).", None, (),
+                                most_suspicious=most, **common)
         return StudySummary(Outcome.CANNOT_ANSWER,
                             f"Cannot answer: most slices are outside what the model was trained "
                             f"on ({n_out} of {n_read}).", None, (), most_suspicious=most, **common)
@@ -283,7 +291,8 @@ def answer_series(predictor: Predictor, series: Series, min_run: int = MIN_RUN,
                       for s in slices]) if slices else np.zeros((0, c))
     summary = summarise(probs, [bool(s.prediction and s.prediction.outside_training_distribution)
                                 for s in slices], card,
-                        readable=[s.prediction is not None for s in slices], min_run=min_run)
+                        readable=[s.prediction is not None for s in slices], min_run=min_run,
+                        scope_notes=[s.prediction.scope_note if s.prediction else None for s in slices])
     answer = SeriesAnswer(series, slices, summary, card)
     if summary.run is not None:
         _run_regions(predictor, answer, method)

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 SAFE_DICOM_ATTRIBUTES = (
     "Modality", "BodyPartExamined", "ImageType", "Manufacturer", "ManufacturerModelName",
     "MagneticFieldStrength", "ScanningSequence", "SequenceVariant", "MRAcquisitionType",
+    "SequenceName", "ScanOptions", "PulseSequenceName", "EchoPulseSequence",
     "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle", "KVP", "ExposureTime",
     "SliceThickness", "SpacingBetweenSlices", "PixelSpacing", "ImagerPixelSpacing",
     "Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "HighBit",

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from medcls.core.errors import ModelPackageError
+from medcls.io.acquisition import SEQUENCE_NAMES
 from medcls.io.preprocess import PreprocessSpec
 
 CARD_SCHEMA = "medcls.card/1"
@@ -95,6 +96,11 @@ class ModelCard(Mapping):
     @property
     def spec(self) -> PreprocessSpec:
         return self.preprocessing
+
+    def scope_note(self, acquisition) -> str | None:
+        """Why a scan lies outside what this model was validated on, or None: see
+        :func:`scope_note`."""
+        return scope_note(self, acquisition)
 
     # -------------------------------------------------------------- reading
     @classmethod
@@ -171,3 +177,28 @@ class ModelCard(Mapping):
             size_bytes=int(size) if isinstance(size, int) and not isinstance(size, bool) else None,
             raw=raw,
         )
+
+
+# ----------------------------------------------------------------------------- scope
+
+def scope_note(card: Mapping, acquisition) -> str | None:
+    """The one scope rule: why a scan (its :class:`~medcls.io.acquisition.Acquisition`, read from
+    its own DICOM tags) lies outside what the model was validated on, or None.
+
+    The card's ``scope.validated_planes`` and ``scope.validated_sequences`` name what was
+    validated; a scan whose plane or MR sequence is known and not among them is outside. What a
+    file does not say (a plain image has no orientation or sequence) is not held against it: the
+    input gate and the low-confidence threshold judge it."""
+    scope = card.get("scope") or {}
+    name = card.get("name", "this model")
+    planes, sequences = scope.get("validated_planes"), scope.get("validated_sequences")
+    if acquisition is None:
+        return None
+    if acquisition.sequence and sequences and acquisition.sequence not in sequences:
+        validated = " and ".join(SEQUENCE_NAMES.get(s, s) for s in sequences)
+        return (f"a {acquisition.sequence_text} image: {name} was validated on {validated} "
+                f"images only")
+    if acquisition.plane and planes and acquisition.plane not in planes:
+        return (f"a {acquisition.plane} slice: {name} was validated on normal anatomy in "
+                f"{' and '.join(planes)} slices only")
+    return None

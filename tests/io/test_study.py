@@ -64,15 +64,16 @@ def test_shuffled_files_without_instance_numbers_are_ordered_by_position(orienta
     ((1, 0, 0, 0, np.cos(0.3), -np.sin(0.3)), "axial", False),  # tilted 17°: still axial
     ((1, 0, 0, 0, np.cos(0.7), -np.sin(0.7)), "axial", True)])  # tilted 40°: oblique
 def test_one_plane_rule_for_a_scan_and_its_series(orientation, plane, oblique):
-    """The card's scope (one scan, medcls.engine.inference.scan_plane) and the series (medcls.io.gather)
-    decide the plane by the same function (medcls.io.geometry.plane_of_normal)."""
-    from medcls.engine import inference
+    """The card's scope (one scan's acquisition, medcls.io.acquisition) and the series
+    (medcls.io.gather) decide the plane by the same function (medcls.io.geometry.plane_of_normal)."""
     from medcls.io import geometry as scan_module
+    from medcls.io.acquisition import acquisition_of
 
-    assert inference.scan_plane is scan_module.scan_plane
     s = gather(shuffled(series_files(marked(3), 3.0, orientation=orientation))).series[0]
     assert (s.plane, s.oblique) == (plane, oblique)
-    assert all(inference.scan_plane(s.scan(i)) == plane for i in range(len(s)))
+    for i in range(len(s)):
+        a = acquisition_of(s.scan(i).metadata, "MR")
+        assert (a.plane, a.oblique) == (plane, oblique) and scan_module.scan_plane(s.scan(i)) == plane
     assert scan_module.plane_of_normal(s.slices[0].normal) == (plane, oblique)
     assert scan_module.plane_of_normal(None) == (None, False)
     assert scan_module.slice_normal([1, 0, 0, 1, 0, 0]) is None  # degenerate: no plane

@@ -308,7 +308,8 @@ def test_road_reads_the_class_probability_after_removal():
 def test_dicom_slices_outside_the_validated_planes_are_withheld(brain_model_dir, data_dir, tmp_path):
     import shutil
 
-    from medcls.engine.inference import Predictor, scan_plane
+    from medcls.engine.inference import Predictor
+    from medcls.io.geometry import scan_plane
     from medcls.io.load import load_scan
     from medcls.learning.evaluate import evaluate_model
     from medcls.models.package import update_card

@@ -47,7 +47,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from medcls.core.errors import ClusterError, MedclsError
-from medcls.engine.inference import Prediction, Predictor, StreamItem, check_modality, load_stream_item
+from medcls.engine.inference import (
+    Prediction,
+    Predictor,
+    StreamItem,
+    acquisition_from_info,
+    check_modality,
+    load_stream_item,
+)
 from medcls.engine.review import Progress, ReviewRow, row_from_item
 from medcls.integrations.ray.cluster import (
     ACTOR_CPUS,
@@ -278,7 +285,7 @@ def run_review(model_dir: str | Path, sources: Sequence[Source], address: str | 
                     None if np.isnan(b["gate_score"][j]) else float(b["gate_score"][j]),
                     gate_threshold, low)
                 if pred is not None:  # the local engine's scope note (plane outside the card's)
-                    pred = Predictor.within_scope(scope, pred, info.get("plane"))
+                    pred = Predictor.within_scope(scope, pred, acquisition_from_info(info))
                 source = sources[i] if not b["name"][j] else Source(str(b["name"][j]), sources[i].read)
                 yield row_from_item(StreamItem(source, pred, error, info))
             if on_progress is not None and len(b["index"]):  # inputs done (a PACS series: once whole)
