@@ -107,21 +107,18 @@ def overlay_panel(gray: np.ndarray, explanation, pred, card: dict, alpha: float,
 
 def heatmap_note(pred, card: dict, explanation, drawn: bool) -> str:
     """One sentence under the viewer on what the heatmap shows."""
-    from medcls.engine.findings import heatmap_meaning
-
     if drawn:
         return (f"Red: the regions that drove “{present.class_name(card, explanation.class_name)}” "
                 "most; white outline: hottest region, green: its box.")
     if explanation.class_name == pred.label or pred.outside_training_distribution:
-        return heatmap_meaning(pred, card, present.class_name(card, explanation.class_name))
+        return present.heatmap_meaning(pred, card, explanation.class_name)
     return (f"Red: the regions that drove “{present.class_name(card, explanation.class_name)}” "
             "most.")
 
 
 def region_caption(region) -> str:
-    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
-            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
-    return f"Region above {region.threshold:.0%} of the peak: area {area}."
+    """The one caption of a heatmap region (:func:`medcls.engine.present.region_caption`)."""
+    return present.region_caption(region)
 
 
 def explain_class_picker(pred, card: dict, key: str) -> int:
@@ -214,12 +211,13 @@ def heatmap_panel(gray: np.ndarray, explanation, card: dict, alpha: float, show_
     """(overlay, caption, region drawn or None): the heatmap overlay with the region only where
     :func:`medcls.engine.findings.may_show_region` allows it; otherwise the caption says what the
     heatmap means."""
-    from medcls.engine.findings import heatmap_meaning, is_finding_answer, may_show_region
+    from medcls.engine.findings import is_finding_answer, may_show_region
     from medcls.engine.render import draw_region, overlay
 
     pred = explanation.prediction
     name = present.class_name(card, explanation.class_name)
-    allowed = may_show_region(pred, card, requested)
+    allowed = may_show_region(pred, card, requested) and \
+        may_show_region(pred, card, class_name=explanation.class_name)  # never the normal map
     region = explanation.region if allowed and show_region else None
     over = overlay(gray, explanation.heatmap, alpha)
     draw_region(over, region)
@@ -231,14 +229,13 @@ def heatmap_panel(gray: np.ndarray, explanation, card: dict, alpha: float, show_
             caption = (f"Strongest “{name}” evidence, shown on request: the answer is "
                        f"“{present.class_name(card, pred.label)}”. " + caption)
     else:
-        caption = heatmap_meaning(pred, card, name)
+        caption = present.heatmap_meaning(pred, card, explanation.class_name)
     return over, caption, region
 
 
 def region_text(region) -> str:
-    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
-            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
-    return f"Region above {region.threshold:.0%} of the peak: area {area}."
+    """The one caption of a heatmap region (:func:`medcls.engine.present.region_caption`)."""
+    return present.region_caption(region)
 
 
 def strongest_evidence_toggle(pred, card: dict, key: str) -> None:

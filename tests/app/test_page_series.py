@@ -48,7 +48,7 @@ def test_tumour_series_summary_strip_and_jump(built_series):
     files = built_series.dicom()
     at = run_series(shuffled_names(files) + [("copy", files[3])])
     assert not at.exception, texts(at)
-    assert any(e.value.startswith("Tumour suspected: meningioma") for e in at.error), texts(at)
+    assert any(e.value.startswith("Tumour suspected: Meningioma") for e in at.error), texts(at)
     assert any("duplicate" in w.value for w in at.warning)
     assert any("mm³" in c.value for c in at.caption)  # 1 x 1 mm pixels, 5 mm slices: a volume
     # the strip, the linked viewer (slice and heatmap: shared zoom/pan) and the probabilities
