@@ -397,6 +397,15 @@ class AuditStore:
         with self._begin() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
 
+    def latest_verdict(self, answer_id: int) -> dict | None:
+        """The latest verdict on an answer (verdict, corrected_class, note, user, at), or None."""
+        q = (sa.select(verdicts.c.verdict, verdicts.c.corrected_class, verdicts.c.note,
+                       verdicts.c.user, verdicts.c.at)
+             .where(verdicts.c.answer_id == answer_id).order_by(verdicts.c.id.desc()).limit(1))
+        with self._begin() as conn:
+            row = conn.execute(q).first()
+        return dict(row._mapping) if row is not None else None
+
     def table_names(self) -> list[str]:
         return sorted(metadata.tables)
 
