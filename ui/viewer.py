@@ -152,9 +152,10 @@ def explain_class_picker(pred, card: dict, key: str) -> int:
                         help="The heatmap shows where the model saw evidence for this class.")
 
 
-def agreement_banner(preds, card: dict, extra: str = "") -> present.AgreementState:
-    """Green only for confident agreement; amber when the models agree but are unsure."""
-    s = present.agreement_state(preds, card=card)
+def agreement_banner(preds, card: dict, extra: str = "", names=None) -> present.AgreementState:
+    """Green only for confident agreement; amber when the models agree but are unsure, or when
+    only one model answers (one answer is no agreement)."""
+    s = present.agreement_state(preds, names=names, card=card)
     getattr(st, s.kind)(f"{s.text} {extra}".strip())
     return s
 
