@@ -51,12 +51,13 @@ def negative_class(classes: Sequence[str], named: str | None = None) -> str | No
     return normal_class_among(classes, named)
 
 
-def label_set(label: str, classes: Sequence[str]) -> frozenset[str]:
-    """The classes a row's label allows: itself, or the set a partial label names."""
+def label_set(label: str, classes: Sequence[str], negative: str | None = None) -> frozenset[str]:
+    """The classes a row's label allows: itself, or the set a partial label names (``negative``:
+    the model card's normal class, when a card is known)."""
     if label in classes:
         return frozenset([label])
     if label in PARTIAL_LABELS:
-        neg = negative_class(classes)
+        neg = negative_class(classes, negative)
         if neg is None:
             raise DatasetError(f"The partial label {label!r} needs a task with a negative "
                                "(nothing found) class.")
