@@ -30,7 +30,7 @@ warm_up = models.warm_default_model()  # TensorFlow and the default model load w
 with st.sidebar:
     st.header("Model")
     model_path = models.pick_model("model")
-    models.warm_up_status(warm_up)
+    models.warm_up_status(warm_up, model_path)
     st.header("Heatmap")
     method = models.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
