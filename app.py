@@ -149,7 +149,8 @@ for col, fmt in ((c1, "png"), (c2, "pdf")):
                         data=lambda fmt=fmt: render_report(
                             gray, explanation, pred, card, scan.sha256, fmt=fmt,
                             method_label=METHODS[method].label, alpha=alpha,
-                            segmentation=outline),  # built on click
+                            segmentation=outline,
+                            clinician=audit.recorded_verdict(answer_id)),  # built on click
                         file_name=f"medcls-report-{scan.short_id}.{fmt}",
                         mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}",
                         on_click=audit.export_logger(answer_id, f"report-{fmt}", "main"))

@@ -323,20 +323,6 @@ if st.session_state.get(pos_key) is None or not len(view):
     st.stop()
 
 
-def clinician_verdict(answer_id: int | None):
-    """The verdict recorded on this answer, for its report (None: an empty place for it)."""
-    from medcls.engine.report import ClinicianVerdict
-
-    if answer_id is None:
-        return None
-    with common.user_errors("The audit trail", stop=False):
-        got = audit.audit_store().latest_verdict(answer_id)
-        if got is not None:
-            return ClinicianVerdict(got["verdict"], got["user"], f"{got['at']:%Y-%m-%d %H:%M}",
-                                    got["corrected_class"], got["note"])
-    return None
-
-
 @st.fragment
 def selected_row() -> None:
     """The row in the viewer, stepped with ◀ / ▶ (keys k / j). A fragment: stepping reruns only
@@ -407,7 +393,7 @@ def selected_row() -> None:
                 f"Report for this scan ({fmt.upper()})",
                 data=lambda fmt=fmt, args=(gray, explanation, pred, card, scan.sha256, outline),
                 answer_id=answer_id: scan_report(*args, fmt=fmt,
-                                                 clinician=clinician_verdict(answer_id)),
+                                                 clinician=audit.recorded_verdict(answer_id)),
                 file_name=f"medcls-report-{scan.short_id}.{fmt}",
                 on_click=audit.export_logger(answer_id, f"report-{fmt}", "batch"),
                 mime="application/pdf" if fmt == "pdf" else "image/png", key=f"batch_report_{fmt}")

@@ -114,6 +114,24 @@ def export_logger(answer_id: int | None, kind: str, page: str, n_answers: int = 
 VERDICT_WORDS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
 
 
+def recorded_verdict(answer_id: int | None):
+    """The verdict last recorded on an answer, for its report
+    (:class:`medcls.engine.report.ClinicianVerdict`), or None (the report then leaves an empty
+    place for it). Read when the report is built, so a verdict saved a moment ago is in it."""
+    from medcls.engine.report import ClinicianVerdict
+
+    if answer_id is None:
+        return None
+    try:  # built on click, outside the script run: a failure leaves the place empty
+        got = audit_store().latest_verdict(answer_id)
+    except Exception:  # noqa: BLE001 - the report is still given, with an empty place
+        return None
+    if got is None:
+        return None
+    return ClinicianVerdict(got["verdict"], got["user"], f"{got['at']:%Y-%m-%d %H:%M} UTC",
+                            got["corrected_class"], got["note"])
+
+
 def verdict_control(answer_id: int | None, predicted: str, classes, key: str,
                     card: dict | None = None, withheld: bool = False) -> None:
     """A compact form: agree / disagree with the corrected class / unsure, and a note. It starts

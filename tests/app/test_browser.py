@@ -395,7 +395,17 @@ def test_a_withheld_scan_says_withheld_on_tiles_csv_report_and_audit(batch_app, 
     text = pdf_text(open(got.value.path(), "rb").read()).replace("\n", " ")
     assert "Answer withheld" in text and "input gate" in text and "No heatmap" in text
     assert "Prediction:" not in text and "LOW CONFIDENCE" not in text
-    assert "Clinician's verdict" in text  # the place for the verdict and note
+    assert "Clinician's verdict: [ ] Agree" in text  # an empty place for the verdict and note
+    # a verdict saved is in the next report, with the note and who recorded it (point 15)
+    form.get_by_text("Unsure", exact=True).click()
+    form.get_by_role("textbox").fill("reviewed by hand")
+    form.get_by_role("button", name="Save verdict").click()
+    page.get_by_text("Verdict saved (Unsure)").wait_for(timeout=TIMEOUT)
+    settle(page)
+    with page.expect_download(timeout=TIMEOUT) as got:
+        page.get_by_role("button", name="Report for this scan (PDF)").click()
+    text = pdf_text(open(got.value.path(), "rb").read()).replace("\n", " ")
+    assert "Clinician's verdict: Unsure, recorded by local" in text and "reviewed by hand" in text
     page.get_by_role("heading", name=re.compile("^Selected:")).first.scroll_into_view_if_needed()
     shot(page, f"batch-withheld{suffix}.png")
     # the audit row: withheld, with the same reason

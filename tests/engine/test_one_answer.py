@@ -261,3 +261,37 @@ def test_a_no_finding_report_carries_no_box_from_another_class(renamed, data_dir
     other = predictor.explain(scan, class_index=strongest_finding_class(pred.probabilities, card))
     text = report_text(predictor, scan, card, other, None).replace("\n", " ")
     assert "asked for" in text and "the answer is Unremarkable" in text
+
+
+def test_the_signed_worklist_summary_says_what_the_table_says(renamed, xray, data_dir, tmp_path):
+    """Issue 28 point 15: the worklist's summary PDF, signed by its user, with the model's
+    identity and the date; each scan as its Reading says it (withheld: "Withheld" and why), the
+    tiles' counts, no file names; its SHA-256 is the signature."""
+    import datetime as dt
+    import hashlib
+
+    from medcls.engine.review import run_review, summary
+    from medcls.engine.summary import signed_summary
+    from medcls.io.sources import folder_sources
+
+    predictor, card = renamed
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(xray, folder / "Doe^John-chest.jpeg")  # a name that must not reach the PDF
+    for row in split_rows(data_dir, "brain-mri", label="glioma")[:2]:
+        shutil.copy(row["path"], folder / row["path"].name)
+    rows = list(run_review(predictor, folder_sources(folder)))
+    when = dt.datetime(2026, 12, 7, 9, 30, tzinfo=dt.timezone.utc)
+    made = signed_summary([r.reading(card) for r in rows], [r.sha256 for r in rows], card,
+                          "dr.alice", "folder scans", when)
+    assert made.sha256 == hashlib.sha256(made.pdf).hexdigest() and made.n_rows == 3
+    text = pdf_text(made.pdf)
+    flat = " ".join(text.split())
+    assert "Signed by: dr.alice" in flat and "2026-12-07 09:30" in flat
+    assert f"Model: {card['name']} v{card['version']}, model SHA-256 {card.model_sha256}" in flat
+    tiles = summary(rows, predictor.classes, card)
+    assert f"withheld {tiles['withheld']}" in flat and tiles["withheld"] == 1
+    assert "Answer withheld: it does not look like the images the model was trained on" in flat
+    for r in rows:
+        assert r.sha256[:16] in flat
+    assert "Doe" not in text and ".jpeg" not in text and ".jpg" not in text
