@@ -59,8 +59,8 @@ def label_set(label: str, classes: Sequence[str], negative: str | None = None) -
     if label in PARTIAL_LABELS:
         neg = negative_class(classes, negative)
         if neg is None:
-            raise DatasetError(f"The partial label {label!r} needs a task with a negative "
-                               "(nothing found) class.")
+            raise DatasetError(f"The partial label {label!r} needs a task with a negative class "
+                               "(a 'nothing found' class).")
         return frozenset(c for c in classes if c != neg)
     raise DatasetError(f"The data has a label the model does not know: {label!r}.")
 
