@@ -208,24 +208,33 @@ def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]
 
 
 def heatmap_panel(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
-                  requested: bool):
+                  requested: bool, segmentation=None):
     """(overlay, caption, region drawn or None): the heatmap overlay with the region only where
     :func:`medcls.engine.findings.may_show_region` allows it; otherwise the caption says what the
-    heatmap means."""
+    heatmap means. One size per finding, as the report and the PACS give it: with the model's
+    ``segmentation`` of this slice (a segmentation companion), its outline and size, never the
+    heatmap region's; a model with a companion but no outline here gives no size at all."""
     from medcls.engine.findings import is_finding_answer, may_show_region
-    from medcls.engine.render import draw_region, overlay
+    from medcls.engine.render import draw_outline, draw_region, overlay
 
     pred = explanation.prediction
     name = present.class_name(card, explanation.class_name)
     allowed = may_show_region(pred, card, requested) and \
         may_show_region(pred, card, class_name=explanation.class_name)  # never the normal map
-    region = explanation.region if allowed and show_region else None
     over = overlay(gray, explanation.heatmap, alpha)
-    draw_region(over, region)
+    if allowed and show_region and not requested and card.get("segmentation"):
+        region = segmentation  # the segmentation's outline and size, or none
+        if region is not None:
+            over = draw_outline(over, region)
+    else:
+        region = explanation.region if allowed and show_region else None
+        draw_region(over, region)
     if allowed:
-        caption = (f"Red: the image regions that drove “{name}” most."
-                   + (" White outline: hottest region; green: its bounding box."
-                      if region is not None else ""))
+        caption = f"Red: the image regions that drove “{name}” most."
+        if region is not None and region is segmentation:
+            caption += " Yellow: the tumour's outline (segmentation)."
+        elif region is not None:
+            caption += " White outline: hottest region; green: its bounding box."
         if not is_finding_answer(pred, card):
             caption = (f"Strongest “{name}” evidence, shown on request: the answer is "
                        f"“{present.class_name(card, pred.label)}”. " + caption)
@@ -235,8 +244,13 @@ def heatmap_panel(gray: np.ndarray, explanation, card: dict, alpha: float, show_
 
 
 def region_text(region) -> str:
-    """The one caption of a heatmap region (:func:`medcls.engine.present.region_caption`)."""
-    return present.region_caption(region)
+    """The one caption of a region: a heatmap region's (:func:`medcls.engine.present.region_caption`)
+    or a segmentation's size with its method (:class:`medcls.engine.reading.Measure`)."""
+    if hasattr(region, "threshold"):
+        return present.region_caption(region)
+    from medcls.engine.reading import measure_of
+
+    return "Tumour outline: " + measure_of(region).text + "."
 
 
 def strongest_evidence_toggle(pred, card: dict, key: str) -> None:

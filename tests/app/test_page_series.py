@@ -60,7 +60,11 @@ def test_tumour_series_summary_strip_and_jump(built_series):
     shown = at.slider(key="series_slice").value - 1
     assert shown in built_series.tumour
     assert any(s.value.startswith(f"Slice {shown + 1} of") for s in at.subheader)
-    assert any("Region above" in c.value and "mm²" in c.value for c in at.caption)
+    # one size per finding (issue 28.3): the segmentation's, as the report and the PACS give it,
+    # never the heatmap region's beside it
+    assert any(c.value.startswith("Tumour outline: area") and "mm²" in c.value
+               and "(method: segmentation)" in c.value for c in at.caption), texts(at)
+    assert not any("Region above" in c.value for c in at.caption)
     # keyboard-steppable slice buttons (k / j): one slice on, one back
     at.button(key="series_next").click().run()
     assert at.slider(key="series_slice").value == shown + 2
