@@ -213,6 +213,10 @@ def test_verdict_in_the_first_viewport_at_laptop_and_desktop(batch_app, chromium
         assert present.class_name(None, label) in text and "%" in text, text
         assert inside_first_viewport(v.bounding_box(), size), (size, v.bounding_box())
         assert "100%" not in page.locator('[data-testid="stMain"]').inner_text()
+        # the sidebar never says "Loading TensorFlow..." beside an answer (issue 28.14)
+        settle(page)
+        side = page.locator('[data-testid="stSidebar"]').inner_text()
+        assert "Model loaded" in side and "Loading TensorFlow" not in side, side
         # the sidebar gives way on the laptop: the main column keeps most of the width
         sidebar = page.locator('[data-testid="stSidebar"]').bounding_box()
         if size == LAPTOP and sidebar is not None:
