@@ -157,7 +157,7 @@ class Predictor:
 
     def predictions(self, logits: np.ndarray, emb: np.ndarray) -> list[Prediction]:
         """Calibrated predictions (temperature, input gate, confidence) from raw model outputs."""
-        probs = probabilities(logits, self.package.temperature)
+        probs = probabilities(logits, self.package.temperature, self.package.class_bias)
         gate = self.package.gate
         scores = gate.score(emb) if gate is not None else [None] * len(logits)
         thr = gate.threshold if gate is not None else None

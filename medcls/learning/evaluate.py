@@ -272,7 +272,7 @@ def evaluate_model(model_dir: str | Path, data, split: str | None = "test",
     kept_records = [records[i] for i in kept]
     targets = dataset.targets(kept_records)
     logits, emb = predictor.forward(x)
-    probs = probabilities(logits, predictor.package.temperature)
+    probs = probabilities(logits, predictor.package.temperature, predictor.package.class_bias)
     raw = probabilities(logits, 1.0)
     single = targets.sum(1) == 1
     y = targets[single].argmax(1)

@@ -26,7 +26,7 @@ from medcls.io.preprocess import PreprocessSpec
 from medcls.learning.data import Dataset, box_masks, cached_arrays, load_datasets, stratum_weights, tf_dataset
 from medcls.learning.evaluate import classification_report, write_report
 from medcls.models.architectures import get_architecture, pretrained_provenance, set_backbone_trainable
-from medcls.models.calibration import InputGate, expected_calibration_error, fit_temperature, probabilities
+from medcls.models.calibration import InputGate, expected_calibration_error, fit_calibration, probabilities
 from medcls.models.card import EMBEDDING_LAYER
 from medcls.models.package import load_package, save_package
 
@@ -344,9 +344,12 @@ def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
 
     # 4. Calibration, low-confidence threshold and input gate on validation.
     val_logits, val_emb = model_outputs(model, x_val)
-    temperature = fit_temperature(val_logits, targets["val"])
+    calibration = fit_calibration(val_logits, targets["val"])
+    temperature, bias = calibration["temperature"], calibration["class_bias"]
+    log.info("calibration: %s (cross-validated NLL %s)", calibration["method"],
+             {m: round(v, 4) for m, v in calibration["cv_nll"].items()})
     gate = fit_gate(model, gray["train"], targets["train"], val_emb, targets["val"])
-    val_probs = probabilities(val_logits, temperature)
+    val_probs = probabilities(val_logits, temperature, bias)
     val_correct = targets["val"][np.arange(len(val_probs)), val_probs.argmax(1)] > 0
     low_conf = low_confidence_threshold(val_probs.max(1), val_correct)
     selective = selective_figures(val_probs, val_correct, low_conf,
@@ -359,13 +362,13 @@ def train(cfg: TrainConfig, command: str | None = None, strategy=None) -> Path:
     reports = {}
     for split, logits, idx in (("val", val_logits[own_val], own_val), ("test", test_logits, own)):
         y = targets[split][idx].argmax(1)
-        rep = classification_report(y, probabilities(logits, temperature), dataset.classes)
+        rep = classification_report(y, probabilities(logits, temperature, bias), dataset.classes)
         rep["ece_uncalibrated"] = expected_calibration_error(probabilities(logits, 1.0), y)
         reports[split] = rep
     write_report(reports["test"], out / "evaluation", title=f"{name} on the test split")
     _plot_history(history, out / "training_curves.png")
     (out / "history.json").write_text(json.dumps(history, indent=2))
-    card = build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_conf,
+    card = build_card(cfg, command, dataset, recs, arch, spec, model, calibration, low_conf,
                       selective, gate, history, reports, parent, time.time() - t0)
     save_package(out, model, card, gate)
     if any(r.box for r in recs["val"]):
@@ -427,7 +430,7 @@ def selective_figures(probs: np.ndarray, correct: np.ndarray, threshold: float,
             "accuracy_above_threshold": float(correct[conf >= threshold].mean()) if (conf >= threshold).any() else None}
 
 
-def build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_conf, selective,
+def build_card(cfg, command, dataset, recs, arch, spec, model, calibration, low_conf, selective,
                gate, history, reports, parent, duration_s) -> dict:
     """The model card: contract (what inference reads), scope, provenance and figures."""
     import keras
@@ -457,7 +460,12 @@ def build_card(cfg, command, dataset, recs, arch, spec, model, temperature, low_
         "output": "logits",
         "preprocessing": spec.to_dict(),
         "cam_layer": arch.cam_layer,
-        "temperature": temperature,
+        "temperature": calibration["temperature"],
+        "class_bias": calibration["class_bias"],
+        "calibration": {"method": calibration["method"], "split": "val",
+                        "cv_nll": calibration["cv_nll"],
+                        "rule": "temperature alone, or with one bias per class when that lowers the "
+                                "5-fold cross-validated validation NLL"},
         "low_confidence_threshold": low_conf,
         "low_confidence_val_accuracy": selective["accuracy_above_threshold"],
         "selective": selective,

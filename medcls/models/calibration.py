@@ -1,7 +1,10 @@
 """Honest probabilities: temperature scaling, expected calibration error, and the input gate.
 
 - :func:`fit_temperature` finds the temperature T minimising the negative log-likelihood of
-  ``softmax(logits / T)`` on the validation split (Guo et al., ICML 2017).
+  ``softmax(logits / T)`` on the validation split (Guo et al., ICML 2017);
+  :func:`fit_calibration` may add one bias per class (``softmax(logits / T + b)``, bias-corrected
+  temperature scaling, Alexandari et al., ICML 2020): it corrects the class prior that balanced
+  sampling shifts, and is kept only when it lowers the validation NLL under cross-validation.
 - :func:`expected_calibration_error`: top-label ECE with equal-width bins.
 - :class:`InputGate`: is this scan like what the model was trained on? The Mahalanobis
   distance of the model's penultimate embedding to the nearest class mean, with a shared
@@ -19,8 +22,12 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return softmax(np.asarray(logits, dtype=np.float64) / float(temperature), axis=-1)
+def probabilities(logits: np.ndarray, temperature: float = 1.0, bias=None) -> np.ndarray:
+    """Calibrated probabilities: ``softmax(logits / T + bias)`` (no bias: plain temperature)."""
+    z = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)
+    return softmax(z, axis=-1)
 
 
 def nll(logits: np.ndarray, y: np.ndarray, temperature: float = 1.0) -> float:
@@ -38,6 +45,46 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     res = minimize_scalar(lambda log_t: nll(logits, y, float(np.exp(log_t))),
                           bounds=(np.log(0.05), np.log(20.0)), method="bounded")
     return float(np.exp(res.x))
+
+
+def _fit_bias_and_temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    from scipy.optimize import minimize
+
+    k = np.asarray(logits).shape[1]
+
+    def loss(p):
+        return nll(np.asarray(logits, np.float64) / np.exp(p[0]) + p[1:], y)
+    res = minimize(loss, np.zeros(1 + k), method="L-BFGS-B",
+                   bounds=[(np.log(0.05), np.log(20.0))] + [(-5.0, 5.0)] * k)
+    bias = res.x[1:] - res.x[1:].mean()  # softmax is unchanged by a common shift
+    return float(np.exp(res.x[0])), bias
+
+
+def fit_calibration(logits: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> dict:
+    """Temperature alone, or temperature and a bias per class, whichever has the lower
+    validation NLL under ``folds``-fold cross-validation (each fold's rows scored by parameters
+    fitted on the others); the chosen form is then fitted on all rows. ``y``: class indices or
+    label sets. Returns ``{"temperature", "class_bias" (None for temperature alone), "method",
+    "cv_nll"}``."""
+    logits = np.asarray(logits, np.float64)
+    y = np.asarray(y)
+    order = np.random.default_rng(seed).permutation(len(logits))
+    parts = np.array_split(order, folds)
+    cv = {"temperature": 0.0, "temperature+bias": 0.0}
+    for k in range(folds):
+        test = parts[k]
+        train = np.concatenate([parts[j] for j in range(folds) if j != k])
+        t = fit_temperature(logits[train], y[train])
+        cv["temperature"] += nll(logits[test], y[test], t) * len(test)
+        t, b = _fit_bias_and_temperature(logits[train], y[train])
+        cv["temperature+bias"] += nll(logits[test] / t + b, y[test]) * len(test)
+    cv = {m: v / len(logits) for m, v in cv.items()}
+    if cv["temperature+bias"] < cv["temperature"]:
+        t, b = _fit_bias_and_temperature(logits, y)
+        return {"temperature": t, "class_bias": [float(v) for v in b], "method": "temperature+bias",
+                "cv_nll": cv}
+    return {"temperature": fit_temperature(logits, y), "class_bias": None, "method": "temperature",
+            "cv_nll": cv}
 
 
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray | None, n_bins: int = 15,

@@ -41,7 +41,7 @@ REQUIRED_KEYS = ("schema", "name", "version", "task", "classes", "architecture",
                  "low_confidence_threshold", "metrics", "training", "intended_use", "limits",
                  "model_sha256")
 # fields that only training writes: update_card refuses to change them
-PROTECTED_KEYS = frozenset(REQUIRED_KEYS) | {"size_bytes"}
+PROTECTED_KEYS = frozenset(REQUIRED_KEYS) | {"size_bytes", "class_bias"}
 
 DEFAULT_REGION_THRESHOLD = 0.5  # fraction of the heatmap's peak, when none was fitted
 
@@ -77,6 +77,9 @@ class ModelCard(Mapping):
     # the "nothing found" class (card key ``negative_class``; older cards: a known name among
     # the classes); None for a task where every class is a finding. Read it with normal_class().
     normal_class: str | None = None
+    # one bias per class added after the temperature (bias-corrected temperature scaling), when
+    # calibration found it better on validation; None: temperature alone
+    class_bias: tuple[float, ...] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -------------------------------------------------------------- the card as read
@@ -167,6 +170,10 @@ class ModelCard(Mapping):
                 raise bad("the card's input_gate threshold must be a number.")
             gate_threshold = float(gate_threshold)
         size = raw.get("size_bytes")
+        bias = raw.get("class_bias")
+        if bias is not None and not (isinstance(bias, list) and len(bias) == len(classes) and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b) for b in bias)):
+            raise bad("the card's class_bias must be one finite number per class.")
         negative = raw.get("negative_class")
         if negative is not None and negative not in classes:
             raise bad("the card's negative_class must be one of its classes.")
@@ -186,6 +193,7 @@ class ModelCard(Mapping):
             low_confidence_val_accuracy=_number("low_confidence_val_accuracy", 0.0, 1.0),
             size_bytes=int(size) if isinstance(size, int) and not isinstance(size, bool) else None,
             normal_class=normal_class_among(classes, negative),
+            class_bias=tuple(float(b) for b in bias) if bias is not None else None,
             raw=raw,
         )
 

@@ -61,6 +61,10 @@ class ModelPackage:
         return self.card.temperature
 
     @property
+    def class_bias(self) -> tuple[float, ...] | None:
+        return self.card.class_bias
+
+    @property
     def task(self) -> str:
         return self.card.task
 

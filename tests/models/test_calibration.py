@@ -61,3 +61,21 @@ def test_input_gate_flags_chest_radiographs_not_brain_scans(predictors, data_dir
     print(f"gate: chest detected {detected:.3f}, brain false alarms {false_alarm:.3f}")
     assert detected >= 0.9
     assert false_alarm <= 0.05
+
+
+def test_calibration_adds_class_biases_only_when_cross_validation_says_so():
+    """Logits trained under a balanced prior, read under another: one bias per class corrects
+    the shift and is chosen; logits with no shift keep temperature alone."""
+    from medcls.models.calibration import fit_calibration, nll, probabilities
+
+    rng = np.random.default_rng(3)
+    n, k = 3000, 3
+    y = rng.choice(k, n, p=[0.7, 0.2, 0.1])  # the real prior
+    clean = rng.normal(0, 1, (n, k)) + 2.0 * np.eye(k)[y]  # a balanced-prior model's logits
+    shifted = fit_calibration(clean, y)
+    assert shifted["method"] == "temperature+bias" and shifted["class_bias"][0] > shifted["class_bias"][2]
+    p_bias = probabilities(clean, shifted["temperature"], shifted["class_bias"])
+    assert nll(np.log(p_bias), y) < nll(clean, y, shifted["temperature"])
+    y_flat = rng.choice(k, n)  # the prior the logits assume: nothing to correct
+    flat = rng.normal(0, 1, (n, k)) + 2.0 * np.eye(k)[y_flat]
+    assert fit_calibration(flat, y_flat)["method"] == "temperature"
