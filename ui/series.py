@@ -350,9 +350,10 @@ def _side_by_side(study, predictor, model_path, method, alpha, show_region, show
             summary_box(answer, facts=False)
             ui_stack.stack_viewer(payload, data_id, key=f"series_side_{series.key}", height=360,
                                   panels=1, titles=("Scan", "Heatmap"), alpha=alpha,
-                                  show_heat=show_overlay, report=False)
-    st.caption("Each series is answered on its own. Turn 'Side by side' off to read one series "
-               "with both panels and record a verdict.")
+                                  show_heat=show_overlay, report=False, link="side-by-side")
+    st.caption("Each series is answered on its own. Series in the same plane scroll together "
+               "(by position in mm). Turn 'Side by side' off to read one series with both panels "
+               "and record a verdict.")
 
 
 def _report_buttons(predictor, answer, method, alpha, window) -> None:

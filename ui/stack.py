@@ -38,11 +38,15 @@ def cached_payload(cache_key, build) -> tuple[str, dict]:
 
 def stack_viewer(payload: dict, data_id: str, key: str, height: int = 460, panels: int = 2,
                  titles: tuple[str, str] = ("Scan", "Heatmap"), alpha: float = 0.45,
-                 show_heat: bool = True, report: bool = True) -> dict | None:
+                 show_heat: bool = True, report: bool = True, details: bool = True,
+                 link: str | None = None) -> dict | None:
     """The viewer; returns the slice (0-based) and window the reader stopped on, once they
-    pause (``{"slice", "center", "width"}``), or None before any."""
+    pause (``{"slice", "center", "width"}``), or None before any. ``details``: the slice's
+    answer, probabilities and notes under the images (off where the page says them);
+    ``link``: viewers with the same link name and plane follow each other's position."""
     reported = st.session_state.get(key)
     return _component(data=payload, data_id=data_id, height=height, panels=panels,
                       titles=list(titles), alpha=float(alpha), show_heat=show_heat, report=report,
+                      details=details, link=link,
                       reported=reported if isinstance(reported, dict) else None, key=key,
                       default=None)

@@ -284,4 +284,4 @@ def scan_viewer(scan, pred, card: dict, heat, outline, method_label: str, alpha:
                                       key=f"{scan.short_id}-{scan.frame}"))
     return ui_stack.stack_viewer(payload, data_id, key=key, height=420, panels=2,
                                  titles=("Scan", method_label), alpha=alpha,
-                                 show_heat=show_overlay)
+                                 show_heat=show_overlay, details=False)

@@ -360,7 +360,8 @@ def series_stack(answer: SeriesAnswer, heats: Mapping[int, SliceHeat], key: str,
         if ref is not None \
         else {"mode": "values", "coding": [0, 1], "window": [0, 1], "presets": [],
               "invert": False, "unit": "", "scale_note": ""}
-    return {**base, "key": key, "slices": slices, "marks": marks,
+    return {**base, "key": key, "slices": slices, "marks": marks, "plane": series.plane,
+            "spacing_mm": series.slice_spacing,
             "start": sm.most_suspicious if sm.most_suspicious is not None else len(series) // 2,
             "most": sm.most_suspicious,
             "position_unit": "mm" if series.positions is not None else None}

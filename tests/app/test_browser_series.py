@@ -349,8 +349,7 @@ def test_three_series_side_by_side(app_server, chromium, study_folder):
     upload_folder(page, study_folder)
     page.get_by_text("Side by side").first.wait_for(timeout=TIMEOUT)
     page.get_by_text("Side by side").first.click()
-    for k in range(3):
-        stack_frame(page, k)
+    frames = [stack_frame(page, k) for k in range(3)]
     alerts = page.locator('[data-testid="stAlert"]').filter(has_text="Not validated for this series")
     alerts.nth(2).wait_for(timeout=TIMEOUT)
     texts = [alerts.nth(k).inner_text() for k in range(3)]
@@ -360,4 +359,14 @@ def test_three_series_side_by_side(app_server, chromium, study_folder):
     assert "Tumour suspected:" not in main
     settle(page)
     shot(page, "series-side.png")
+    # the axial series scroll together (by position in mm); the sagittal one stays where it is
+    planes = [f.evaluate("window.medclsStack.state().n") for f in frames]
+    before = [state(f)["slice"] for f in frames]
+    sagittal = planes.index(29)
+    axial = [k for k in range(3) if k != sagittal]
+    frames[axial[0]].locator("#root").focus()
+    frames[axial[0]].locator("#root").press("End")
+    frames[axial[1]].wait_for_function(f"() => window.medclsStack.state().slice !== {before[axial[1]]}",
+                                       timeout=10_000)
+    assert state(frames[sagittal])["slice"] == before[sagittal]
     page.close()

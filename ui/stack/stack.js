@@ -189,7 +189,9 @@
       el.tools[name] = button(text, title, () => setTool(name));
       bar.append(el.tools[name]);
     }
-    bar.append(button("Clear", "Remove this slice's measurements", () => { delete S.measures[S.i]; draw(); }));
+    const clear = button("Clear", "Remove this slice's measurements", () => { delete S.measures[S.i]; draw(); });
+    clear.classList.add("optional");
+    bar.append(clear);
     bar.append(sep());
     el.preset = document.createElement("select");
     el.preset.title = "Window presets";
@@ -219,11 +221,13 @@
       if (S.playing) { setPlaying(false); setPlaying(true); }
     });
     el.fps.addEventListener("keydown", (e) => e.stopPropagation());
-    el.fpsLabel = labelled("", el.fps); el.fpsLabel.append("fps");
+    el.fpsLabel = labelled("", el.fps); el.fpsLabel.append("fps"); el.fpsLabel.classList.add("optional");
     bar.append(el.cineSep, el.play, el.fpsLabel);
     el.most = button("Most suspicious", "Go to the most suspicious slice (key m)", () => setSlice(S.data.most));
     bar.append(el.most);
-    bar.append(sep(), button("Reset", "Reset zoom, pan and window (double-click, key r)", resetAll));
+    const reset = button("Reset", "Reset zoom, pan and window (double-click, key r)", resetAll);
+    reset.classList.add("optional");
+    bar.append(reset);
     root.append(bar);
 
     const stage = document.createElement("div"); stage.className = "stage";
@@ -275,6 +279,7 @@
   // ------------------------------------------------------------------ layout
   function layout() {
     const total = root.clientWidth || window.innerWidth;
+    root.classList.toggle("compact", total < 560);
     const track = S.n > 1 ? 24 : 0;
     const pw = Math.max(120, Math.floor((total - track - 6 * (S.panels - 1)) / S.panels));
     let aspect = 0;
@@ -489,10 +494,13 @@
     const m = sl.meta;
     const where = (S.n > 1 ? `Slice ${S.i + 1} of ${S.n}` : "") +
       (m.position != null ? ` · ${m.position.toFixed(1)} ${S.data.position_unit || "mm"}` : "");
-    let html = `<div class="line">${where ? `<span class="where">${esc(where)}</span>` : ""}` +
-      `<span class="answer ${esc(m.kind)}">${esc(m.answer)}</span></div>`;
-    if (m.probs && m.probs.length) html += `<div class="probs">${m.probs.map((p) => esc(p[0] + " " + p[2])).join(" · ")}</div>`;
-    for (const note of m.notes || []) html += `<div class="note">${esc(note)}</div>`;
+    let html = "";
+    if (S.args.details !== false) {  // the page may say these itself (one scan)
+      html += `<div class="line">${where ? `<span class="where">${esc(where)}</span>` : ""}` +
+        `<span class="answer ${esc(m.kind)}">${esc(m.answer)}</span></div>`;
+      if (m.probs && m.probs.length) html += `<div class="probs">${m.probs.map((p) => esc(p[0] + " " + p[2])).join(" · ")}</div>`;
+      for (const note of m.notes || []) html += `<div class="note">${esc(note)}</div>`;
+    }
     const ms = S.measures[S.i] || [];
     ms.forEach((x, k) => {
       html += `<div class="measure">${x.type === "ruler" ? "Ruler " + (k + 1) + ": " + esc(rulerText(x.a, x.b, m))
@@ -510,12 +518,32 @@
   }
 
   // ------------------------------------------------------------------ actions
-  function setSlice(k) {
+  function setSlice(k, fromLink) {
     k = Math.max(0, Math.min(S.n - 1, k | 0));
     if (k === S.i) return;
     S.i = k; S.draft = null;
     draw(); save(); report();
+    if (!fromLink) tellLinked();
   }
+
+  // side by side: viewers of one study in the same plane follow each other by position (mm)
+  const channel = "BroadcastChannel" in window ? new BroadcastChannel("medcls-stack-link") : null;
+  function tellLinked() {
+    const m = S.slices[S.i] && S.slices[S.i].meta;
+    if (!channel || !S.args.link || !m || m.position == null) return;
+    channel.postMessage({ group: S.args.link, plane: S.data.plane, key: S.key, position: m.position });
+  }
+  if (channel) channel.onmessage = (ev) => {
+    const msg = ev.data;
+    if (!S.args || !S.args.link || msg.group !== S.args.link || msg.key === S.key) return;
+    if (!S.data || msg.plane !== S.data.plane || !S.data.plane) return;
+    let best = -1, dist = Infinity;
+    S.data.slices.forEach((s, k) => {
+      if (s.position != null && Math.abs(s.position - msg.position) < dist) { dist = Math.abs(s.position - msg.position); best = k; }
+    });
+    const gap = S.data.spacing_mm || 5;
+    if (best >= 0 && dist <= 1.5 * gap) setSlice(best, true);
+  };
   function setWindow(c, w) {
     if (!isFinite(c) || !isFinite(w)) return;
     S.center = c; S.width = Math.max(w, minWidth());
