@@ -88,6 +88,7 @@ def test_main_page_dicom_jpeg_and_text(batch_app, chromium, data_dir, clear_case
         assert page.get_by_text("Region above").count() == 0
         offer.click()
     page.get_by_text("mm²").first.wait_for(timeout=TIMEOUT)  # pixel spacing known: area in mm²
+    page.get_by_text("Upload a scan").first.scroll_into_view_if_needed()
     shot(page, "main-dicom.png", full_page=True)
 
     # a text file: a clear message, and the session keeps working
