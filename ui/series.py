@@ -271,8 +271,9 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     got = ui_stack.stack_viewer(payload, data_id, key=VIEWER, height=470, panels=2,
                                 titles=("Scan", f"Heatmap · {METHODS[method].label}"),
                                 alpha=alpha, show_heat=show_overlay)
-    shown = int(got["slice"]) if got and 0 <= int(got.get("slice", -1)) < len(series) \
-        else payload["start"]
+    if not (got and got.get("key") == payload["key"] and 0 <= int(got.get("slice", -1)) < len(series)):
+        got = None  # not yet reported for this series (or for another one)
+    shown = int(got["slice"]) if got else payload["start"]
     window = (got["center"], got["width"]) if got else None
     _evidence_toggles(answer, card)
     summary_facts(answer)

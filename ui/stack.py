@@ -44,9 +44,8 @@ def stack_viewer(payload: dict, data_id: str, key: str, height: int = 460, panel
     pause (``{"slice", "center", "width"}``), or None before any. ``details``: the slice's
     answer, probabilities and notes under the images (off where the page says them);
     ``link``: viewers with the same link name and plane follow each other's position."""
-    reported = st.session_state.get(key)
+    # the arguments stay the same from run to run (the browser keeps a large message and is
+    # sent only its hash again): nothing that changes while reading goes into them
     return _component(data=payload, data_id=data_id, height=height, panels=panels,
                       titles=list(titles), alpha=float(alpha), show_heat=show_heat, report=report,
-                      details=details, link=link,
-                      reported=reported if isinstance(reported, dict) else None, key=key,
-                      default=None)
+                      details=details, link=link, key=key, default=None)

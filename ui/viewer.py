@@ -282,6 +282,7 @@ def scan_viewer(scan, pred, card: dict, heat, outline, method_label: str, alpha:
     data_id, payload = ui_stack.cached_payload(
         cache_key, lambda: scan_stack(scan, pred, card, heat, outline,
                                       key=f"{scan.short_id}-{scan.frame}"))
-    return ui_stack.stack_viewer(payload, data_id, key=key, height=420, panels=2,
-                                 titles=("Scan", method_label), alpha=alpha,
-                                 show_heat=show_overlay, details=False)
+    got = ui_stack.stack_viewer(payload, data_id, key=key, height=420, panels=2,
+                                titles=("Scan", method_label), alpha=alpha,
+                                show_heat=show_overlay, details=False)
+    return got if got and got.get("key") == payload["key"] else None

@@ -234,6 +234,14 @@ def test_flair_series_is_not_validated_and_scrolls_in_the_browser(app_server, ch
     assert all(a.startswith("Not validated for this scan") and "FLAIR" in a for a in answers), answers
     info = frame.locator(".info").inner_text()
     assert "Heatmap hidden" in info and "white outline" not in info
+    # cine: space plays and pauses, in the browser too
+    frame.locator("#root").press(" ")
+    frame.wait_for_function("() => window.medclsStack.state().slice >= 3", timeout=10_000)
+    frame.locator("#root").press(" ")
+    assert not state(frame)["playing"]
+    t1 = time.monotonic()
+    frames_sent, requests = traffic.between(t0, t1)
+    assert frames_sent == 0 and requests == [], (frames_sent, requests)
     if size == DESKTOP:
         (OUTPUT / "series_scroll.json").write_text(json.dumps(
             {"slices": 30, "wheel_30_slices_s": scrolled_s, "keys_30_slices_s": t1 - t0 - scrolled_s,

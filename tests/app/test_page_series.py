@@ -90,10 +90,16 @@ def test_tumour_series_summary_viewer_and_strip(built_series):
     assert any("not a lesion" in t for t in normal["notes"])
     # the verdict follows the slice the reader rests on (the viewer reports it on a pause)
     assert any(c.value.startswith(f"Your verdict on slice {data['start'] + 1} of {n}") for c in at.caption)
-    at.session_state["series_viewer"] = {"slice": 2, "center": 1000.0, "width": 2000.0}
+    at.session_state["series_viewer"] = {"key": data["key"], "slice": 2, "center": 1000.0,
+                                         "width": 2000.0}
     at.run()
     assert not at.exception
     assert any(c.value.startswith(f"Your verdict on slice 3 of {n}") for c in at.caption), texts(at)
+    # a slice reported for another series (before a switch) is not taken for this one
+    at.session_state["series_viewer"] = {"key": "another", "slice": 4, "center": 1.0, "width": 2.0}
+    at.run()
+    assert any(c.value.startswith(f"Your verdict on slice {data['start'] + 1} of {n}")
+               for c in at.caption), texts(at)
     # asked for: the strongest tumour-class evidence on the no-tumour slices, region and all
     at.toggle(key="series_strongest").set_value(True).run()
     normal = viewer_args(at)["data"]["slices"][0]

@@ -37,7 +37,7 @@
     if (!S.args || !S.args.report) return;
     clearTimeout(S.idle);
     S.idle = setTimeout(() => {
-      const v = { slice: S.i, center: round(S.center), width: round(S.width) };
+      const v = { key: S.key, slice: S.i, center: round(S.center), width: round(S.width) };
       const same = S.lastSent && v.slice === S.lastSent.slice && v.center === S.lastSent.center &&
         v.width === S.lastSent.width;
       if (!same) {
@@ -64,7 +64,7 @@
       S.center = saved ? saved.center : (data.window ? data.window[0] : 0);
       S.width = saved ? saved.width : (data.window ? data.window[1] : 1);
       S.vx = 0.5; S.vy = 0.5; S.zoom = 1; S.measures = {}; S.showHeat = args.show_heat !== false;
-      S.lastSent = args.reported || { slice: S.i, center: round(S.center), width: round(S.width) };
+      S.lastSent = saved ? null : { slice: S.i, center: round(S.center), width: round(S.width) };
     }
     if (args.show_heat !== S.showHeatArg) {  // the page's overlay switch changed
       S.showHeatArg = args.show_heat;
