@@ -138,8 +138,14 @@ class Traffic:
 
     def __init__(self, page):
         self.sent: list[float] = []
+        self.received: list[tuple[float, int]] = []
         self.requests: list[tuple[float, str]] = []
-        page.on("websocket", lambda ws: ws.on("framesent", lambda _: self.sent.append(time.monotonic())))
+
+        def watch(ws):
+            ws.on("framesent", lambda _: self.sent.append(time.monotonic()))
+            ws.on("framereceived", lambda p: self.received.append((time.monotonic(), len(p))))
+
+        page.on("websocket", watch)
         page.on("request", lambda r: self.requests.append((time.monotonic(), r.url)))
 
     def between(self, t0: float, t1: float) -> tuple[int, list[str]]:
@@ -246,9 +252,14 @@ def test_flair_series_is_not_validated_and_scrolls_in_the_browser(app_server, ch
         (OUTPUT / "series_scroll.json").write_text(json.dumps(
             {"slices": 30, "wheel_30_slices_s": scrolled_s, "keys_30_slices_s": t1 - t0 - scrolled_s,
              "load_average_1min": os.getloadavg()[0]}))
-    # once the reader pauses, the page learns the slice (one message, not one per slice)
-    page.wait_for_timeout(2500)
+    # once the reader pauses, the page learns the slice (one message, not one per slice); its
+    # rerun does not send the series again (the browser keeps the message; only its hash comes)
+    page.wait_for_timeout(3000)
+    settle(page)
     assert len(traffic.sent) >= 1
+    biggest = max(n for _, n in traffic.received)
+    assert biggest > 1_000_000  # the series, once
+    assert max(n for t, n in traffic.received if t > t1) < 100_000
     page.close()
 
 
