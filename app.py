@@ -8,7 +8,9 @@ from pathlib import Path
 import streamlit as st
 
 from medcls import identifying_attributes
+from medcls.engine import stack
 from medcls.engine.report import render_report
+from medcls.io.acquisition import acquisition_of
 from medcls.models.saliency import METHODS
 from medcls.models.segmenter import size_text
 from ui import audit, chrome, common, models, scans, series, viewer
@@ -126,7 +128,10 @@ with viewer_slot:
     st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
                + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
                   if scan.pixel_spacing else "")
-               + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else ""))
+               + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else "")
+               + (f" · **this scan:** {stack.acquisition_words(acquisition_of(scan.metadata, scan.modality), scan.modality)} (from its own tags)"
+                  if scan.source_format == "dicom" else "")
+               + f" · **{card['name']} was validated on:** {stack.scope_short(card)}")
     if heat is not None:
         st.caption(viewer.heatmap_note(pred, card, explanation, region_drawn))
     elif show_overlay and pred.outside_training_distribution:

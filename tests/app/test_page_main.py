@@ -303,3 +303,19 @@ def test_model_labels_fit_and_class_names_are_readable(data_dir):
     model = at.selectbox(key="model")
     assert all(len(str(o)) <= 24 for o in model.options), model.options  # fits a 15rem sidebar
     assert "no_tumor" not in chart_json(at, "probs") and "No tumour" in chart_json(at, "probs")
+
+
+def test_a_flair_slice_is_withheld_and_its_acquisition_shown(data_dir):
+    """Issue 28, point 1 on the main page: one slice of a healthy volunteer's FLAIR series is
+    outside the validated scope (T1): withheld with why, no heatmap, and the page says what the
+    scan is (from its own tags) beside what the model was validated on."""
+    path = require(data_dir / "dicom" / "volunteer2-axial-flair" / "015.dcm")
+    at = run_page(scan_bytes=path.read_bytes())
+    assert not at.exception, page_text(at)
+    assert "withheld" in verdict(at) and "%" not in verdict(at)
+    assert any("a FLAIR (T2 with fluid suppressed) image" in e.value for e in at.error), page_text(at)
+    assert any("**this scan:** FLAIR (T2 with fluid suppressed) · axial" in c.value
+               and "was validated on:** T1-weighted images, axial slices" in c.value
+               for c in at.caption), page_text(at)
+    assert heat_title(at) == "Heatmap hidden"
+    assert viewer_args(at)["data"]["slices"][0]["spacing"] == [0.71875, 0.71875]

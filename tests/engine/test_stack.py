@@ -119,3 +119,13 @@ def test_one_scan_payload(data_dir, predictors):
     scan = load_scan(jpeg)
     payload = stack.scan_stack(scan, predictor.predict(scan), predictor.card, None, None, key="j")
     assert payload["mode"] in ("values", "rgb") and payload["slices"][0]["image"]
+
+
+def test_an_explained_answer_carries_the_scope_too(data_dir, predictors):
+    """The main page shows ``Predictor.explain``'s prediction: a FLAIR slice is withheld there as
+    in ``predict`` (issue 28: it read "No tumour · 96% · confident")."""
+    predictor = predictors("brain-mri-default")
+    scan = load_scan(data_dir / "dicom" / "volunteer2-axial-flair" / "015.dcm")
+    explained = predictor.explain(scan).prediction
+    assert explained.scope_note == predictor.predict(scan).scope_note
+    assert explained.outside_training_distribution and "FLAIR" in explained.scope_note
