@@ -267,6 +267,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
         return
 
     summary_box(answer, facts=False)
+    _unreadable(answer)
     acquisition_line(series, card)
     got = ui_stack.stack_viewer(payload, data_id, key=VIEWER, height=470, panels=2,
                                 titles=("Scan", f"Heatmap · {METHODS[method].label}"),
@@ -281,6 +282,13 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     st.plotly_chart(strip_figure(answer, shown), width="stretch", key="series_strip")
     _slice_verdict(answer, card, shown, model_path, method, payload)
     _report_buttons(predictor, answer, method, alpha, window)
+
+
+def _unreadable(answer) -> None:
+    """Slices that could not be read, with why (the typed error's message: never a trace)."""
+    errors = [s.error or "The slice could not be read." for s in answer.slices if s.prediction is None]
+    for why in dict.fromkeys(errors):
+        st.error(f"{errors.count(why)} of {len(answer.slices)} slices could not be read: {why}")
 
 
 def _series_name(series) -> str:

@@ -389,3 +389,31 @@ def test_three_series_side_by_side(app_server, chromium, study_folder):
                                        timeout=10_000)
     assert state(frames[sagittal])["slice"] == before[sagittal]
     page.close()
+
+
+def test_multiframe_with_short_pixel_data_shows_its_message_not_a_trace(app_server, chromium,
+                                                                        tmp_path):
+    """The security review's item 8: a multi-frame DICOM whose pixel data is shorter than its
+    header says gave Streamlit's generic error box and a traceback in the server log."""
+    from dicom_factory import synthetic_dicom
+
+    path = tmp_path / "multiframe.dcm"
+    path.write_bytes(synthetic_dicom(rows=32, cols=32, frames=4,
+                                     pixel_data=b"\x01\x00" * (32 * 32 * 2), Modality="MR"))
+    server = app_server()
+    log_before = server.log_path.read_text()
+    page = chromium.new_page(viewport=DESKTOP)
+    open_series_mode(page, server.url)
+    page.get_by_text("Upload the slices of a series").first.wait_for(timeout=TIMEOUT)
+    settle(page)
+    box = page.locator('[data-testid="stFileUploaderDropzoneInput"]:not([webkitdirectory])').first
+    box.wait_for(state="attached", timeout=TIMEOUT)
+    box.set_input_files(str(path))
+    page.get_by_text("4 of 4 slices could not be read: The DICOM pixel data is damaged").wait_for(
+        timeout=TIMEOUT)
+    settle(page)
+    main = page.locator('[data-testid="stMain"]').inner_text()
+    assert "unexpected error" not in main and "Traceback" not in main
+    assert page.locator('[data-testid="stException"]').count() == 0
+    assert "Traceback" not in server.log_path.read_text()[len(log_before):]
+    page.close()

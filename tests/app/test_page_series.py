@@ -138,6 +138,9 @@ def test_multiframe_with_short_pixel_data_gives_a_clear_message(data_dir):
     at = run_series([("multi.dcm", data)])
     assert not at.exception, texts(at)
     assert any("no slice of this series could be read" in w.value for w in at.warning), texts(at)
+    assert [e.value for e in at.error] == ["4 of 4 slices could not be read: The DICOM pixel data "
+                                           "is damaged or does not match the image size it "
+                                           "declares (rows, columns, bits)."], texts(at)
     slices = viewer_args(at)["data"]["slices"]
     assert len(slices) == 4
     for s in slices:
