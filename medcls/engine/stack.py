@@ -28,7 +28,7 @@ import numpy as np
 
 from medcls.core.errors import MedclsError
 from medcls.engine import present
-from medcls.engine.findings import heatmap_meaning, may_show_region
+from medcls.engine.findings import may_show_region
 from medcls.engine.series import SeriesAnswer, heatmap_class
 from medcls.io.acquisition import SEQUENCE_NAMES, Acquisition, acquisition_of
 from medcls.io.display import display_image
@@ -216,11 +216,15 @@ def series_heatmaps(predictor, answer: SeriesAnswer, method: str = "gradcam",
         for (i, asked, ci), scan, cam in zip(chunk, scans, predictor.cam_engine().heatmaps(
                 pres, method, np.asarray(idx, np.int32))):
             pred = answer.slices[i].prediction
+            name = predictor.classes[cam.class_index]
             region = None
-            if may_show_region(pred, card, asked) and not pred.outside_training_distribution:
+            # one size per finding: with a segmentation companion its outline and size (on the
+            # run's slices, from the answer), never the heatmap region's; the heatmap region
+            # without one, or asked for explicitly
+            if may_show_region(pred, card, asked) and may_show_region(pred, card, class_name=name) \
+                    and (asked or not card.get("segmentation")):
                 region = heatmap_region(cam.heatmap, card.region_threshold, scan.pixel_spacing)
-            out[i] = SliceHeat(predictor.classes[cam.class_index], cam.heatmap, region,
-                               asked=ci is not None and ci != pred.index)
+            out[i] = SliceHeat(name, cam.heatmap, region, asked=ci is not None and ci != pred.index)
         if on_progress is not None:
             on_progress(min(k + HEAT_BATCH, len(todo)), len(todo))
     return out
@@ -253,8 +257,9 @@ def answer_words(pred, card, error: str | None = None) -> dict:
 
 
 def heat_words(pred, card, heat: SliceHeat | None, segmentation=None) -> list[str]:
-    """The lines under a slice: what its heatmap shows and what is outlined."""
-    from medcls.models.segmenter import size_text
+    """The lines under a slice: what its heatmap shows and what is outlined, with one size per
+    finding (:func:`medcls.engine.reading.measure_of`: its method named)."""
+    from medcls.engine.reading import measure_of
 
     lines = []
     if pred is not None and heat is None:
@@ -266,14 +271,14 @@ def heat_words(pred, card, heat: SliceHeat | None, segmentation=None) -> list[st
             lines.append(f"Red: the regions that drove “{name}” most"
                          + (" (asked for)" if heat.asked else "")
                          + "; white outline: the Grad-CAM region above "
-                         f"{heat.region.threshold:.0%} of the peak, green: its box"
-                         + ("." if segmentation is not None else
-                            f" (area {heat.region.area_mm2:.0f} mm², Grad-CAM region)."
-                            if heat.region.area_mm2 is not None else "."))
+                         f"{heat.region.threshold:.0%} of the peak, green: its box: "
+                         + measure_of(heat.region).text + ".")
+        elif pred is not None and may_show_region(pred, card, class_name=heat.class_name):
+            lines.append(f"Red: the image regions that drove “{name}” most.")
         else:
-            lines.append(heatmap_meaning(pred, card, name))
+            lines.append(present.heatmap_meaning(pred, card, heat.class_name))
     if segmentation is not None:
-        lines.append(f"Yellow: tumour outline ({segmentation.method}): {size_text(segmentation)}.")
+        lines.append("Yellow: tumour outline: " + measure_of(segmentation).text + ".")
     return lines
 
 

@@ -160,7 +160,7 @@ def test_series_folder_upload_viewer_and_strip(app_server, chromium, series_fold
     page = chromium.new_page(viewport=DESKTOP)
     open_series_mode(page, server.url)
     upload_folder(page, series_folder)
-    page.get_by_text(re.compile(r"^Tumour suspected: meningioma")).wait_for(timeout=TIMEOUT)
+    page.get_by_text(re.compile(r"^Tumour suspected: meningioma", re.I)).wait_for(timeout=TIMEOUT)
     page.get_by_text("duplicate slice").first.wait_for(timeout=TIMEOUT)
     frame = stack_frame(page)
     st = state(frame)
@@ -168,7 +168,8 @@ def test_series_folder_upload_viewer_and_strip(app_server, chromium, series_fold
     assert st["slice"] in built_series.tumour  # it opens on the most suspicious slice
     info = frame.locator(".info").inner_text()
     assert f"Slice {st['slice'] + 1} of {st['n']}" in info
-    assert "Meningioma" in info and "white outline" in info  # the run class's map and region
+    assert "Meningioma" in info  # the run class's map, and the segmentation's size (one size)
+    assert re.search(r"Yellow: tumour outline: area \d+ mm².*method: segmentation", info), info
     strip = page.locator(".js-plotly-plot").first
     strip.wait_for(timeout=TIMEOUT)
     assert strip.locator(".scatterlayer .trace").count() >= 4  # one line per class
@@ -176,7 +177,7 @@ def test_series_folder_upload_viewer_and_strip(app_server, chromium, series_fold
     frame.locator("#root").focus()
     frame.locator("#root").press("Home")
     info = frame.locator(".info").inner_text()
-    assert "Slice 1 of" in info and "white outline" not in info and "not a lesion" in info
+    assert "Slice 1 of" in info and "outline" not in info and "not a lesion" in info
     frame.locator("#root").press("m")  # back to the most suspicious slice
     assert state(frame)["slice"] in built_series.tumour
     settle(page)

@@ -68,7 +68,7 @@ def test_tumour_series_summary_viewer_and_strip(built_series):
     files = built_series.dicom()
     at = run_series(shuffled_names(files) + [("copy", files[3])])
     assert not at.exception, texts(at)
-    assert any(e.value.startswith("Tumour suspected: meningioma") for e in at.error), texts(at)
+    assert any(e.value.lower().startswith("tumour suspected: meningioma") for e in at.error), texts(at)
     assert any("duplicate" in w.value for w in at.warning)
     assert any("mm³" in c.value for c in at.caption)  # 1 x 1 mm pixels, 5 mm slices: a volume
     assert [c.key for c in at.get("plotly_chart")] == ["series_strip"]
@@ -84,7 +84,12 @@ def test_tumour_series_summary_viewer_and_strip(built_series):
     # its region and the segmentation's outline; a normal slice only what drove "no tumour"
     run = data["slices"][data["start"]]
     assert run["answer"].startswith("Meningioma") and run["heat_class"] == "Meningioma"
-    assert run["region"] and run["outline"] and any("white outline" in t for t in run["notes"])
+    # one size per finding (issue 28.3): the segmentation's, as the report and the PACS give it,
+    # never the heatmap region's beside it
+    assert run["outline"] and run["region"] is None
+    assert any(t.startswith("Yellow: tumour outline: area") and "(method: segmentation)" in t
+               for t in run["notes"]), run["notes"]
+    assert not any("Grad-CAM region" in t for t in run["notes"])
     normal = data["slices"][0]
     assert normal["answer"].startswith("No tumour") and normal["region"] is None
     assert any("not a lesion" in t for t in normal["notes"])

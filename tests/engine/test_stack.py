@@ -89,22 +89,31 @@ def test_the_run_slices_carry_the_run_class_map_and_outlines(built_series, predi
     heats = stack.series_heatmaps(predictor, answer)
     run = answer.summary.run
     assert run is not None
+    assert predictor.card.get("segmentation")  # the default model has a segmentation companion
     for i in range(len(series)):
         pred = answer.slices[i].prediction
-        if i in run:  # the run class's map, with the region the rule allows
-            assert heats[i].class_name == run.class_name and heats[i].region is not None
+        if i in run:  # the run class's map; one size per finding: the segmentation's, not the map's
+            assert heats[i].class_name == run.class_name and heats[i].region is None
         elif pred.label == "no_tumor":
             assert heats[i].region is None  # a no-tumour answer: no lesion region
     payload = stack.series_stack(answer, heats, key=series.key)
     assert payload["start"] in built_series.tumour
-    entry = payload["slices"][run.start]
-    assert entry["outline"] and entry["region"] and len(entry["box"]) == 4
+    entry = payload["slices"][payload["start"]]
+    assert entry["outline"] and entry["region"] is None
     # polygons are in the pixels sent: inside the slice
-    assert all(0 <= x <= entry["w"] and 0 <= y <= entry["h"] for x, y in entry["region"])
+    assert all(0 <= x <= entry["w"] and 0 <= y <= entry["h"] for x, y in entry["outline"])
+    seg = answer.segmentations[payload["start"]]
+    assert f"Yellow: tumour outline: area {seg.area_mm2:.0f} mm²" in " ".join(entry["notes"])
+    assert "(method: segmentation)" in " ".join(entry["notes"])
+    assert "Grad-CAM region" not in " ".join(entry["notes"])
     # asked for: the strongest tumour class on a no-tumour slice, named as asked
     asked = stack.series_heatmaps(predictor, answer, requested=True)
     normal = next(i for i, s in enumerate(answer.slices) if s.prediction.label == "no_tumor")
     assert asked[normal].asked and asked[normal].region is not None
+    words = " ".join(stack.heat_words(answer.slices[normal].prediction, predictor.card, asked[normal]))
+    assert "(asked for)" in words and "Grad-CAM region" in words  # its size, its method named
+    region = stack.series_stack(answer, asked, key="a")["slices"][normal]
+    assert region["region"] and len(region["box"]) == 4
 
 
 def test_one_scan_payload(data_dir, predictors):
