@@ -8,8 +8,9 @@ from pathlib import Path
 import streamlit as st
 
 from medcls import identifying_attributes
-from medcls.engine.render import draw_outline
+from medcls.engine import stack
 from medcls.engine.report import render_report
+from medcls.io.acquisition import acquisition_of
 from medcls.models.saliency import METHODS
 from medcls.models.segmenter import size_text
 from ui import audit, chrome, common, models, scans, series, viewer
@@ -98,36 +99,51 @@ if verdict.withheld:
         st.info(suggestion)
 
 # ---------------------------------------------------------------- viewer
-c_wl, c_cls = st.columns([3, 2])
-with c_wl:  # window/level once, for both images
-    center, width = scans.window_controls(scan, key="main")
+# The viewer sits right under the verdict (in the first screen of a laptop); the controls that
+# choose what it shows (the explained class, "show anyway") are laid out below it.
+viewer_slot = st.container()
+c_cls, c_any = st.columns([3, 2])
 with c_cls:
     class_index = viewer.explain_class_picker(
         pred, card, key=f"{EXPLAIN}_{scan.short_id}_{frame}_{Path(model_path).name}")
+anyway = False
+if pred.outside_training_distribution and show_overlay:
+    anyway = c_any.toggle("Show the heatmap anyway", value=False, key="main_anyway",
+                          help="The answer is withheld; the heatmap of an answer that is not "
+                               "given is not a finding, so no region or area is drawn on it.")
 if class_index != explanation.class_index:
     with common.user_errors():
         explanation = explained(class_index)[0]
-image = scans.display(scan, center, width)
-gray = image if image.ndim == 2 else image.mean(axis=2)
 asked = explanation.class_index != pred.index  # another class's map, asked for
 # the heatmap's own region only without a segmenter (it is no lesion edge), or when asked for
 heatmap_region = show_region and (predictor.segmenter is None or asked)
-over, over_title, region_drawn = viewer.overlay_panel(gray, explanation, pred, card, alpha,
-                                                         show_overlay, heatmap_region, key="main")
-viewer.linked_viewer(draw_outline(image, outline if show_region else None), over,
-                        ("Scan", f"{over_title} · {METHODS[method].label}"), key="viewer")
-st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
-           + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
-              if scan.pixel_spacing else "")
-           + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else "")
-           + ". Drag to pan, scroll to zoom (both images move together), double-click to reset.")
-if show_overlay and not (pred.outside_training_distribution
-                         and not st.session_state.get("main_anyway")):
-    st.caption(viewer.heatmap_note(pred, card, explanation, region_drawn))
-if region_drawn:
-    st.caption(viewer.region_caption(explanation.region))
-if outline is not None:
-    st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
+heat, region_drawn = viewer.heat_for_viewer(explanation, pred, card, show_overlay, heatmap_region,
+                                            anyway)
+with viewer_slot:
+    got = viewer.scan_viewer(scan, pred, card, heat, outline if show_region else None,
+                             METHODS[method].label, alpha, show_overlay, key="main_viewer",
+                             cache_key=("main", scan.sha256, frame, model_path, method,
+                                        explanation.class_index, heat is not None,
+                                        region_drawn, show_region))
+    st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+               + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
+                  if scan.pixel_spacing else "")
+               + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else "")
+               + (f" · **this scan:** {stack.acquisition_words(acquisition_of(scan.metadata, scan.modality), scan.modality)} (from its own tags)"
+                  if scan.source_format == "dicom" else "")
+               + f" · **{card['name']} was validated on:** {stack.scope_short(card)}")
+    if heat is not None:
+        st.caption(viewer.heatmap_note(pred, card, explanation, region_drawn))
+    elif show_overlay and pred.outside_training_distribution:
+        st.caption("Heatmap hidden: the answer is withheld.")
+    if region_drawn:
+        st.caption(viewer.region_caption(explanation.region))
+    if outline is not None and show_region:
+        st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
+window = (got["center"], got["width"]) if got and "center" in got else (None, None)
+gray = scans.display(scan, *window) if window[0] is not None else scans.display(
+    scan, scan.window_center, scan.window_width)
+gray = gray if gray.ndim == 2 else gray.mean(axis=2)
 
 kind, text = viewer.confidence_statement(pred, card)
 getattr(st, kind)(text)

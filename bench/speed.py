@@ -110,7 +110,8 @@ def app_timings(data) -> dict:
       warm-up (started by the first page view) has loaded the default model, as it does while a
       user picks a file; then the first upload of the server until its answer;
     - ``series_24_slices_s``: then the 24-slice MPRAGE folder in series mode, from the upload to
-      the study summary with its strip.
+      the study summary with its strip;
+    - then :func:`series_scroll`: a 30-slice series read in the browser's viewer.
     """
     import csv
 
@@ -161,8 +162,59 @@ def app_timings(data) -> dict:
                 has_text=__import__("re").compile("|".join(SERIES_DONE))).first.wait_for(timeout=timeout)
             page.locator(".js-plotly-plot").first.wait_for(timeout=timeout)
             out["series_24_slices_s"] = time.perf_counter() - t
+            out.update(series_scroll(page, data / "dicom" / "volunteer2-axial-flair", timeout))
         finally:
             srv.stop()
+    return out
+
+
+def _stack_frame(page, timeout: int):
+    """The series viewer's frame (ui.stack), once every slice is decoded in the browser."""
+    page.locator('iframe[src*="medcls_stack"]').first.wait_for(timeout=timeout)
+    frame = next(f for f in page.frames if "medcls_stack" in f.url)
+    frame.wait_for_function("() => window.medclsStack && window.medclsStack.state().n > 0 && "
+                            "window.medclsStack.state().decoded === window.medclsStack.state().n",
+                            timeout=timeout)
+    return frame
+
+
+def series_scroll(page, folder, timeout: int) -> dict:
+    """Reading a series in the browser (issue 28): a 30-slice folder opened in place of the open
+    series until every slice is in the viewer, then 30 slices stepped with the mouse wheel and
+    30 with the arrow keys, each until the viewer shows the last one; the page's websocket
+    frames and HTTP requests during the stepping are counted (0: no round trip per slice)."""
+    out: dict = {}
+    sent, requests = [], []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda _: sent.append(time.monotonic())))
+    page.on("request", lambda r: requests.append(time.monotonic()))
+    page.get_by_text("Open another series").first.click()
+    page.get_by_text("A folder", exact=True).last.click()
+    box = page.locator('[data-testid="stFileUploaderDropzoneInput"][webkitdirectory]').first
+    box.wait_for(state="attached", timeout=timeout)
+    t = time.perf_counter()
+    box.set_input_files(str(folder))
+    page.get_by_text("now open: 30 files").first.wait_for(timeout=timeout)
+    frame = _stack_frame(page, timeout)
+    out["series_30_slices_upload_to_viewer_s"] = time.perf_counter() - t
+    page.wait_for_timeout(3000)  # the page has settled
+    frame.locator("#root").focus()
+    frame.locator("#root").press("Home")
+    frame.wait_for_function("() => window.medclsStack.state().slice === 0", timeout=timeout)
+    canvas = frame.locator("canvas.view").first.bounding_box()
+    page.mouse.move(canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2)
+    t0 = time.monotonic()
+    for _ in range(29):
+        page.mouse.wheel(0, 100)
+    frame.wait_for_function("() => window.medclsStack.state().slice === 29", timeout=timeout)
+    t1 = time.monotonic()
+    for _ in range(29):
+        frame.locator("#root").press("ArrowUp")
+    frame.wait_for_function("() => window.medclsStack.state().slice === 0", timeout=timeout)
+    t2 = time.monotonic()
+    out["series_scroll_30_slices_wheel_s"] = t1 - t0
+    out["series_scroll_30_slices_keys_s"] = t2 - t1
+    out["series_scroll_messages_to_server"] = sum(1 for x in sent if t0 <= x <= t2) + \
+        sum(1 for x in requests if t0 <= x <= t2)
     return out
 
 
@@ -214,7 +266,10 @@ def write_app_timings(data, out_dir) -> dict:
         "cold start: `streamlit run` to the first answer for an upload made as soon as the "
         "uploader shows; first upload: a fresh server, upload once the page is shown and the "
         "background warm-up is done (`warm_up_done_s` after `streamlit run`); series: the 24-slice MPRAGE folder in series mode, upload "
-        "to summary and strip. `load_average_1min`: the machine's load while measuring (2 "
+        "to summary and strip; then the 30-slice FLAIR folder opened in its place until every "
+        "slice is in the viewer, 30 slices stepped with the wheel and 30 with the arrow keys "
+        "(Playwright's input included), and the messages the page sent the server meanwhile. "
+        "`load_average_1min`: the machine's load while measuring (2 "
         "cores: above 2 the figures are slower than on an idle machine)."])
     path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(md + "\n")

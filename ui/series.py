@@ -1,32 +1,40 @@
 """Series mode of the main page: several files, a folder, a zip or a NIfTI volume opened as
-series, answered slice by slice, with the study summary above a strip of the class
-probabilities over slice position, a slice slider, one window/level for every slice, and the
-heatmap of the shown slice.
+series (a new pick replaces the open one), each answered slice by slice: the study summary, the
+series' acquisition beside the model's validated scope, the stack viewer (:mod:`ui.stack`: every
+slice sent once, scrolled, windowed and measured in the browser), the strip of the class
+probabilities over slice position, and the verdict on the slice the reader rests on; several
+series of one study side by side.
 
 Layout only: gathering is :mod:`medcls.io.gather`, the answer and its rule
-:mod:`medcls.engine.series`, the region rule :mod:`medcls.engine.findings`. Uploaded bytes stay in
+:mod:`medcls.engine.series`, what the viewer may show :mod:`medcls.engine.stack` (asking the
+region rule of :mod:`medcls.engine.findings`). Uploaded bytes stay in
 ``st.session_state["series_files"]`` (a list of (name, bytes)); nothing is written to disk.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from medcls.engine import present
+from medcls.engine import present, stack
 from medcls.engine.series import Outcome, answer_series, slice_explanation
+from medcls.io.display import display_image
 from medcls.io.gather import gather
 from medcls.io.sources import bytes_source, zip_sources
 from medcls.models.saliency import METHODS
-from ui import audit, chrome, common, models, scans, viewer
+from ui import audit, common, models
+from ui import stack as ui_stack
 
 MODES = ("One scan", "A series")
 FILES = "series_files"  # session key: [(name, bytes)] of the open series upload
-SLICE = "series_slice"  # session key: the 1-based slice shown
-MAX_ANSWERS = 2  # per session: the open series (and the one before, for a quick switch back)
+VIEWER = "series_viewer"  # session key: the slice and window the reader rests on (the viewer's)
+UPLOAD_GEN = "series_upload_gen"  # session key: the uploader's generation (a pick empties it)
+MAX_ANSWERS = 4  # per session: the series open (side by side: up to 3) and one more
+SIDE_BY_SIDE = 3  # series at most in columns
 
 
 def series_mode() -> bool:
@@ -40,22 +48,39 @@ def series_mode() -> bool:
 # ----------------------------------------------------------------------------- input
 
 def _uploads() -> list[tuple[str, bytes]] | None:
-    kind = st.radio("Upload", ["Files, a .zip or a NIfTI", "A folder"], horizontal=True,
-                    key="series_upload_kind", label_visibility="collapsed")
-    if kind == "A folder":
-        files = st.file_uploader("Choose the folder of one study or series",
-                                 accept_multiple_files="directory", key="series_upload_dir")
-    else:
-        files = st.file_uploader("Upload the slices of a series: DICOM files (with or without "
-                                 ".dcm), a .zip of them, or a NIfTI volume (.nii, .nii.gz)",
-                                 accept_multiple_files=True, key="series_upload_files")
+    """The open series' files. Every pick opens a new series in place of the one open (a second
+    folder replaces the first, it is not added to it): the picked files are kept in the session
+    and the uploader starts empty again."""
+    gen = int(st.session_state.get(UPLOAD_GEN, 0))
+    items = st.session_state.get(FILES)
+    where = st.expander(f"Open another series · now open: {_what(items)}") if items \
+        else st.container()
+    with where:
+        kind = st.radio("Upload", ["Files, a .zip or a NIfTI", "A folder"], horizontal=True,
+                        key="series_upload_kind", label_visibility="collapsed")
+        if kind == "A folder":
+            files = st.file_uploader("Choose the folder of one study or series",
+                                     accept_multiple_files="directory",
+                                     key=f"series_upload_dir_{gen}")
+        else:
+            files = st.file_uploader("Upload the slices of a series: DICOM files (with or without "
+                                     ".dcm), a .zip of them, or a NIfTI volume (.nii, .nii.gz)",
+                                     accept_multiple_files=True, key=f"series_upload_files_{gen}")
     if files:
-        items = [(f.name, f.getvalue()) for f in files]
-        if st.session_state.get(FILES) != items:
-            st.session_state[FILES] = items
-            for key in (SLICE, "series_strongest"):  # a new series opens at slice 1, no request
-                st.session_state.pop(key, None)
-    return st.session_state.get(FILES)
+        st.session_state[FILES] = [(f.name, f.getvalue()) for f in files]
+        st.session_state[UPLOAD_GEN] = gen + 1  # a fresh, empty uploader: the next pick replaces
+        for key in (VIEWER, "series_strongest", "series_anyway", "series_choice", "series_side"):
+            st.session_state.pop(key, None)  # a new series opens at its own start
+        st.rerun()
+    return items
+
+
+def _what(items) -> str:
+    """The open upload in a few words: "30 files from volunteer2-axial-flair/"."""
+    folders = sorted({name.split("/")[0] for name, _ in items if "/" in name})
+    where = f" from {', '.join(f + '/' for f in folders[:2])}{' ...' if len(folders) > 2 else ''}" \
+        if folders else ""
+    return f"{len(items)} file{'s' if len(items) != 1 else ''}{where}"
 
 
 def _sources(items: list[tuple[str, bytes]]) -> list:
@@ -96,11 +121,21 @@ def _answer(predictor, series, model_path: str):
 
 # ----------------------------------------------------------------------------- views
 
-def summary_box(answer) -> None:
+def summary_box(answer, facts: bool = True) -> None:
+    """The study summary (red: suspected, green: not seen, amber: cannot answer or not
+    validated), with its facts and rule unless ``facts`` is False (the series view gives them
+    under the viewer)."""
     sm = answer.summary
     kind = {Outcome.SUSPECTED: "error", Outcome.NOT_SEEN: "success",
             Outcome.CANNOT_ANSWER: "warning"}[sm.outcome]
     getattr(st, kind)(sm.text)
+    if facts:
+        summary_facts(answer)
+
+
+def summary_facts(answer) -> None:
+    """Under the viewer: the series' facts, the volume with its method, and the rule."""
+    sm = answer.summary
     facts = [f"{answer.series.label}", f"ordered by {answer.series.ordered_by}"]
     if answer.series.slice_spacing:
         facts.append(f"slice spacing {answer.series.slice_spacing:.2f} mm")
@@ -110,7 +145,7 @@ def summary_box(answer) -> None:
         facts.append(answer.volume_note)
     facts.append(f"answered in {answer.elapsed_s:.1f} s")
     st.caption(" · ".join(facts))
-    st.caption(f"Rule: {sm.rule}")
+    st.caption(f"Rule: {sm.rule} Scope: {stack.scope_words(answer.card)}")
 
 
 def strip_figure(answer, shown: int) -> go.Figure:
@@ -136,23 +171,19 @@ def strip_figure(answer, shown: int) -> go.Figure:
     outside = [i for i, s in enumerate(answer.slices)
                if s.prediction is not None and s.prediction.outside_training_distribution]
     unread = [i for i, s in enumerate(answer.slices) if s.prediction is None]
-    for idx, label, symbol in ((outside, "outside training distribution", "x"),
-                               (unread, "unreadable", "square-open")):
+    for idx, label, symbol in ((outside, "withheld (outside what the model was trained or "
+                                "validated on)", "x"), (unread, "unreadable", "square-open")):
         if idx:
             fig.add_trace(go.Scatter(x=[x[i] for i in idx], y=[1.05] * len(idx), mode="markers",
                                      marker=dict(symbol=symbol, color="#555", size=9), name=label))
     fig.add_hline(y=sm.threshold, line_dash="dot", line_color="#888")
     fig.add_vline(x=x[shown], line_color="#111", line_width=1.5)
-    fig.update_layout(height=260, margin=dict(l=10, r=10, t=20, b=10),
+    fig.update_layout(height=240, margin=dict(l=10, r=10, t=20, b=10),
                       yaxis=dict(range=[0, 1.1], title="probability", tickformat=".0%"),
                       xaxis=dict(title="slice position (mm)" if series.positions is not None
                                  else "slice"),
                       legend=dict(orientation="h", y=-0.35))
     return fig
-
-
-def _jump(to: int) -> None:
-    st.session_state[SLICE] = to + 1
 
 
 def _findings(study, series) -> None:
@@ -162,8 +193,33 @@ def _findings(study, series) -> None:
             else st.info(f.message)
 
 
-def _step(delta: int, n: int) -> None:
-    st.session_state[SLICE] = min(max(int(st.session_state.get(SLICE, 1)) + delta, 1), n)
+def acquisition_line(series, card) -> None:
+    """What this series is (its own tags) beside what the model was validated on (its card)."""
+    acq = stack.acquisition_words(stack.series_acquisition(series), series.modality)
+    st.caption(f"**This series:** {acq} (from its own tags) · **{card['name']} was validated "
+               f"on:** {stack.scope_short(card)}")
+
+
+def _payload(predictor, answer, model_path, method, show_region, budget, key_extra=()):
+    """The viewer's data for ``answer`` (cached per session): every slice, its heatmap where
+    the answer allows one, the outlines the region rule allows."""
+    requested = bool(st.session_state.get("series_strongest"))
+    anyway = bool(st.session_state.get("series_anyway"))
+    cache_key = (answer.series.key, model_path, method, requested, anyway, show_region, budget,
+                 *key_extra)
+
+    def build():
+        bar = st.progress(0.0, text="Preparing the slices for the viewer...")
+        heats = stack.series_heatmaps(predictor, answer, method, requested, withheld_too=anyway,
+                                      on_progress=lambda d, n: bar.progress(
+                                          d / max(n, 1), text=f"Heatmaps: {d} of {n} slices"))
+        if not show_region:
+            heats = {i: dataclasses.replace(h, region=None) for i, h in heats.items()}
+        payload = stack.series_stack(answer, heats, key=answer.series.key, budget=budget)
+        bar.empty()
+        return payload
+
+    return ui_stack.cached_payload(cache_key, build)
 
 
 def series_page(model_path: str, method: str, alpha: float, show_region: bool,
@@ -184,94 +240,132 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
             st.error(f.message)
         st.error("No series could be read from this upload.")
         return
-    choice = 0
-    if len(study.series) > 1:
-        choice = st.selectbox("Series", range(len(study.series)), key="series_choice",
-                              format_func=lambda i: study.series[i].label)
-    series = study.series[choice]
     try:
         predictor = models.load_predictor(model_path)
-        answer = _answer(predictor, series, model_path)
     except Exception as exc:  # noqa: BLE001
-        common.show_error(exc, "The series")
+        common.show_error(exc, "The model")
         return
     card = predictor.card
-
-    summary_box(answer)
-    _findings(study, series)
-    n = len(series)
-    if st.session_state.get(SLICE, 1) > n:
-        st.session_state[SLICE] = 1
-    most = answer.summary.most_suspicious
-    c1, c2 = st.columns([3, 1])
-    with c2:
-        st.button("Jump to the most suspicious slice", key="series_jump",
-                  disabled=most is None, on_click=_jump, args=(most or 0,), type="primary",
-                  help="The answered slice with the highest P(tumour).")
-    with c1:
-        shown = (st.slider("Slice", 1, n, key=SLICE) if n > 1 else 1) - 1
-    st.plotly_chart(strip_figure(answer, shown), width="stretch", key="series_strip")
-
-    ref = series.scan(n // 2)  # one window/level for every slice, set on the middle one
+    choice = 0
+    if len(study.series) > 1:
+        c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+        side = c2.toggle("Side by side", key="series_side",
+                         help="Several series of this study next to each other, each with its "
+                              "own answer (or why it has none).")
+        if side:
+            _side_by_side(study, predictor, model_path, method, alpha, show_region, show_overlay)
+            return
+        choice = c1.selectbox("Series", range(len(study.series)), key="series_choice",
+                              format_func=lambda i: _series_name(study.series[i]))
+    series = study.series[choice]
     try:
-        scan = series.scan(shown)
+        answer = _answer(predictor, series, model_path)
+        data_id, payload = _payload(predictor, answer, model_path, method, show_region,
+                                    stack.PIXEL_BUDGET)
+    except Exception as exc:  # noqa: BLE001 - an unreadable multi-frame file, a refused slice
+        common.show_error(exc, "The series")
+        return
+
+    summary_box(answer, facts=False)
+    _unreadable(answer)
+    acquisition_line(series, card)
+    got = ui_stack.stack_viewer(payload, data_id, key=VIEWER, height=470, panels=2,
+                                titles=("Scan", f"Heatmap · {METHODS[method].label}"),
+                                alpha=alpha, show_heat=show_overlay)
+    if not (got and got.get("key") == payload["key"] and 0 <= int(got.get("slice", -1)) < len(series)):
+        got = None  # not yet reported for this series (or for another one)
+    shown = int(got["slice"]) if got else payload["start"]
+    window = (got["center"], got["width"]) if got else None
+    _evidence_toggles(answer, card)
+    summary_facts(answer)
+    _findings(study, series)
+    st.plotly_chart(strip_figure(answer, shown), width="stretch", key="series_strip")
+    _slice_verdict(answer, card, shown, model_path, method, payload)
+    _report_buttons(predictor, answer, method, alpha, window)
+
+
+def _unreadable(answer) -> None:
+    """Slices that could not be read, with why (the typed error's message: never a trace)."""
+    errors = [s.error or "The slice could not be read." for s in answer.slices if s.prediction is None]
+    for why in dict.fromkeys(errors):
+        st.error(f"{errors.count(why)} of {len(answer.slices)} slices could not be read: {why}")
+
+
+def _series_name(series) -> str:
+    acq = stack.series_acquisition(series)
+    what = acq.sequence if acq is not None and acq.sequence else None
+    return series.label + (f" · {what}" if what else "")
+
+
+def _evidence_toggles(answer, card) -> None:
+    """The explicit requests: the strongest tumour-class evidence on no-tumour slices, the
+    heatmaps of withheld slices (never with a region)."""
+    from medcls.engine.findings import finding_noun, normal_class
+
+    c1, c2 = st.columns(2)
+    if normal_class(card) is not None and answer.summary.n_answered:
+        c1.toggle(f"Show the strongest {finding_noun(card)}-class evidence", key="series_strongest",
+                  help="On slices answered 'no tumour': the heatmap, outline and area of the most "
+                       "likely tumour class, named as asked for.")
+    if answer.summary.n_outside:
+        c2.toggle("Show the heatmaps of withheld slices anyway", key="series_anyway",
+                  help="A withheld answer is not an answer: its heatmap only shows what the "
+                       "network reacted to, so no region or area is drawn on it.")
+
+
+def _slice_verdict(answer, card, shown: int, model_path: str, method: str, payload) -> None:
+    """The slice the reader stopped on: its answer into the audit trail, with the verdict."""
+    item = answer.slices[shown]
+    if item.prediction is None:
+        return
+    try:
+        scan = answer.series.scan(shown)
     except Exception as exc:  # noqa: BLE001
         common.show_error(exc, f"Slice {shown + 1}")
         return
-    st.subheader(f"Slice {shown + 1} of {n}")
-    c_wl, c_step = st.columns([3, 2])
-    with c_wl:  # window/level once, for both images and every slice
-        center, width = scans.window_controls(ref, key="series")
-    with c_step:  # keyboard: k / j step through the slices
-        b1, b2 = st.columns(2)
-        b1.button("◀ Previous slice", key="series_prev", on_click=_step, args=(-1, n),
-                  disabled=shown == 0)
-        b2.button("Next slice ▶", key="series_next", on_click=_step, args=(1, n),
-                  disabled=shown >= n - 1)
-        chrome.keyboard_steps({"j": "Next slice ▶", "k": "◀ Previous slice"})
-    image = scans.display(scan, center, width)
-    where = (f" · position {series.position_of(shown):.1f} mm" if series.positions is not None
-             else "")
-    facts = (f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px" + where
-             + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
-                if scan.pixel_spacing else ""))
-    item = answer.slices[shown]
-    if item.prediction is None:
-        st.image(image, clamp=True, width="stretch", caption=facts)
-        st.error(f"This slice could not be read: {item.error}")
+    st.caption(f"Your verdict on slice {shown + 1} of {len(answer.slices)} (the slice the viewer "
+               "rests on):")
+    region = answer.segmentations.get(shown) or answer.regions.get(shown)
+    audit.audit_answer((answer.series.key, model_path, shown, method), item.prediction, card,
+                       "series", region=region, input_sha256=scan.sha256,
+                       frame=scan.frame if scan.n_frames > 1 else None, heatmap_method=method)
+
+
+def _side_by_side(study, predictor, model_path, method, alpha, show_region, show_overlay) -> None:
+    """Up to :data:`SIDE_BY_SIDE` series of the study in columns, each with its acquisition,
+    its own answer (or why it has none) and its own viewer."""
+    names = [_series_name(s) for s in study.series]
+    picked = st.multiselect("Series side by side", range(len(study.series)),
+                            default=list(range(min(SIDE_BY_SIDE, len(study.series)))),
+                            max_selections=SIDE_BY_SIDE, format_func=names.__getitem__,
+                            key="series_side_pick")
+    if not picked:
+        st.info("Choose the series to show side by side.")
         return
-    requested = bool(st.session_state.get("series_strongest"))
-    cache = st.session_state.setdefault("_series_heatmaps", {})
-    hkey = (series.key, model_path, shown, method, requested)
-    if hkey not in cache:
-        cache.clear()  # one heatmap per session
-        cache[hkey] = slice_explanation(predictor, answer, shown, method, requested)
-    explanation = cache[hkey]
-    gray = image if image.ndim == 2 else image.mean(axis=2)
-    pred = item.prediction
-    over, meaning, region = viewer.heatmap_panel(gray, explanation, card, alpha, show_region, requested,
-                                                 answer.segmentations.get(shown))
-    title = f"Heatmap · {METHODS[method].label} for “{present.class_name(card, explanation.class_name)}”"
-    if not show_overlay:
-        over, title = np.dstack([gray] * 3), "Heatmap hidden (overlay off)"
-    viewer.linked_viewer(image, over, (f"Slice {shown + 1}", title), key="series_viewer")
-    st.caption(facts + ". Drag to pan, scroll to zoom (both images move together).")
-    if show_overlay:
-        st.caption(meaning)
-    if region is not None:
-        st.caption(viewer.region_text(region))
-    viewer.strongest_evidence_toggle(pred, card, key="series_strongest")
-    kind, text = viewer.confidence_statement(pred, card)
-    getattr(st, kind)(f"Slice {shown + 1}: " + text)
-    st.plotly_chart(viewer.probability_chart(pred, card), width="stretch", key="series_probs")
-    # the shown slice's answer goes into the audit trail, with the clinician's verdict on it
-    audit.audit_answer((series.key, model_path, shown, method), pred, card, "series", region=region,
-                    input_sha256=scan.sha256, frame=scan.frame if scan.n_frames > 1 else None,
-                    heatmap_method=method)
-    _report_buttons(predictor, answer, method, alpha, center, width)
+    st.caption(f"**Validated scope:** {stack.scope_words(predictor.card)}")
+    budget = stack.PIXEL_BUDGET // len(picked)
+    for col, i in zip(st.columns(len(picked)), picked):
+        series = study.series[i]
+        with col:
+            acq = stack.acquisition_words(stack.series_acquisition(series), series.modality)
+            st.markdown(f"**{series.label}**  \n{acq}")
+            try:
+                answer = _answer(predictor, series, model_path)
+                data_id, payload = _payload(predictor, answer, model_path, method, show_region,
+                                            budget, ("side",))
+            except Exception as exc:  # noqa: BLE001
+                common.show_error(exc, "This series")
+                continue
+            summary_box(answer, facts=False)
+            ui_stack.stack_viewer(payload, data_id, key=f"series_side_{series.key}", height=360,
+                                  panels=1, titles=("Scan", "Heatmap"), alpha=alpha,
+                                  show_heat=show_overlay, report=False, link="side-by-side")
+    st.caption("Each series is answered on its own. Series in the same plane scroll together "
+               "(by position in mm). Turn 'Side by side' off to read one series with both panels "
+               "and record a verdict.")
 
 
-def _report_buttons(predictor, answer, method, alpha, center, width) -> None:
+def _report_buttons(predictor, answer, method, alpha, window) -> None:
     from medcls.engine.report import render_series_report
 
     def build(fmt: str) -> bytes:
@@ -279,7 +373,7 @@ def _report_buttons(predictor, answer, method, alpha, center, width) -> None:
         image = explanation = None
         if i is not None:
             scan = answer.series.scan(i)
-            image = scans.display(scan, center, width)
+            image = display_image(scan, *window) if window else display_image(scan)
             explanation = slice_explanation(predictor, answer, i, method)
         return render_series_report(answer, image, explanation, i, fmt=fmt,
                                     method_label=METHODS[method].label, alpha=alpha)

@@ -261,3 +261,40 @@ def strongest_evidence_toggle(pred, card: dict, key: str) -> None:
         st.toggle(f"Show the strongest {finding_noun(card)}-class evidence", key=key,
                   help="Draws the heatmap, outline and area of the most likely tumour class, "
                        "although the answer is not a tumour.")
+
+
+# ----------------------------------------------------------------------------- the stack viewer
+
+def heat_for_viewer(explanation, pred, card: dict, show_overlay: bool, heatmap_region: bool,
+                    anyway: bool):
+    """What the heatmap panel of the main page's viewer may show (None: the plain scan): the
+    map of the explained class, the region only where :func:`medcls.engine.present.shows_region`
+    allows it; a withheld answer's map only on request ("show anyway"), never with a region.
+    Returns (SliceHeat or None, region drawn)."""
+    from medcls.engine.stack import SliceHeat
+
+    if not show_overlay or (pred.outside_training_distribution and not anyway):
+        return None, False
+    drawn = heatmap_region and explanation.region is not None and \
+        present.shows_region(pred, explanation.class_name, card) and \
+        not pred.outside_training_distribution
+    return SliceHeat(explanation.class_name, explanation.heatmap,
+                     explanation.region if drawn else None,
+                     asked=explanation.class_index != pred.index), drawn
+
+
+def scan_viewer(scan, pred, card: dict, heat, outline, method_label: str, alpha: float,
+                show_overlay: bool, key: str, cache_key) -> dict | None:
+    """The main page's viewer: the scan (with the segmentation's outline) and its heatmap side
+    by side, windowed, zoomed and measured in the browser (:mod:`ui.stack`). Returns the window
+    the reader set (``{"center", "width"}``) once they pause, or None."""
+    from medcls.engine.stack import scan_stack
+    from ui import stack as ui_stack
+
+    data_id, payload = ui_stack.cached_payload(
+        cache_key, lambda: scan_stack(scan, pred, card, heat, outline,
+                                      key=f"{scan.short_id}-{scan.frame}"))
+    got = ui_stack.stack_viewer(payload, data_id, key=key, height=420, panels=2,
+                                titles=("Scan", method_label), alpha=alpha,
+                                show_heat=show_overlay, details=False)
+    return got if got and got.get("key") == payload["key"] else None

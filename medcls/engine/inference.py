@@ -232,7 +232,8 @@ class Predictor:
         cam = self.cam_engine().heatmap(pre, method, class_index, mask_to_foreground)
         threshold = self.card.region_threshold if region_threshold is None else region_threshold
         region = heatmap_region(cam.heatmap, threshold, scan.pixel_spacing)
-        prediction = self.predictions(cam.logits[None], cam.embedding[None])[0]
+        prediction = self.within_scope(self.predictions(cam.logits[None], cam.embedding[None])[0],
+                                       acquisition_of(scan.metadata, scan.modality))
         return Explanation(method=method, class_index=cam.class_index,
                            class_name=self.classes[cam.class_index], grid=cam.grid,
                            heatmap=cam.heatmap, region=region, prediction=prediction)

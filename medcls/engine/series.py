@@ -454,18 +454,22 @@ def write_records_csv(records: Sequence[dict], out) -> None:
             fh.close()
 
 
-def slice_explanation(predictor: Predictor, answer: SeriesAnswer, i: int, method: str = "gradcam",
-                      requested: bool = False):
-    """The heatmap of slice ``i``: of the run's class on a slice of the suspicious run, else of
-    the slice's answer; on a no-finding answer, of the strongest finding class when the user
-    asked for it (``requested``)."""
+def heatmap_class(answer: SeriesAnswer, i: int, requested: bool = False) -> int | None:
+    """Which class the heatmap of slice ``i`` explains: the run's class on a slice of the
+    suspicious run; on a no-finding answer, the strongest finding class when the user asked for
+    it (``requested``); else None (the slice's own answer)."""
     from medcls.engine.findings import is_finding_answer, strongest_finding_class
 
-    scan = answer.series.scan(i)
     run, pred = answer.summary.run, answer.slices[i].prediction
     if run is not None and i in run:
-        return predictor.explain(scan, method, class_index=run.class_index)
+        return run.class_index
     if requested and pred is not None and not is_finding_answer(pred, answer.card):
-        return predictor.explain(scan, method, class_index=strongest_finding_class(
-            pred.probabilities, answer.card))
-    return predictor.explain(scan, method)
+        return strongest_finding_class(pred.probabilities, answer.card)
+    return None
+
+
+def slice_explanation(predictor: Predictor, answer: SeriesAnswer, i: int, method: str = "gradcam",
+                      requested: bool = False):
+    """The heatmap of slice ``i`` for :func:`heatmap_class`."""
+    return predictor.explain(answer.series.scan(i), method,
+                             class_index=heatmap_class(answer, i, requested))

@@ -29,7 +29,7 @@ and, for the tests, its tf-keras-vis reference.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -193,15 +193,24 @@ class CamEngine:
                 mask_to_foreground: bool = True) -> "CamResult":
         """The CAM of one preprocessed scan (target: ``class_index`` or the predicted class), on
         the model grid and on the original image, with the pass's logits and embedding."""
-        cams, logits, emb, target = self.cam(pre.array[None], method, class_index)
-        grid = cams[0]
-        if mask_to_foreground and pre.mask.any():
-            grid = grid * pre.mask
-            if grid.max() > 0:
-                grid = grid / grid.max()
-        return CamResult(method=method, class_index=int(target[0]), grid=grid.astype(np.float32),
-                         heatmap=pre.geometry.to_original(grid), logits=logits[0],
-                         embedding=emb[0])
+        return self.heatmaps([pre], method, class_index, mask_to_foreground)[0]
+
+    def heatmaps(self, pres: Sequence[Preprocessed], method: str = "gradcam", class_index=None,
+                 mask_to_foreground: bool = True) -> list["CamResult"]:
+        """:meth:`heatmap` of several preprocessed scans in one pass (``class_index``: one for
+        all, one per scan, or None / -1 for each scan's predicted class)."""
+        if not pres:
+            return []
+        cams, logits, emb, target = self.cam(np.stack([p.array for p in pres]), method, class_index)
+        out = []
+        for pre, grid, lo, em, t in zip(pres, cams, logits, emb, target):
+            if mask_to_foreground and pre.mask.any():
+                grid = grid * pre.mask
+                if grid.max() > 0:
+                    grid = grid / grid.max()
+            out.append(CamResult(method=method, class_index=int(t), grid=grid.astype(np.float32),
+                                 heatmap=pre.geometry.to_original(grid), logits=lo, embedding=em))
+        return out
 
 
 @dataclass(frozen=True)

@@ -78,23 +78,24 @@ def test_main_page_dicom_jpeg_and_text(batch_app, chromium, data_dir, clear_case
     upload(page, path)
     page.get_by_text(f"{class_name(None, label)} ·").first.wait_for(timeout=TIMEOUT)  # the verdict
     first_prediction_s = time.perf_counter() - batch_app.started_at
-    page.get_by_text("Heatmap for").first.wait_for(timeout=TIMEOUT)  # the linked viewer
-    page.locator(".js-plotly-plot").nth(1).wait_for(timeout=TIMEOUT)  # viewer and bars
+    viewer_ready(page)  # the linked viewer (scan and heatmap)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT)  # the bars
     settle(page)
     page.screenshot(path=str(OUTPUT / "main-jpeg-full.png"), full_page=True)  # not in the README
     (OUTPUT / "app_start.json").write_text(json.dumps({"first_prediction_s": first_prediction_s}))
 
     # a real DICOM: window/level controls and an answer
     upload(page, data_dir / "dicom" / "mprage-series" / "100.dcm")
-    page.get_by_text("Window preset").wait_for(timeout=TIMEOUT)
+    page.get_by_text(re.compile(r"^MR · \d+×\d+ px")).wait_for(timeout=TIMEOUT)  # this scan's page
     verdict_box(page)
-    page.get_by_text("Heatmap for").first.wait_for(timeout=TIMEOUT)
+    viewer_ready(page)  # window/level in the viewer
     # a no-tumour answer shows no region or area until a tumour class's map is asked for
     offer = page.get_by_role("button", name=re.compile("runner-up's map|strongest tumour-class evidence"))
     if page.get_by_text("No tumour ·").count():
         assert page.get_by_text("Region above").count() == 0
         offer.click()
     page.get_by_text("mm²").first.wait_for(timeout=TIMEOUT)  # pixel spacing known: area in mm²
+    page.get_by_text("Upload a scan").first.scroll_into_view_if_needed()
     shot(page, "main-dicom.png", full_page=True)
 
     # a text file: a clear message, and the session keeps working
@@ -189,6 +190,14 @@ def settle(page, timeout_ms: int = 60_000) -> None:
         timeout=timeout_ms)
 
 
+def viewer_ready(page) -> None:
+    """The stack viewer (ui.stack) has drawn its image."""
+    page.locator('iframe[src*="medcls_stack"]').first.wait_for(timeout=TIMEOUT)
+    frame = next(f for f in page.frames if "medcls_stack" in f.url)
+    frame.wait_for_function("() => window.medclsStack && window.medclsStack.state().decoded >= 1",
+                            timeout=TIMEOUT)
+
+
 def verdict_box(page):
     """The verdict alert (class and calibrated probability, or "Answer withheld")."""
     return verdict_alert(page, TIMEOUT)
@@ -208,10 +217,13 @@ def test_verdict_in_the_first_viewport_at_laptop_and_desktop(batch_app, chromium
         page.get_by_text("Upload a scan").first.wait_for(timeout=TIMEOUT)
         upload(page, path)
         v = verdict_box(page)
-        page.locator(".js-plotly-plot").nth(1).wait_for(timeout=TIMEOUT)  # viewer and bars
+        viewer_ready(page)
+        page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT)  # the bars
         text = v.inner_text()
         assert present.class_name(None, label) in text and "%" in text, text
         assert inside_first_viewport(v.bounding_box(), size), (size, v.bounding_box())
+        image = page.locator('iframe[src*="medcls_stack"]').bounding_box()  # the image too
+        assert image["y"] + 250 <= size["height"], (size, image)
         assert "100%" not in page.locator('[data-testid="stMain"]').inner_text()
         # the sidebar never says "Loading TensorFlow..." beside an answer (issue 28.14)
         settle(page)
@@ -244,14 +256,15 @@ def test_no_region_for_withheld_or_no_tumour_answers(batch_app, chromium, data_d
     assert inside_first_viewport(v.bounding_box(), LAPTOP)
     page.get_by_text("switch to the chest-xray task").wait_for(timeout=TIMEOUT)
     page.get_by_text("Show the heatmap anyway").wait_for(timeout=TIMEOUT)
-    page.locator(".js-plotly-plot").nth(1).wait_for(timeout=TIMEOUT)  # viewer and greyed bars
+    viewer_ready(page)
+    page.locator(".js-plotly-plot").first.wait_for(timeout=TIMEOUT)  # the greyed bars
     main = page.locator('[data-testid="stMain"]')
     assert "Region above" not in main.inner_text() and "mm²" not in main.inner_text()
     assert "Tumour outline" not in main.inner_text()
     shot(page, "main-withheld-1024.png")
     upload(page, normal)
     page.get_by_text("No tumour ·").first.wait_for(timeout=TIMEOUT)
-    page.locator(".js-plotly-plot").nth(1).wait_for(timeout=TIMEOUT)
+    viewer_ready(page)
     page.wait_for_timeout(1000)
     text = main.inner_text()
     assert "Region above" not in text and "mm²" not in text and "Tumour outline" not in text

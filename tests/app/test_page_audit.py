@@ -149,11 +149,13 @@ def test_series_view_records_the_shown_slice_and_the_verdict(db, built_series):
     files = [(f"IM{k:04d}", data) for k, data in enumerate(built_series.dicom())]
     at = open_page(APP, open_mode="A series", series_files=files)
     assert not at.exception, texts(at)
-    at.button(key="series_jump").click().run()  # the most suspicious slice: a tumour answer
-    assert not at.exception, texts(at)
     rows = [r for r in AuditStore(db).rows("answers") if r["page"] == "series"]
     assert rows, texts(at)
-    shown = at.slider(key="series_slice").value
+    # the viewer opens on the most suspicious slice (a tumour answer) and the verdict is on it
+    import json
+
+    viewer = next(e for e in at.main if getattr(e, "key", None) == "series_viewer")
+    shown = json.loads(viewer.proto.json_args)["data"]["start"] + 1
     row = rows[-1]
     assert row["input_sha256"] == hashlib.sha256(files[shown - 1][1]).hexdigest()
     assert row["predicted"] == built_series.tumour_class and row["user"] == "local"
@@ -199,7 +201,8 @@ def test_a_locked_database_leaves_the_answer_on_screen(db, data_dir, monkeypatch
     assert verdict_line(at), texts(at)
     assert any("is locked by another program" in w.value for w in at.warning), texts(at)
     assert "cannot be recorded" in texts(at)
-    assert {c.key for c in at.get("plotly_chart")} == {"viewer", "probs"}  # images and bars
+    assert {c.key for c in at.get("plotly_chart")} == {"probs"}  # the bars
+    assert [e for e in at.main if getattr(e, "key", None) == "main_viewer"]  # and the images
 
 
 def test_a_read_only_database_leaves_the_answer_on_screen(tmp_path, monkeypatch, data_dir,

@@ -15,6 +15,25 @@ from ui import models, viewer
 pytestmark = pytest.mark.usefixtures("shipped_models")
 
 
+def viewer_args(at, key: str = "main_viewer") -> dict:
+    """The arguments the page gave the stack viewer (the component :mod:`ui.stack`): its data
+    (one slice: image, heatmap, outlines, answer), titles and switches."""
+    import json
+
+    found = [e for e in at.main if getattr(e, "key", None) == key]
+    assert len(found) == 1, [getattr(e, "key", None) for e in at.main]
+    return json.loads(found[0].proto.json_args)
+
+
+def heat_title(at) -> str:
+    """The heatmap panel's title as the viewer draws it ("Heatmap hidden" without a map)."""
+    args = viewer_args(at)
+    s = args["data"]["slices"][0]
+    if not s["heat"] or not args["show_heat"]:
+        return "Heatmap hidden"
+    return f"{args['titles'][1]} · {s['heat_class']}"
+
+
 def brain_file(data_dir, label="glioma"):
     with open(data_dir / "brain-mri" / "labels.csv", newline="") as fh:
         row = next(r for r in csv.DictReader(fh) if r["split"] == "test" and r["label"] == label)
@@ -43,8 +62,10 @@ def test_brain_jpeg_prediction_heatmap_and_card(data_dir):
 
     card = at_card(PROJECT_ROOT / "models" / "brain-mri-default")
     assert verdict(at) == f"**{present.verdict(expected, card).text}**"
-    assert "Grad-CAM" in chart_json(at, "viewer")  # the scan and the heatmap overlay, side by side
-    assert {c.key for c in at.get("plotly_chart")} == {"viewer", "probs"}
+    args = viewer_args(at)  # the scan and the heatmap overlay, side by side
+    assert args["panels"] == 2 and args["titles"][1] == "Grad-CAM"
+    assert args["data"]["slices"][0]["heat"].startswith("data:image/png;base64,")
+    assert {c.key for c in at.get("plotly_chart")} == {"probs"}
     assert present.fmt_prob(expected.confidence) in page_text(at)
     expanders = [e.label for e in at.expander]
     assert any("Model card" in e for e in expanders) and any("metadata" in e for e in expanders)
@@ -56,9 +77,9 @@ def test_method_switch_recomputes_the_heatmap(data_dir):
     at = run_page(scan_bytes=brain_file(data_dir, "meningioma").read_bytes())
     at.selectbox(key="method").set_value("gradcam++").run()
     assert not at.exception
-    assert "Grad-CAM++" in chart_json(at, "viewer")
+    assert heat_title(at).startswith("Grad-CAM++ · ")
     at.selectbox(key="method").set_value("scorecam").run()
-    assert "Score-CAM" in chart_json(at, "viewer")
+    assert heat_title(at).startswith("Score-CAM")
 
 
 def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
@@ -68,8 +89,11 @@ def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
     name = identifying_attributes(path)["PatientName"]
     at = run_page(scan_bytes=path.read_bytes())
     assert not at.exception, page_text(at)
-    assert "Window preset" in [s.label for s in at.selectbox]
-    assert {"Level (centre)", "Window (width)"} <= {s.label for s in at.slider}
+    data = viewer_args(at)["data"]  # window/level in the browser: the values, the presets
+    assert data["mode"] == "values" and data["coding"] == [data["coding"][0], 1.0]
+    assert [p[0] for p in data["presets"]][0] == "File default" or data["presets"]
+    assert data["slices"][0]["spacing"] == [1.0, 1.0]  # the ruler's mm
+    assert not {"Level (centre)", "Window (width)"} & {s.label for s in at.slider}
     # a no-tumour (or withheld) answer shows no region and no area (a lesion would be read into
     # them); asked for explicitly, the strongest tumour-class region comes with its mm²
     from medcls.engine.findings import is_finding_answer
@@ -86,7 +110,7 @@ def test_dicom_gets_window_level_and_identifying_tags_only_on_request(data_dir):
             # asked for: the strongest tumour class's (or, when uncertain, the runner-up's) map
             next(b for b in at.button if "runner-up" in b.label or "strongest" in b.label).click().run()
             assert any("mm²" in c.value for c in at.caption)  # pixel spacing known: area in mm²
-            assert "asked for" in chart_json(at, "viewer")
+            assert "asked for" in heat_title(at)
     assert name not in str([j.value for j in at.json])
     at.toggle(key="show_phi").set_value(True).run()
     assert name in str([j.value for j in at.json])
@@ -181,8 +205,9 @@ def test_verdict_comes_first_under_the_uploader(data_dir):
     assert not at.exception
     kinds = [type(e).__name__ for e in at.main]
     first_alert = next(i for i, e in enumerate(at.main) if kinds[i] in ("Success", "Warning", "Error"))
+    first_image = next(i for i, e in enumerate(at.main) if getattr(e, "key", None) == "main_viewer")
     first_chart = next(i for i, e in enumerate(at.main) if e in at.get("plotly_chart"))
-    assert first_alert < first_chart  # the answer before the images and the bars
+    assert first_alert < first_image < first_chart  # the answer, the images, then the bars
     assert verdict(at).endswith(("confident**", "uncertain**", "class.**"))
 
 
@@ -211,12 +236,14 @@ def test_withheld_answer_is_greyed_hidden_and_points_to_the_right_task(data_dir)
     assert "withheld" in v and "%" not in v
     bars = chart_json(at, "probs")
     assert "#d62728" not in bars and "#c8c8c8" in bars  # no red "answer" bar: all grey
-    assert "Heatmap hidden (answer withheld)" in chart_json(at, "viewer")
+    assert heat_title(at) == "Heatmap hidden"
+    assert any("Heatmap hidden: the answer is withheld" in c.value for c in at.caption)
     assert not any("Region above" in c.value or "mm²" in c.value for c in at.caption)
     assert not any("Tumour outline" in c.value for c in at.caption)
     assert any("chest radiograph: switch to the chest-xray task" in i.value for i in at.info), page_text(at)
     at.toggle(key="main_anyway").set_value(True).run()  # "show anyway"
-    assert "Heatmap for" in chart_json(at, "viewer")
+    assert heat_title(at).startswith("Grad-CAM · ")
+    assert viewer_args(at)["data"]["slices"][0]["region"] is None
     assert not any("Region above" in c.value for c in at.caption)  # still no lesion region
 
 
@@ -251,17 +278,16 @@ def test_uncertain_answer_offers_the_runner_up_map(data_dir, brain_predictor):
     assert second in button.label
     button.click().run()
     assert not at.exception
-    assert f"Heatmap for “{second}”" in chart_json(at, "viewer")
+    assert heat_title(at) == f"Grad-CAM · {second} (asked for)"
     assert "uncertain" in verdict(at)  # the answer itself does not change
 
 
 def test_overlay_toggle_window_level_once_and_background_loading(data_dir):
     at = run_page(scan_bytes=(data_dir / "dicom" / "mprage-series" / "100.dcm").read_bytes())
-    assert [s.label for s in at.slider].count("Level (centre)") == 1  # one control for both images
-    viewer = chart_json(at, "viewer")
-    assert '"matches":"x"' in viewer and '"matches":"y"' in viewer  # shared zoom and pan
+    # one viewer for both images (one window, one zoom and pan), set in the browser
+    assert viewer_args(at)["panels"] == 2 and "Level (centre)" not in [s.label for s in at.slider]
     at.toggle(key="show_overlay").set_value(False).run()
-    assert "Heatmap hidden (overlay off)" in chart_json(at, "viewer")
+    assert heat_title(at) == "Heatmap hidden"
     from medcls.models.package import list_packages
 
     others = [str(p) for p, c in list_packages(PROJECT_ROOT / "models")
@@ -277,3 +303,19 @@ def test_model_labels_fit_and_class_names_are_readable(data_dir):
     model = at.selectbox(key="model")
     assert all(len(str(o)) <= 24 for o in model.options), model.options  # fits a 15rem sidebar
     assert "no_tumor" not in chart_json(at, "probs") and "No tumour" in chart_json(at, "probs")
+
+
+def test_a_flair_slice_is_withheld_and_its_acquisition_shown(data_dir):
+    """Issue 28, point 1 on the main page: one slice of a healthy volunteer's FLAIR series is
+    outside the validated scope (T1): withheld with why, no heatmap, and the page says what the
+    scan is (from its own tags) beside what the model was validated on."""
+    path = require(data_dir / "dicom" / "volunteer2-axial-flair" / "015.dcm")
+    at = run_page(scan_bytes=path.read_bytes())
+    assert not at.exception, page_text(at)
+    assert "withheld" in verdict(at) and "%" not in verdict(at)
+    assert any("a FLAIR (T2 with fluid suppressed) image" in e.value for e in at.error), page_text(at)
+    assert any("**this scan:** FLAIR (T2 with fluid suppressed) · axial" in c.value
+               and "was validated on:** T1-weighted images, axial slices" in c.value
+               for c in at.caption), page_text(at)
+    assert heat_title(at) == "Heatmap hidden"
+    assert viewer_args(at)["data"]["slices"][0]["spacing"] == [0.71875, 0.71875]
