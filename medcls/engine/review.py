@@ -7,6 +7,7 @@ bounded. :class:`ReviewJob` runs a review in the background for the batch page.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from medcls.core.csvsafe import escape_header, escape_row
+from medcls.core.csvsafe import atomic_output, escape_header, escape_row
 from medcls.engine.inference import Predictor, StreamItem
 from medcls.io.load import load_scan
 from medcls.io.sources import Source
@@ -131,15 +132,11 @@ def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out) -> None:
     fields = list(rows[0].as_record(classes)) if rows else list(
         ReviewRow("", None, None, {}, False, False, None, None).as_record(classes))
     own = isinstance(out, (str, Path))
-    fh = open(out, "w", newline="") if own else out
-    try:
+    with atomic_output(out, newline="") if own else contextlib.nullcontext(out) as fh:
         w = csv.DictWriter(fh, fieldnames=escape_header(fields))
         w.writeheader()
         for r in rows:
             w.writerow(escape_row(r.as_record(classes)))
-    finally:
-        if own:
-            fh.close()
 
 
 class ReviewJob:

@@ -269,7 +269,8 @@ class AuditStore:
     @property
     def where(self) -> str:
         u = self.engine.url
-        return (f"SQLite file {u.database}" if u.get_backend_name() == "sqlite"
+        # the file's name only: a page must not show the server's folders to its visitors
+        return (f"SQLite file {Path(u.database or '').name}" if u.get_backend_name() == "sqlite"
                 else f"PostgreSQL {u.host or 'localhost'}:{u.port or 5432}/{u.database}")
 
     def __repr__(self) -> str:
