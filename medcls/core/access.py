@@ -127,6 +127,31 @@ def email_verified(claims: Mapping) -> bool:
     return claims.get("email_verified") is True
 
 
+def signin_key(claims: Mapping) -> str | None:
+    """One sign-in, as a hash: the ID token's issuer, subject, issue time and nonce (a new
+    sign-in of the same person is another key; a copied cookie is the same one). None when the
+    claims lack the issuer, subject or issue time."""
+    import hashlib
+
+    subject, iat = subject_of(claims), claims.get("iat")
+    if subject is None or not isinstance(iat, (int, float)) or isinstance(iat, bool):
+        return None
+    text = f"{subject}|{int(iat)}|{claims.get('nonce') or ''}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def signin_expired(claims: Mapping, hours: float, now: float | None = None) -> bool:
+    """Whether the sign-in is older than ``hours`` (from the ID token's issue time): the
+    cookie lives 30 days, a sign-in here only as long as the settings say."""
+    import time
+
+    iat = claims.get("iat")
+    if not isinstance(iat, (int, float)) or isinstance(iat, bool):
+        return True
+    age = (time.time() if now is None else now) - float(iat)
+    return age > hours * 3600 or age < -300  # issued in the future: a clock or a forgery
+
+
 def subject_of(claims: Mapping) -> str | None:
     """The account at the provider, ``"<issuer>#<sub>"`` (the pair OpenID Connect promises is
     unique and never reassigned), or None when the claims lack either."""
