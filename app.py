@@ -116,7 +116,7 @@ over, over_title, region_drawn = viewer.overlay_panel(gray, explanation, pred, c
                                                          show_overlay, heatmap_region, key="main")
 viewer.linked_viewer(draw_outline(image, outline if show_region else None), over,
                         ("Scan", f"{over_title} · {METHODS[method].label}"), key="viewer")
-st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+st.caption(f"{common.plain(scan.modality)} · {scan.shape[1]}×{scan.shape[0]} px"
            + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
               if scan.pixel_spacing else "")
            + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else "")

@@ -109,7 +109,7 @@ def summary_box(answer) -> None:
     elif sm.run is not None and answer.volume_note:
         facts.append(answer.volume_note)
     facts.append(f"answered in {answer.elapsed_s:.1f} s")
-    st.caption(" · ".join(facts))
+    st.caption(common.plain(" · ".join(facts)))
     st.caption(f"Rule: {sm.rule}")
 
 
@@ -157,9 +157,9 @@ def _jump(to: int) -> None:
 
 def _findings(study, series) -> None:
     for f in [*study.findings, *series.findings]:
-        st.warning(f.message) if f.kind.value in ("gap", "duplicate", "mixed_orientation",
+        st.warning(common.plain(f.message)) if f.kind.value in ("gap", "duplicate", "mixed_orientation",
                                                   "unreadable", "uneven_size", "no_order") \
-            else st.info(f.message)
+            else st.info(common.plain(f.message))
 
 
 def _step(delta: int, n: int) -> None:
@@ -181,7 +181,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
         return
     if not study.series:
         for f in study.findings:
-            st.error(f.message)
+            st.error(common.plain(f.message))
         st.error("No series could be read from this upload.")
         return
     choice = 0
@@ -254,7 +254,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     if not show_overlay:
         over, title = np.dstack([gray] * 3), "Heatmap hidden (overlay off)"
     viewer.linked_viewer(image, over, (f"Slice {shown + 1}", title), key="series_viewer")
-    st.caption(facts + ". Drag to pan, scroll to zoom (both images move together).")
+    st.caption(common.plain(facts) + ". Drag to pan, scroll to zoom (both images move together).")
     if show_overlay:
         st.caption(meaning)
     if region is not None:
@@ -306,7 +306,7 @@ def batch_series_table(job, predictor) -> None:
             job.series_answers = review_by_series(predictor, job.sources)
     study, answers = job.series_answers
     for f in study.findings:
-        st.caption(f.message)
+        st.caption(common.plain(f.message))
     if not answers:
         st.info("No DICOM series or NIfTI volume among these files.")
         return

@@ -50,6 +50,8 @@ PERMISSIONS = {
     "batch": "clinician",          # batch review of uploaded files
     "verdict": "clinician",        # agree / disagree with an answer
     "server-folder": "reviewer",   # batch review of folders on the server
+    "pacs-open": "clinician",      # open a PACS study by its accession number
+    "pacs-search": "reviewer",     # search the PACS freely, list its patients
     "pacs-send": "reviewer",       # send results to the PACS
     "monitoring": "reviewer",      # the Monitoring page and its export
     "adapt": "admin",              # adapt a model to the site, set the site default
@@ -60,6 +62,8 @@ PERMISSION_WORDS = {
     "batch": "review a batch of uploaded scans",
     "verdict": "record a verdict",
     "server-folder": "review folders on the server",
+    "pacs-open": "open a PACS study by its accession number",
+    "pacs-search": "search the PACS or list its patients",
     "pacs-send": "send results to the PACS",
     "monitoring": "open the monitoring page",
     "adapt": "adapt models to this site",

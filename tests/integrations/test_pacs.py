@@ -470,7 +470,8 @@ def test_workspace_search_run_send(client, stored, brain_predictor):
 
     ws = PacsWorkspace()
     assert [s.study_uid for s in ws.search(client, patient_id=BUILT_PATIENT)] == [stored["study"]]
-    assert BUILT_PATIENT in ws.label(stored["study"])
+    assert BUILT_PATIENT in ws.label(stored["study"], identifying=True)
+    assert BUILT_PATIENT not in ws.label(stored["study"])  # behind the switch
     missing = generate_uid()
     done = []
     ws.run(client, brain_predictor, [stored["study"], missing], progress=lambda i, n: done.append(i))
