@@ -44,6 +44,7 @@ def secrets_dict() -> dict:
 
 #: Every character markdown, HTML or Streamlit's own directives (``:red[...]``,
 #: ``:material/...:``, ``$math$``) could read as markup.
+_AUTOLINK = re.compile(r":/|www\.|@.", re.IGNORECASE)
 _MARKUP = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=^\"'])")
 
 
@@ -52,9 +53,12 @@ def plain(value) -> str:
     text) made safe for any markdown-rendering call (``st.markdown``, ``caption``, ``info``,
     ``error``, ``subheader``, an expander's label...): shown exactly as written, never as
     markup. A DICOM description ``![x](http://...)`` must not make the browser fetch that URL
-    (with the app's address as Referer), nor ``[result verified](http://...)`` become a link.
-    Control characters become spaces."""
+    (with the app's address as Referer), nor ``[result verified](http://...)`` or a bare URL
+    become a link. Control characters become spaces."""
     text = "".join(c if c.isprintable() else " " for c in str(value))
+    # Streamlit's markdown links bare URLs and addresses after escapes are read: a zero-width
+    # space inside ":/", "www." and "@x" keeps them text
+    text = _AUTOLINK.sub(lambda m: m.group(0)[:-1] + "\u200b" + m.group(0)[-1], text)
     return _MARKUP.sub(r"\\\1", text)
 
 
