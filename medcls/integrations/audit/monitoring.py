@@ -152,7 +152,7 @@ def export_corrections(store: AuditStore, out_dir: str | Path, scan_root: str | 
     if pacs:
         with atomic_output(out / "pacs.csv", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["sop_instance_uid", "label"])
+            w.writerow(["sop_instance_uid_sha256", "label"])  # as the audit keys PACS rows
             for uid, label in sorted(pacs.items()):
                 w.writerow([uid, label])
     return {"written": len(rows), "pacs": len(pacs), **{f"skipped_{k}": v for k, v in skipped.items()}}
