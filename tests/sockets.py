@@ -60,7 +60,12 @@ def listening(pids) -> list[tuple[int, str, str, int]]:
 def not_loopback(sockets) -> list[tuple[int, str, str, int]]:
     """Those of ``sockets`` reachable from beyond this machine (any address but 127.0.0.0/8 and
     ::1; the wildcard 0.0.0.0 and :: included)."""
-    return [s for s in sockets if not ipaddress.ip_address(s[2]).is_loopback]
+    def loopback(text: str) -> bool:
+        ip = ipaddress.ip_address(text)
+        mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4's loopback
+        return (mapped or ip).is_loopback
+
+    return [s for s in sockets if not loopback(s[2])]
 
 
 def process_tree(pid: int) -> list[int]:

@@ -40,8 +40,10 @@ def test_the_suites_services_listen_on_loopback_only(suite_services):
 
 
 @pytest.mark.xfail(strict=True, reason="Ray 2.60's gcs_server and raylet bind the wildcard address "
-                   "(::) and its runtime-env agent the machine's own address whatever "
-                   "--node-ip-address says; no setting of `ray start` binds them to loopback")
+                   "(::) unless the node's address is exactly 127.0.0.1, which `ray start` "
+                   "replaces with the machine's own address in any multi-node cluster (and "
+                   "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which keeps it, refuses a second node); "
+                   "the nodes run on 127.0.0.2, so the agents bind loopback")
 def test_the_ray_cluster_listens_on_loopback_only():
     with LocalRayCluster(nodes=1) as cluster:
         sockets = listening(cluster.pids())
