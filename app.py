@@ -30,7 +30,7 @@ warm_up = models.warm_default_model()  # TensorFlow and the default model load w
 with st.sidebar:
     st.header("Model")
     model_path = models.pick_model("model")
-    models.warm_up_status(warm_up)
+    models.warm_up_status(warm_up, model_path)
     st.header("Heatmap")
     method = models.method_picker()
     alpha = st.slider("Overlay opacity", 0.0, 1.0, 0.45, 0.05, key="alpha")
@@ -149,7 +149,8 @@ for col, fmt in ((c1, "png"), (c2, "pdf")):
                         data=lambda fmt=fmt: render_report(
                             gray, explanation, pred, card, scan.sha256, fmt=fmt,
                             method_label=METHODS[method].label, alpha=alpha,
-                            segmentation=outline),  # built on click
+                            segmentation=outline,
+                            clinician=audit.recorded_verdict(answer_id)),  # built on click
                         file_name=f"medcls-report-{scan.short_id}.{fmt}",
                         mime="application/pdf" if fmt == "pdf" else "image/png", key=f"dl_{fmt}",
                         on_click=audit.export_logger(answer_id, f"report-{fmt}", "main"))

@@ -114,7 +114,7 @@ def timed_scan(predictor, segmenter, data: bytes, runs: int) -> dict:
         scan = load_scan(data)
         e = predictor.explain(scan, "gradcam")
         if with_mask:
-            outline_for(e.prediction, segmenter, scan)
+            outline_for(e.prediction, segmenter, scan, card=predictor.card)
         return e.prediction
 
     for _ in range(3):

@@ -8,6 +8,7 @@ import streamlit as st
 
 from medcls.engine import present
 from medcls.engine.compare import ModelResult, card_table, check_compatible, run_model, summarize
+from medcls.engine.reading import read_prediction
 from medcls.models.saliency import METHODS
 from ui import audit, chrome, common, models, scans, viewer
 
@@ -159,8 +160,9 @@ if comparison is not None:
     first_card = cards_by_path[chosen[0]]
     # green only for confident agreement; amber when they agree but are unsure; red otherwise
     viewer.agreement_banner([r.prediction for r in comparison.results], first_card,
-                               f"Largest probability spread {present.fmt_prob(agr.max_spread)} "
-                               f"(on {present.class_name(first_card, agr.max_spread_class)}).")
+                            f"Largest probability spread {present.fmt_prob(agr.max_spread)} "
+                            f"(on {present.class_name(first_card, agr.max_spread_class)}).",
+                            names=[r.name for r in comparison.results])
     c1, c2, c3 = st.columns(3)
     c1.metric("Largest probability spread", present.fmt_prob(agr.max_spread),
               help="For each class, the highest minus the lowest calibrated probability across "
@@ -171,7 +173,7 @@ if comparison is not None:
               help="Mean over model pairs of the IoU of the heatmaps thresholded at each model's "
                    "region threshold.")
     with st.expander("Probability spread per class and pairwise overlap"):
-        st.dataframe(pd.DataFrame({"class": list(agr.spread),
+        st.dataframe(pd.DataFrame({"class": present.class_names(first_card, agr.spread),
                                    "spread (max − min)": list(agr.spread.values()),
                                    **{r.name: r.prediction.probabilities for r in comparison.results}}),
                      hide_index=True, width="stretch", key="cmp_spread_table")
@@ -199,9 +201,9 @@ for i, (col, path) in enumerate(zip(cols, chosen)):
         pred, expl = res.prediction, res.explanation
         audit.log_answer((scan.sha256, frame, path, method), pred, card, "compare",
                       input_sha256=scan.sha256, frame=frame, heatmap_method=method)
-        v = present.verdict(pred, card)
-        st.markdown(f"**{v.name}** · {v.probability_text} · {v.state}" if not v.withheld
-                    else "**Answer withheld:** outside what this model was trained on")
+        reading = read_prediction(pred, card)  # the same words as the main page and the report
+        st.markdown(f"**{reading.name}** · {present.fmt_prob(reading.probability)} · {reading.state}"
+                    if not reading.withheld else f"**Answer withheld:** {reading.reason}.")
         kind, text = viewer.confidence_statement(pred, card)
         if kind != "success":
             getattr(st, kind)(text)

@@ -35,6 +35,7 @@ SELECTED = "_batch_selected"
 SORT = "batch_sort"  # session key: the worklist's order, kept when the filters change
 POSITION = "_batch_pos"  # session key prefix: the viewer's row, per job and view
 SEEN = "_batch_seen"  # session key prefix: the table selection the viewer last followed
+SUMMARY = "_batch_summary"  # session key: the signed worklist summary last made
 
 chrome.page_header("Batch review", "Triage a folder of scans: predicted class, calibrated "
                "probabilities and the scans that need a look (low confidence, outside what the "
@@ -51,11 +52,14 @@ def progress_text(job: ReviewJob) -> tuple[float, str]:
     return (p.done / p.total if p.total else 1.0), text
 
 
-def scan_report(gray, explanation, pred, card, sha256: str, fmt: str) -> bytes:
+def scan_report(gray, explanation, pred, card, sha256: str, outline, fmt: str,
+                clinician=None) -> bytes:
+    """The scan's report, with the verdict recorded on it (or an empty place for one)."""
     from medcls.engine.report import render_report
 
     return render_report(gray, explanation, pred, card, sha256, fmt=fmt,
-                         method_label=METHODS[HEATMAP_METHOD].label)
+                         method_label=METHODS[HEATMAP_METHOD].label, segmentation=outline,
+                         clinician=clinician)
 
 
 def table_of(job: ReviewJob, indices: list[int]) -> pd.DataFrame:
@@ -64,7 +68,9 @@ def table_of(job: ReviewJob, indices: list[int]) -> pd.DataFrame:
     def shown(p):  # the one probability formatter, never "100.00%"
         return "" if p is None or p != p else present.fmt_prob(p, 1)
 
-    records = [rec | {"answer": present.worklist_record(job.rows[i], job.classes, job.card)["predicted"],
+    records = [rec | {"answer_name": rec["answer"],
+                      "answer": present.worklist_record(job.rows[i], job.classes, job.card)["predicted"],
+                      "probabilities_top": max(job.rows[i].probabilities.values(), default=None),
                       "confidence_text": shown(rec["confidence"]),
                       **{f"pt_{c}": shown(rec.get(f"p_{c}")) for c in job.classes}}
                for i, rec in zip(indices, job.records(indices))]
@@ -191,24 +197,28 @@ if job.state == "stopped" and job.not_reviewed:
 if not rows:
     st.stop()
 
-s = job.summary()
+s = job.summary()  # the tiles count a class only for scans given it (medcls.engine.reading.tally)
 cols = st.columns(len(classes) + 1)
 cols[0].metric("Scans", s["total"])
 for col, c in zip(cols[1:], classes):
     col.metric(present.class_name(card, c), s["per_class"][c])
 cols = st.columns(4)
 cols[0].metric("Needs attention", s["needs_attention"])
-cols[1].metric("Low confidence", s["low_confidence"])
-cols[2].metric("Outside training distribution", s["outside_distribution"])
+cols[1].metric("Low confidence", s["low_confidence"],
+               help="Given a class, below the model's low-confidence threshold.")
+cols[2].metric("Withheld (no class)", s["withheld"],
+               help="Outside what the model was validated on (its scope) or unlike its training "
+                    "images (input gate): no class is given, so they count in no class above.")
 cols[3].metric("Unreadable", s["unreadable"])
 
 table = table_of(job, list(range(len(rows))))
 readable = table[table["error"].isna()]
 if len(readable):
     threshold = card.low_confidence_threshold
-    fig = px.histogram(readable, x="confidence", color="predicted", nbins=20, range_x=[0, 1],
-                       category_orders={"predicted": list(classes)},
-                       labels={"confidence": "top calibrated probability", "predicted": "class"})
+    readable = readable.assign(top=readable["probabilities_top"])
+    fig = px.histogram(readable, x="top", color="answer_name", nbins=20, range_x=[0, 1],
+                       category_orders={"answer_name": [*present.class_names(card, classes), "Withheld"]},
+                       labels={"top": "top calibrated probability", "answer_name": "answer"})
     fig.add_vline(x=threshold, line_dash="dash", annotation_text="low-confidence threshold")
     fig.update_layout(height=260, margin=dict(l=10, r=10, t=30, b=10), bargap=0.05,
                       title="How sure the model is")
@@ -230,8 +240,10 @@ sort_by = st.selectbox("Order", list(present.SORTS), key=SORT,
 f1, f2, f3 = st.columns([1.6, 2, 2])
 attention_only = f1.toggle("Needs attention only", key="batch_attention",
                            help="Low confidence, outside the training distribution, or unreadable.")
-chosen = f2.multiselect("Predicted class", [*classes, "unreadable"], key="batch_classes",
-                        placeholder="All classes")
+chosen = f2.multiselect("Answer", [*classes, "withheld", "unreadable"], key="batch_classes",
+                        placeholder="All answers",
+                        format_func=lambda c: c.capitalize() if c in ("withheld", "unreadable")
+                        else present.class_name(card, c))
 name_filter = f3.text_input("File name contains", key="batch_name").strip()
 
 passing = set(job.filter(attention_only, chosen, name_filter))
@@ -281,78 +293,110 @@ st.download_button(f"Download CSV ({len(shown)} rows shown)",
                    help="File names, predictions, probabilities, flags and series/instance "
                         "numbers; no patient tags.")
 
+# ---------------------------------------------------------------- signed summary
+with st.expander("Signed summary of this worklist (PDF)"):
+    st.caption("Every scan's answer as the table says it (withheld scans: “Withheld” and why), the "
+               "class counts, the model's identity and today's date, signed with your name; the "
+               "file's SHA-256 is recorded in the audit trail. No file names or patient tags.")
+    made = st.session_state.get(f"{SUMMARY}_{job.id}")
+    if st.button("Sign and make the summary", key="batch_sign"):
+        from medcls.engine.summary import signed_summary
+
+        with common.user_errors("The summary", stop=False), st.spinner("Writing the summary..."):
+            made = signed_summary([r.reading(card) for r in rows], [r.sha256 for r in rows], card,
+                                  signin.current_user().name, job.origin)
+            audit.record_export("worklist-summary-pdf", "batch", n_answers=len(rows),
+                                target=f"sha256:{made.sha256}")
+            st.session_state[f"{SUMMARY}_{job.id}"] = made
+    if made is not None:
+        st.download_button("Download the signed summary (PDF)", data=made.pdf,
+                           file_name="medcls-worklist-summary.pdf", mime="application/pdf",
+                           key="batch_summary_pdf", on_click="ignore")
+        st.caption(f"SHA-256 {made.sha256} (recorded in the audit trail).")
+
 # ---------------------------------------------------------------- selected row
 selected = list(getattr(getattr(event, "selection", None), "rows", None) or [])
 pos_key, seen_key = f"{POSITION}_{job.id}_{view_key}", f"{SEEN}_{job.id}_{view_key}"
 if selected and selected != st.session_state.get(seen_key):  # a new tick in the table
     st.session_state[pos_key], st.session_state[seen_key] = selected[0], selected
-position = st.session_state.get(pos_key)
-if position is None or not len(view):
-    st.stop()
-position = min(max(int(position), 0), len(view) - 1)
-
-
-def step(delta: int) -> None:
-    st.session_state[pos_key] = min(max(position + delta, 0), len(view) - 1)
-
-
-index = int(view.index[position])
-row = rows[index]
-st.subheader(f"Selected: {common.plain(row.file)}")
-p1, p2, p3 = st.columns([1, 1, 4])
-p1.button("◀ Previous", key="batch_prev", on_click=step, args=(-1,), disabled=position == 0)
-p2.button("Next ▶", key="batch_next", on_click=step, args=(1,), disabled=position >= len(view) - 1)
-p3.caption(f"Row {position + 1} of {len(view)} shown.")
-chrome.keyboard_steps({"j": "Next ▶", "k": "◀ Previous"})
-if row.error is not None:
-    st.error(f"This file could not be read: {row.error}")
+if st.session_state.get(pos_key) is None or not len(view):
     st.stop()
 
-cache = st.session_state.setdefault(SELECTED, {})
-key = (job.id, index, HEATMAP_METHOD)
-if key not in cache:
-    with common.user_errors():
-        with st.spinner("Reloading the scan and computing its heatmap..."):
-            scan = job.load(index)
-            predictor = models.load_predictor(job.model_path)
-            explanation = predictor.explain(scan, HEATMAP_METHOD)
-            outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
-    cache.clear()  # one selected scan per session
-    cache[key] = (scan, explanation, outline)
-scan, explanation, outline = cache[key]
-pred = explanation.prediction
-viewer.verdict_line(pred, card)
 
-c1, c2 = st.columns([2, 1.2])
-with c1:
-    w1, w2 = st.columns([2, 1])
-    with w1:  # one window/level for both images
-        center, width = scans.window_controls(scan, key="batch")
-    show_overlay = w2.toggle("Overlay", value=True, key="batch_overlay",
-                             help="The heatmap overlay on the right image; off: the plain scan.")
-    image = scans.display(scan, center, width)
-    gray = image if image.ndim == 2 else image.mean(axis=2)
-    # the heatmap's own region only without a segmentation companion (it is no lesion edge)
-    over, title, drawn = viewer.overlay_panel(gray, explanation, pred, card, 0.45, show_overlay,
-                                                 not card.get("segmentation"), key="batch")
-    viewer.linked_viewer(draw_outline(image, outline), over,
-                            ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
-                            key="batch_viewer", height=340)
-    st.caption(f"{common.plain(scan.modality)} · {scan.shape[1]}×{scan.shape[0]} px"
-               + (f" · {viewer.region_caption(explanation.region)}" if drawn else "")
-               + ". Drag to pan, scroll to zoom (both images move together).")
-    if outline is not None:
-        st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
-with c2:
-    kind, text = viewer.confidence_statement(pred, card)
-    getattr(st, kind)(text)
-    st.plotly_chart(viewer.probability_chart(pred, card), width="stretch", key="batch_probs")
-    audit.verdict_control(answer_ids[index] if answer_ids else None, row.predicted, classes,
-                       key=f"batch_verdict_{id(job)}_{index}")
-    for fmt in ("pdf", "png"):  # built on click; no file name or patient tag goes in
-        st.download_button(
-            f"Report for this scan ({fmt.upper()})",
-            data=lambda fmt=fmt, args=(gray, explanation, pred, card, scan.sha256):
-                scan_report(*args, fmt=fmt),
-            file_name=f"medcls-report-{scan.short_id}.{fmt}", on_click="ignore",
-            mime="application/pdf" if fmt == "pdf" else "image/png", key=f"batch_report_{fmt}")
+@st.fragment
+def selected_row() -> None:
+    """The row in the viewer, stepped with ◀ / ▶ (keys k / j). A fragment: stepping reruns only
+    this part, so a report button still on screen from the row before keeps its file (a full
+    rerun would drop it: "Deferred file not found")."""
+    position = min(max(int(st.session_state[pos_key]), 0), len(view) - 1)
+
+    def step(delta: int) -> None:
+        st.session_state[pos_key] = min(max(position + delta, 0), len(view) - 1)
+
+    index = int(view.index[position])
+    row = rows[index]
+    st.subheader(f"Selected: {common.plain(row.file)}")
+    p1, p2, p3 = st.columns([1, 1, 4])
+    p1.button("◀ Previous", key="batch_prev", on_click=step, args=(-1,), disabled=position == 0)
+    p2.button("Next ▶", key="batch_next", on_click=step, args=(1,), disabled=position >= len(view) - 1)
+    p3.caption(f"Row {position + 1} of {len(view)} shown.")
+    chrome.keyboard_steps({"j": "Next ▶", "k": "◀ Previous"})
+    if row.error is not None:
+        st.error(f"This file could not be read: {row.error}")
+        return
+
+    cache = st.session_state.setdefault(SELECTED, {})
+    key = (job.id, index, HEATMAP_METHOD)
+    if key not in cache:
+        with common.user_errors():
+            with st.spinner("Reloading the scan and computing its heatmap..."):
+                scan = job.load(index)
+                predictor = models.load_predictor(job.model_path)
+                explanation = predictor.explain(scan, HEATMAP_METHOD)
+                outline = predictor.outline(scan, explanation.prediction)  # tumour answers only
+        cache.clear()  # one selected scan per session
+        cache[key] = (scan, explanation, outline)
+    scan, explanation, outline = cache[key]
+    pred = explanation.prediction
+    viewer.verdict_line(pred, card)
+
+    c1, c2 = st.columns([2, 1.2])
+    with c1:
+        w1, w2 = st.columns([2, 1])
+        with w1:  # one window/level for both images
+            center, width = scans.window_controls(scan, key="batch")
+        show_overlay = w2.toggle("Overlay", value=True, key="batch_overlay",
+                                 help="The heatmap overlay on the right image; off: the plain scan.")
+        image = scans.display(scan, center, width)
+        gray = image if image.ndim == 2 else image.mean(axis=2)
+        # the heatmap's own region only without a segmentation companion (it is no lesion edge)
+        over, title, drawn = viewer.overlay_panel(gray, explanation, pred, card, 0.45, show_overlay,
+                                                  not card.get("segmentation"), key="batch")
+        viewer.linked_viewer(draw_outline(image, outline), over,
+                             ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
+                             key="batch_viewer", height=340)
+        st.caption(f"{common.plain(scan.modality)} · {scan.shape[1]}×{scan.shape[0]} px"
+                   + (f" · {viewer.region_caption(explanation.region)}" if drawn else "")
+                   + ". Drag to pan, scroll to zoom (both images move together).")
+        if outline is not None:
+            st.caption(f"Tumour outline (yellow, {outline.method}): {size_text(outline)}.")
+    with c2:
+        kind, text = viewer.confidence_statement(pred, card)
+        getattr(st, kind)(text)
+        st.plotly_chart(viewer.probability_chart(pred, card), width="stretch", key="batch_probs")
+        answer_id = answer_ids[index] if answer_ids else None
+        audit.verdict_control(answer_id, row.predicted, classes,
+                              key=f"batch_verdict_{id(job)}_{index}", card=card,
+                              withheld=row.outside_distribution)
+        for fmt in ("pdf", "png"):  # built on click; no file name or patient tag goes in
+            st.download_button(
+                f"Report for this scan ({fmt.upper()})",
+                data=lambda fmt=fmt, args=(gray, explanation, pred, card, scan.sha256, outline),
+                answer_id=answer_id: scan_report(*args, fmt=fmt,
+                                                 clinician=audit.recorded_verdict(answer_id)),
+                file_name=f"medcls-report-{scan.short_id}.{fmt}",
+                on_click=audit.export_logger(answer_id, f"report-{fmt}", "batch"),
+                mime="application/pdf" if fmt == "pdf" else "image/png", key=f"batch_report_{fmt}")
+
+
+selected_row()

@@ -31,7 +31,7 @@ try:
 except AuditError as exc:
     st.error(str(exc).replace(" The answer is shown, but it was not recorded in the audit trail.", ""))
     st.stop()
-st.caption(f"Audit trail: {audit.audit_store().where}")
+st.caption(f"Audit trail: {audit.audit_store().where}")  # a file's name, never its server path
 if frame.empty:
     st.info("No answers were recorded in this period.")
     st.stop()
@@ -48,14 +48,17 @@ c[3].metric("Withheld", f"{frame['withheld'].mean():.1%}",
 # ----------------------------------------------------------------------------- volume and drift
 daily = mon.per_day(frame)
 left, right = st.columns(2)
-left.plotly_chart(px.bar(daily, x="day", y="answers", title="Answers per day", height=280),
-                  width="stretch", key="mon_daily")
+DAYS = dict(type="date", tickformat="%d %b %Y", dtick=86_400_000, title="day (UTC)")  # whole days
+bars = px.bar(daily, x="day", y="answers", title="Answers per day", height=280)
+bars.update_layout(xaxis=DAYS, margin=dict(l=10, r=10, t=40, b=10))
+left.plotly_chart(bars, width="stretch", key="mon_daily")
 drift = go.Figure()
 drift.add_scatter(x=daily["day"], y=daily["withheld_share"] * 100, name="withheld (input gate or scope)",
                   mode="lines+markers")
 drift.add_scatter(x=daily["day"], y=daily["low_confidence_share"] * 100, name="low confidence",
                   mode="lines+markers")
 drift.update_layout(title="Drift: share flagged per day", height=280, yaxis_title="% of answers",
+                    xaxis=DAYS,
                     margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.25))
 right.plotly_chart(drift, width="stretch", key="mon_drift")
 st.caption("Rising shares of withheld or low-confidence answers are the first sign that the scans "
@@ -82,9 +85,13 @@ else:
 # ----------------------------------------------------------------------------- disagreements
 st.subheader("Disagreements")
 dis = mon.disagreements(frame)
-st.dataframe(dis, hide_index=True, width="stretch", key="mon_disagreements")
+names = mon.shown(frame).set_index("id")  # the classes as the screen says them
+st.dataframe(dis.assign(predicted=[names.at[i, "answer"] for i in dis["answer_id"]],
+                        corrected_class=[names.at[i, "clinician_answer"] for i in dis["answer_id"]])
+             .rename(columns={"predicted": "answer", "corrected_class": "clinician's class"}),
+             hide_index=True, width="stretch", key="mon_disagreements")
 st.caption("Inputs are named by SHA-256, SOP Instance UID or path in the scan folder; no patient "
-           "data is stored. `python -m medcls audit export --since DATE --out DIR` writes those "
+           "data is stored. The CSV keeps the class identifiers (a data set's labels). `python -m medcls audit export --since DATE --out DIR` writes those "
            "with known files as a labels.csv for training.")
 st.download_button("Download disagreements (CSV)", data=mon.to_csv(dis),
                    file_name="medcls-disagreements.csv", mime="text/csv", key="mon_csv",

@@ -48,7 +48,8 @@ def log_answer(key, prediction, card: dict, page: str, **inputs) -> int | None:
 def audit_answer(key, prediction, card: dict, page: str, **inputs) -> int | None:
     """Record the answer on screen and put the verdict control next to it."""
     answer_id = log_answer(key, prediction, card, page, **inputs)
-    verdict_control(answer_id, prediction.label, prediction.classes, key=f"verdict_{page}_{answer_id}")
+    verdict_control(answer_id, prediction.label, prediction.classes, key=f"verdict_{page}_{answer_id}",
+                    card=card, withheld=prediction.outside_training_distribution)
     return answer_id
 
 
@@ -76,12 +77,7 @@ def audit_rows(job, page: str, scan_root: Path | None) -> list[int] | None:
                 inputs.update(input_source="server-folder", input_path=str(path.relative_to(root)))
         if not (inputs.get("input_sha256") or inputs.get("input_path")):
             continue  # nothing names this input (a row from an engine without hashes)
-        answers.append(Answer(
-            user=user.name, page=page, model_name=card["name"], model_version=str(card["version"]),
-            model_sha256=card["model_sha256"], task=card.get("task"), predicted=row.predicted,
-            confidence=float(row.confidence), probabilities=dict(row.probabilities),
-            low_confidence=bool(row.low_confidence), withheld=bool(row.outside_distribution),
-            gate_score=row.gate_score, **inputs))
+        answers.append(Answer.of(row, card, user.name, page, **inputs))
         index.append(i)
     ids: list[int | None] = [None] * len(job.rows)
     job.audit_error = None
@@ -118,33 +114,59 @@ def export_logger(answer_id: int | None, kind: str, page: str, n_answers: int = 
 VERDICT_WORDS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
 
 
-def verdict_control(answer_id: int | None, predicted: str, classes, key: str) -> None:
-    """A compact form: agree / disagree with the corrected class / unsure, and a note."""
+def recorded_verdict(answer_id: int | None):
+    """The verdict last recorded on an answer, for its report
+    (:class:`medcls.engine.report.ClinicianVerdict`), or None (the report then leaves an empty
+    place for it). Read when the report is built, so a verdict saved a moment ago is in it."""
+    from medcls.engine.report import ClinicianVerdict
+
+    if answer_id is None:
+        return None
+    try:  # built on click, outside the script run: a failure leaves the place empty
+        got = audit_store().latest_verdict(answer_id)
+    except Exception:  # noqa: BLE001 - the report is still given, with an empty place
+        return None
+    if got is None:
+        return None
+    return ClinicianVerdict(got["verdict"], got["user"], f"{got['at']:%Y-%m-%d %H:%M} UTC",
+                            got["corrected_class"], got["note"])
+
+
+def verdict_control(answer_id: int | None, predicted: str, classes, key: str,
+                    card: dict | None = None, withheld: bool = False) -> None:
+    """A compact form: agree / disagree with the corrected class / unsure, and a note. It starts
+    with no choice: nothing is recorded until the reader picks one and saves."""
     with st.container(border=True):
         if answer_id is None:
             st.caption("Your verdict cannot be recorded: the audit trail did not record this answer.")
             return
         saved = st.session_state.get(f"{key}_saved")
         with st.form(key=f"{key}_form", border=False, enter_to_submit=False):
-            st.markdown(f"**Your verdict** on “{present.class_name(None, predicted)}”")
+            on = "the withheld answer" if withheld else f"“{present.class_name(card, predicted)}”"
+            st.markdown(f"**Your verdict** on {on}")
             c1, c2 = st.columns([1, 1])
             choice = c1.radio("Verdict", list(VERDICT_WORDS), format_func=VERDICT_WORDS.get,
-                              horizontal=True, key=f"{key}_choice", label_visibility="collapsed")
+                              index=None, horizontal=True, key=f"{key}_choice",
+                              label_visibility="collapsed")
             corrected = c2.selectbox("Correct class (when you disagree)",
-                                     [c for c in classes if c != predicted], index=None,
+                                     [c for c in classes if withheld or c != predicted], index=None,
                                      key=f"{key}_class", placeholder="Correct class if you disagree",
-                                     format_func=lambda c: present.class_name(None, c))
+                                     format_func=lambda c: present.class_name(card, c))
             note = st.text_input("Note (optional; no patient names or IDs)", key=f"{key}_note",
                                  max_chars=500)
             submitted = st.form_submit_button("Save verdict")
         if submitted:
+            if choice is None:
+                st.warning("Choose Agree, Disagree or Unsure first: nothing was recorded.")
+                return
             if not permitted("verdict"):
                 return
             try:
                 audit_store().record_verdict(answer_id, current_user().name, choice,
                                              corrected if choice == "disagree" else None, note)
                 saved = st.session_state[f"{key}_saved"] = (
-                    VERDICT_WORDS[choice] + (f": {corrected}" if choice == "disagree" else ""))
+                    VERDICT_WORDS[choice] + (f": {present.class_name(card, corrected)}"
+                                             if choice == "disagree" and corrected else ""))
             except AuditError as exc:
                 st.error(str(exc))
                 return

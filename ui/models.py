@@ -36,13 +36,34 @@ _LOADED: set[str] = set()
 
 
 @st.cache_resource(show_spinner="Loading TensorFlow and the model (once per server)...")
-def load_predictor(path: str):
-    """One Predictor per model folder and server process, shared read-only by all sessions
-    (taken from the background loader when :func:`preload_predictors` started it)."""
+def _cached_predictor(path: str):
     fut = _PRELOAD.get(path)
     predictor = fut.result() if fut is not None else _build_predictor(path)
     _LOADED.add(path)
     return predictor
+
+
+WARM_SLOT = "_warm_up_slot"  # session key: the sidebar line saying whether the model is loaded
+
+
+def load_predictor(path: str):
+    """One Predictor per model folder and server process, shared read-only by all sessions
+    (taken from the background loader when :func:`preload_predictors` started it). Once it is
+    there, the sidebar's "Loading TensorFlow..." line of this run says so."""
+    predictor = _cached_predictor(path)
+    _LOADED.add(path)
+    slot, run = st.session_state.pop(WARM_SLOT, (None, None))
+    if slot is not None and run is _this_run():  # never a slot left by an earlier run
+        slot.caption(LOADED_TEXT)
+    return predictor
+
+
+def _this_run():
+    """An object that is the same for one script run only (its cursors, reset every run)."""
+    from streamlit.runtime.scriptrunner import get_script_run_ctx
+
+    ctx = get_script_run_ctx()
+    return None if ctx is None else ctx.cursors
 
 
 def preload_predictors(paths: list[str]) -> list[str]:
@@ -88,13 +109,21 @@ def warm_default_model() -> threading.Thread:
     return thread
 
 
-def warm_up_status(thread: threading.Thread) -> None:
-    """One line saying whether the default model is loaded yet (not polled: a script re-run
-    every second would collect garbage each time and slow the warm-up down)."""
-    if thread.is_alive():
-        st.caption("Loading TensorFlow and the default model in the background...")
-    else:
-        st.caption("Default model loaded: answers take about a second.")
+LOADED_TEXT = "Model loaded: answers take about a second."
+
+
+def warm_up_status(thread: threading.Thread, path: str | None = None) -> None:
+    """One line saying whether the model (``path``, else the default) is loaded yet. Not polled
+    (a script re-run every second would collect garbage each time and slow the warm-up down):
+    while loading, the line is a slot that :func:`load_predictor` rewrites in the same run as
+    soon as the model answers, so it never says "Loading" beside an answer."""
+    if (path is not None and path in _LOADED) or not thread.is_alive():
+        st.caption(LOADED_TEXT)
+        st.session_state.pop(WARM_SLOT, None)
+        return
+    slot = st.empty()
+    slot.caption("Loading TensorFlow and the model in the background...")
+    st.session_state[WARM_SLOT] = (slot, _this_run())
 
 
 def available_models() -> list[tuple[str, ModelCard]]:

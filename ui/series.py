@@ -249,7 +249,8 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     explanation = cache[hkey]
     gray = image if image.ndim == 2 else image.mean(axis=2)
     pred = item.prediction
-    over, meaning, region = viewer.heatmap_panel(gray, explanation, card, alpha, show_region, requested)
+    over, meaning, region = viewer.heatmap_panel(gray, explanation, card, alpha, show_region, requested,
+                                                 answer.segmentations.get(shown))
     title = f"Heatmap · {METHODS[method].label} for “{present.class_name(card, explanation.class_name)}”"
     if not show_overlay:
         over, title = np.dstack([gray] * 3), "Heatmap hidden (overlay off)"

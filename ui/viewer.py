@@ -107,21 +107,18 @@ def overlay_panel(gray: np.ndarray, explanation, pred, card: dict, alpha: float,
 
 def heatmap_note(pred, card: dict, explanation, drawn: bool) -> str:
     """One sentence under the viewer on what the heatmap shows."""
-    from medcls.engine.findings import heatmap_meaning
-
     if drawn:
         return (f"Red: the regions that drove “{present.class_name(card, explanation.class_name)}” "
                 "most; white outline: hottest region, green: its box.")
     if explanation.class_name == pred.label or pred.outside_training_distribution:
-        return heatmap_meaning(pred, card, present.class_name(card, explanation.class_name))
+        return present.heatmap_meaning(pred, card, explanation.class_name)
     return (f"Red: the regions that drove “{present.class_name(card, explanation.class_name)}” "
             "most.")
 
 
 def region_caption(region) -> str:
-    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
-            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
-    return f"Region above {region.threshold:.0%} of the peak: area {area}."
+    """The one caption of a heatmap region (:func:`medcls.engine.present.region_caption`)."""
+    return present.region_caption(region)
 
 
 def explain_class_picker(pred, card: dict, key: str) -> int:
@@ -155,9 +152,10 @@ def explain_class_picker(pred, card: dict, key: str) -> int:
                         help="The heatmap shows where the model saw evidence for this class.")
 
 
-def agreement_banner(preds, card: dict, extra: str = "") -> present.AgreementState:
-    """Green only for confident agreement; amber when the models agree but are unsure."""
-    s = present.agreement_state(preds, card=card)
+def agreement_banner(preds, card: dict, extra: str = "", names=None) -> present.AgreementState:
+    """Green only for confident agreement; amber when the models agree but are unsure, or when
+    only one model answers (one answer is no agreement)."""
+    s = present.agreement_state(preds, names=names, card=card)
     getattr(st, s.kind)(f"{s.text} {extra}".strip())
     return s
 
@@ -210,35 +208,49 @@ def confidence_statement(pred, card: ModelCard | None = None) -> tuple[str, str]
 
 
 def heatmap_panel(gray: np.ndarray, explanation, card: dict, alpha: float, show_region: bool,
-                  requested: bool):
+                  requested: bool, segmentation=None):
     """(overlay, caption, region drawn or None): the heatmap overlay with the region only where
     :func:`medcls.engine.findings.may_show_region` allows it; otherwise the caption says what the
-    heatmap means."""
-    from medcls.engine.findings import heatmap_meaning, is_finding_answer, may_show_region
-    from medcls.engine.render import draw_region, overlay
+    heatmap means. One size per finding, as the report and the PACS give it: with the model's
+    ``segmentation`` of this slice (a segmentation companion), its outline and size, never the
+    heatmap region's; a model with a companion but no outline here gives no size at all."""
+    from medcls.engine.findings import is_finding_answer, may_show_region
+    from medcls.engine.render import draw_outline, draw_region, overlay
 
     pred = explanation.prediction
     name = present.class_name(card, explanation.class_name)
-    allowed = may_show_region(pred, card, requested)
-    region = explanation.region if allowed and show_region else None
+    allowed = may_show_region(pred, card, requested) and \
+        may_show_region(pred, card, class_name=explanation.class_name)  # never the normal map
     over = overlay(gray, explanation.heatmap, alpha)
-    draw_region(over, region)
+    if allowed and show_region and not requested and card.get("segmentation"):
+        region = segmentation  # the segmentation's outline and size, or none
+        if region is not None:
+            over = draw_outline(over, region)
+    else:
+        region = explanation.region if allowed and show_region else None
+        draw_region(over, region)
     if allowed:
-        caption = (f"Red: the image regions that drove “{name}” most."
-                   + (" White outline: hottest region; green: its bounding box."
-                      if region is not None else ""))
+        caption = f"Red: the image regions that drove “{name}” most."
+        if region is not None and region is segmentation:
+            caption += " Yellow: the tumour's outline (segmentation)."
+        elif region is not None:
+            caption += " White outline: hottest region; green: its bounding box."
         if not is_finding_answer(pred, card):
             caption = (f"Strongest “{name}” evidence, shown on request: the answer is "
                        f"“{present.class_name(card, pred.label)}”. " + caption)
     else:
-        caption = heatmap_meaning(pred, card, name)
+        caption = present.heatmap_meaning(pred, card, explanation.class_name)
     return over, caption, region
 
 
 def region_text(region) -> str:
-    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
-            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
-    return f"Region above {region.threshold:.0%} of the peak: area {area}."
+    """The one caption of a region: a heatmap region's (:func:`medcls.engine.present.region_caption`)
+    or a segmentation's size with its method (:class:`medcls.engine.reading.Measure`)."""
+    if hasattr(region, "threshold"):
+        return present.region_caption(region)
+    from medcls.engine.reading import measure_of
+
+    return "Tumour outline: " + measure_of(region).text + "."
 
 
 def strongest_evidence_toggle(pred, card: dict, key: str) -> None:

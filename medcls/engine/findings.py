@@ -6,7 +6,7 @@ only for an answer that names a finding (a tumour class, pneumonia) and is insid
 was trained on. For a no-finding answer, or an answer withheld by the input gate, no region is
 shown: the heatmap then only says what drove the answer. A user may ask explicitly for the
 strongest evidence of a finding class (:func:`strongest_finding_class`); that region is then shown,
-named as such.
+named as such. The normal class itself is the card's (:func:`medcls.models.card.normal_class`).
 """
 
 from __future__ import annotations
@@ -16,19 +16,10 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from medcls.core.errors import ModelPackageError
+from medcls.models.card import normal_class
 
-#: Class names that mean "no finding", when the card does not say (``normal_class``).
-NORMAL_CLASS_NAMES = ("no_tumor", "no_tumour", "normal", "healthy", "no_finding")
-
-
-def normal_class(card: Mapping) -> str | None:
-    """The card's "nothing found" class: ``card["normal_class"]``, else a known name among its
-    classes, else None (a task without one: every class is a finding)."""
-    classes = list(card["classes"])
-    named = card.get("normal_class")
-    if named in classes:
-        return named
-    return next((c for c in classes if c.lower() in NORMAL_CLASS_NAMES), None)
+__all__ = ["normal_class", "finding_noun", "finding_indices", "finding_probability",
+           "strongest_finding_class", "is_finding_answer", "is_finding_class", "may_show_region"]
 
 
 def finding_noun(card: Mapping) -> str:
@@ -41,6 +32,11 @@ def finding_indices(card: Mapping) -> list[int]:
     """Indices of the finding classes (every class but the normal one)."""
     normal = normal_class(card)
     return [i for i, c in enumerate(card["classes"]) if c != normal]
+
+
+def is_finding_class(card: Mapping, cls: str) -> bool:
+    """True for a class that names a finding (every class but the card's normal class)."""
+    return cls != normal_class(card)
 
 
 def finding_probability(probabilities: np.ndarray, card: Mapping) -> np.ndarray:
@@ -64,22 +60,18 @@ def strongest_finding_class(probabilities: Sequence[float], card: Mapping) -> in
 def is_finding_answer(prediction, card: Mapping) -> bool:
     """True when the answer names a finding class and is inside the training distribution."""
     return (not prediction.outside_training_distribution
-            and prediction.label != normal_class(card))
+            and is_finding_class(card, prediction.label))
 
 
-def may_show_region(prediction, card: Mapping, requested: bool = False) -> bool:
-    """Whether an outline, box and area may be drawn for ``prediction``: for a finding answer
-    inside the training distribution, or when the user asked explicitly (``requested``)."""
-    return bool(requested or is_finding_answer(prediction, card))
-
-
-def heatmap_meaning(prediction, card: Mapping, class_name: str) -> str:
-    """One sentence on what the heatmap shows, for answers where no region is drawn."""
+def may_show_region(prediction, card: Mapping, requested: bool = False,
+                    class_name: str | None = None) -> bool:
+    """The one region rule: whether an outline, box and area may be drawn on the heatmap of
+    ``class_name`` (default: the answer's class) for ``prediction``. Never for a withheld answer;
+    for a finding class's map: the answer's own, or another finding class's that the user asked
+    for (``requested``, e.g. the strongest finding evidence on a no-finding answer). A map of
+    the normal class is never a lesion."""
     if prediction.outside_training_distribution:
-        return ("The answer is withheld (the scan is outside what the model was trained on), so "
-                "no region is outlined; the heatmap only shows what the network reacted to.")
-    if prediction.label == normal_class(card):
-        return (f"The answer is “{prediction.label}”: the heatmap shows what supported that "
-                f"answer, not a lesion, so no region or area is given. Ask for the strongest "
-                f"{finding_noun(card)} evidence to see where a {finding_noun(card)} class looked.")
-    return f"Red: the image regions that drove “{class_name}” most."
+        return False
+    if class_name is None:  # the answer's own map, or the strongest finding map asked for
+        return bool(requested or is_finding_class(card, prediction.label))
+    return is_finding_class(card, class_name)

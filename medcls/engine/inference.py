@@ -220,7 +220,7 @@ class Predictor:
         answer; ``None`` for a no-tumour or withheld answer, or without a companion."""
         from medcls.models.segmenter import outline_for
 
-        return outline_for(prediction, self.segmenter, scan)
+        return outline_for(prediction, self.segmenter, scan, card=self.card)
 
     def explain(self, scan: Scan, method: str = "gradcam", class_index: int | None = None,
                 pre: Preprocessed | None = None, mask_to_foreground: bool = True,

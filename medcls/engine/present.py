@@ -14,7 +14,9 @@ through one formatter and every sentence about confidence is built here from the
 - :func:`agreement_state`: agreement of several models, amber when they agree but are unsure;
 - :func:`triage_order` / :func:`worklist_record`: the batch worklist, needs-attention first;
 - :func:`task_suggestion`: which other shipped model's input gate accepts a withheld scan;
-- :func:`shows_region`: whether a lesion outline/area makes sense for an answer;
+- :func:`shows_region` / :func:`region_caption` / :func:`heatmap_meaning`: whether a lesion
+  outline/area may be drawn (:func:`medcls.engine.findings.may_show_region`), and the words for it;
+- :func:`withheld_reason`: why an answer is withheld, in one sentence;
 - :func:`model_figures`: a card's test figures with their intervals, caveats and sources.
 """
 
@@ -27,13 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from medcls.engine.findings import finding_noun, is_finding_answer, may_show_region, normal_class
+
 if TYPE_CHECKING:  # pragma: no cover
     from medcls.engine.inference import Prediction
 
 CONFIDENT, UNCERTAIN, WITHHELD = "confident", "uncertain", "withheld"
 MAX_DECIMALS = 4
-# classes that mean "nothing found": no lesion outline or area is drawn for them
-NORMAL_CLASS_NAMES = {"no_tumor", "no_tumour", "normal", "no_finding", "healthy", "negative"}
 SPELLING = {"tumor": "tumour", "tumors": "tumours"}
 
 
@@ -90,16 +92,8 @@ def class_names(card: dict | None, classes: Iterable[str]) -> list[str]:
 
 
 def is_normal_class(card: Mapping | None, cls: str) -> bool:
-    """True for a "nothing found" class: the card's ``negative_class`` (or ``normal_classes``),
-    else by name."""
-    card = card if card is not None else {}
-    if card.get("normal_classes") is not None:
-        return cls in card["normal_classes"]
-    if card.get("normal_class"):  # the key medcls.engine.findings reads
-        return cls == card["normal_class"]
-    if card.get("negative_class"):
-        return cls == card["negative_class"]
-    return str(cls).lower() in NORMAL_CLASS_NAMES
+    """True for the card's "nothing found" class (:func:`medcls.models.card.normal_class`)."""
+    return card is not None and cls == normal_class(card)
 
 
 def task_noun(card: dict) -> str:
@@ -133,18 +127,32 @@ class Verdict:
         return self.state == WITHHELD
 
 
+GATE_REASON = "it does not look like the images the model was trained on (input gate)"
+
+
+def withheld_reason(pred) -> str | None:
+    """Why an answer is withheld, as the end of a sentence ("Answer withheld: ..."), or None
+    for an answer that is given. The card's scope says it first (a FLAIR image for a T1 model),
+    else the input gate. ``pred``: a Prediction, or a worklist row (``outside_distribution``,
+    ``scope_note``)."""
+    outside = getattr(pred, "outside_training_distribution", None)
+    if outside is None:
+        outside = bool(getattr(pred, "outside_distribution", False))
+    if not outside:
+        return None
+    note = getattr(pred, "scope_note", None)
+    if note and not getattr(pred, "gate_outside", False):
+        return f"not validated for this scan ({note})"
+    return GATE_REASON
+
+
 def verdict(pred: "Prediction", card: dict | None = None) -> Verdict:
     """The one-line answer: class, calibrated probability, state."""
     state = answer_state(pred)
     name = class_name(card, pred.label)
     prob = fmt_prob(pred.confidence)
-    if state == WITHHELD and pred.outside_scope and not pred.gate_outside:
-        text = ("Answer withheld: this scan lies outside what the model was validated on, so "
-                "it gives no class.")
-        kind = "error"
-    elif state == WITHHELD:
-        text = ("Answer withheld: this scan does not look like the images the model was "
-                "trained on, so it gives no class.")
+    if state == WITHHELD:
+        text = f"Answer withheld: {withheld_reason(pred)}, so it gives no class."
         kind = "error"
     elif state == UNCERTAIN:
         text = f"{name} · {prob} calibrated probability · uncertain"
@@ -217,9 +225,36 @@ def confidence_statement(pred: "Prediction", card: dict | None = None) -> tuple[
 
 
 def shows_region(pred: "Prediction", cls: str, card: dict | None = None) -> bool:
-    """A lesion outline, box and area are drawn only for an answer that is given (not withheld)
-    and a class that is a finding (not "no tumour" / "normal")."""
-    return not pred.outside_training_distribution and not is_normal_class(card, cls)
+    """Whether the heatmap of class ``cls`` may carry a lesion outline, box and area for this
+    answer: :func:`medcls.engine.findings.may_show_region` (never for a withheld answer or the
+    normal class's map)."""
+    return card is not None and may_show_region(pred, card, class_name=cls)
+
+
+def region_caption(region, method: str = "Grad-CAM region") -> str:
+    """The one caption of a heatmap region, with its method named (it is coarse: what drove the
+    class, not a lesion boundary)."""
+    area = (f"{region.area_mm2:.0f} mm²" if region.area_mm2 is not None
+            else f"{region.area_px} px (no pixel spacing in this file, so no mm²)")
+    return (f"Region above {region.threshold:.0%} of the peak: area {area} (method: {method}; "
+            "coarse, not a lesion boundary).")
+
+
+def heatmap_meaning(pred: "Prediction", card: Mapping, cls: str) -> str:
+    """One sentence on what the heatmap of class ``cls`` shows, for answers where no region is
+    drawn (withheld, or the normal class)."""
+    if pred.outside_training_distribution:
+        return ("The answer is withheld (the scan is outside what the model was trained on), so "
+                "no region is outlined; the heatmap only shows what the network reacted to.")
+    shown = class_name(card, cls)
+    if pred.label == normal_class(card):
+        noun = finding_noun(card)
+        return (f"The answer is “{class_name(card, pred.label)}”: the heatmap shows what "
+                f"supported that answer, not a lesion, so no region or area is given. Ask for the "
+                f"strongest {noun} evidence to see where a {noun} class looked.")
+    if not is_finding_answer(pred, card) or cls == normal_class(card):
+        return f"Red: the image regions that drove “{shown}” most (not a lesion)."
+    return f"Red: the image regions that drove “{shown}” most."
 
 
 def runner_up(pred: "Prediction") -> int:
@@ -238,7 +273,7 @@ def explain_choices(pred: "Prediction") -> list[int]:
 
 @dataclass(frozen=True)
 class AgreementState:
-    state: str  # agree / agree_unsure / disagree / withheld
+    state: str  # agree / agree_unsure / disagree / single (one model answers) / withheld
     kind: str  # success / warning / error
     text: str
 
@@ -260,6 +295,16 @@ def agreement_state(preds: Sequence["Prediction"], names: Sequence[str] | None =
                               "scan does not look like their training images.")
     labels = {p.label for p in answered}
     n_withheld = n - len(answered)
+    if len(answered) == 1:  # one answer is not an agreement
+        i = next(i for i, s in enumerate(states) if s != WITHHELD)
+        who = names[i] if names else "one model"
+        said = f"{class_name(card, preds[i].label)}, {states[i]}"
+        if n == 1:
+            return AgreementState("single", "warning", f"Only {who} answered ({said}): there is "
+                                  "nothing to compare it with.")
+        return AgreementState("single", "warning", f"Only {who} of {n} answers ({said}); the "
+                              f"other {n - 1} withhold theirs, so there is no agreement to "
+                              "report.")
     if len(labels) > 1:
         votes = ", ".join(f"{class_name(card, c)} ({sum(p.label == c for p in answered)})"
                           for c in sorted(labels))
@@ -318,7 +363,7 @@ def worklist_record(row, classes: Sequence[str], card: dict | None = None) -> di
     if row.error is not None:
         shown = f"unreadable: {row.error}"
     elif row.outside_distribution:
-        shown = "withheld (outside training data)"
+        shown = f"Withheld: {withheld_reason(row)}"
     else:
         shown = class_name(card, row.predicted)
     rec = {"file": row.file, "predicted": shown, "flags": row.flags,

@@ -15,10 +15,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 from medcls.core.csvsafe import atomic_output, escape_header, escape_row
 from medcls.engine.inference import Predictor, StreamItem
+from medcls.engine.reading import read_row, tally
 from medcls.io.load import load_scan
 from medcls.io.sources import Source
 
@@ -37,6 +38,7 @@ class ReviewRow:
     series_number: int | None = None
     instance_number: int | None = None
     sha256: str | None = None  # of the file's bytes: the audit trail's name for the input
+    scope_note: str | None = None  # why the scan lies outside the card's validated scope
 
     @property
     def needs_attention(self) -> bool:
@@ -48,8 +50,22 @@ class ReviewRow:
                                          ("outside training distribution", self.outside_distribution),
                                          ("low confidence", self.low_confidence)) if on)
 
-    def as_record(self, classes: Sequence[str]) -> dict:
-        rec = {"file": self.file, "predicted": self.predicted, "confidence": self.confidence}
+    def reading(self, card: Mapping | None = None):
+        """This row's :class:`medcls.engine.reading.Reading` (the one answer object)."""
+        from medcls.engine.reading import read_row
+
+        return read_row(self, card if card is not None else {"classes": list(self.probabilities)})
+
+    def as_record(self, classes: Sequence[str], card: Mapping | None = None) -> dict:
+        """The row for a table or the CSV: the answer as the screen says it (``predicted`` is the
+        class given, blank for a withheld or unreadable scan; ``answer`` its name or "Withheld";
+        ``withheld_reason``), then the model's raw output for the record (``top_class``, its
+        calibrated probabilities) and the flags."""
+        r = read_row(self, card if card is not None else {"classes": list(classes)})
+        rec = {"file": self.file, "predicted": r.label, "answer": r.name,
+               "confidence": r.probability, "state": r.state if self.error is None else "unreadable",
+               "withheld_reason": r.reason if self.error is None else None,
+               "top_class": self.predicted}
         for c in classes:
             rec[f"p_{c}"] = self.probabilities.get(c)
         rec.update({"low_confidence": self.low_confidence,
@@ -90,7 +106,8 @@ def row_from_item(item: StreamItem) -> ReviewRow:
     return ReviewRow(src.name, p.label, p.confidence,
                      dict(zip(p.classes, map(float, p.probabilities))), p.low_confidence,
                      p.outside_training_distribution, p.gate_score, None, info.get("modality"),
-                     info.get("series_number"), info.get("instance_number"), info.get("sha256"))
+                     info.get("series_number"), info.get("instance_number"), info.get("sha256"),
+                     p.scope_note)
 
 
 def run_review(predictor: Predictor, sources: Sequence[Source], batch_size: int = 32,
@@ -114,10 +131,15 @@ def run_review(predictor: Predictor, sources: Sequence[Source], batch_size: int 
             on_progress(Progress(done, total, time.perf_counter() - t0))
 
 
-def summary(rows: Sequence[ReviewRow], classes: Sequence[str]) -> dict:
+def summary(rows: Sequence[ReviewRow], classes: Sequence[str], card: Mapping | None = None) -> dict:
+    """The worklist's counts (the class tiles): per class only the scans given that class;
+    withheld and unreadable scans apart (:func:`medcls.engine.reading.tally`)."""
+    card = card if card is not None else {"classes": list(classes)}
+    t = tally((read_row(r, card) for r in rows), classes)
     return {
         "total": len(rows),
-        "per_class": {c: sum(r.predicted == c for r in rows) for c in classes},
+        "per_class": t["per_class"],
+        "withheld": t["withheld"],
         "unreadable": sum(r.error is not None for r in rows),
         "low_confidence": sum(r.low_confidence for r in rows),
         "outside_distribution": sum(r.outside_distribution for r in rows),
@@ -125,18 +147,19 @@ def summary(rows: Sequence[ReviewRow], classes: Sequence[str]) -> dict:
     }
 
 
-def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out) -> None:
+def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out, card: Mapping | None = None) -> None:
     """The worklist as CSV (a path or a text stream). Holds no DICOM tag values but the modality:
-    file names, predictions, flags and series/instance numbers. Every cell (header included)
-    goes through :func:`medcls.core.csvsafe.escape_cell`, so no text runs as a spreadsheet formula."""
-    fields = list(rows[0].as_record(classes)) if rows else list(
-        ReviewRow("", None, None, {}, False, False, None, None).as_record(classes))
+    file names, answers (a withheld scan says "Withheld" and why, never a class), probabilities,
+    flags and series/instance numbers. Every cell (header included) goes through
+    :func:`medcls.core.csvsafe.escape_cell`, so no text runs as a spreadsheet formula."""
+    fields = list(rows[0].as_record(classes, card)) if rows else list(
+        ReviewRow("", None, None, {}, False, False, None, None).as_record(classes, card))
     own = isinstance(out, (str, Path))
     with atomic_output(out, newline="") if own else contextlib.nullcontext(out) as fh:
         w = csv.DictWriter(fh, fieldnames=escape_header(fields))
         w.writeheader()
         for r in rows:
-            w.writerow(escape_row(r.as_record(classes)))
+            w.writerow(escape_row(r.as_record(classes, card)))
 
 
 class ReviewJob:
@@ -248,31 +271,33 @@ class ReviewJob:
         return len(self.sources) - len(self.rows)
 
     def summary(self) -> dict:
-        return summary(self.rows, self.classes)
+        return summary(self.rows, self.classes, self.card)
 
     def filter(self, attention_only: bool = False, classes: Iterable[str] = (),
                name_contains: str = "") -> list[int]:
         """Indices of the rows that pass: needing attention (if asked), predicted as one of
-        ``classes`` (``"unreadable"`` selects the unreadable files; none given: all), with
-        ``name_contains`` in the file name (case-insensitive)."""
+        ``classes`` (a withheld scan is not given its top class: ``"withheld"`` selects those,
+        ``"unreadable"`` the unreadable files; none given: all), with ``name_contains`` in the
+        file name (case-insensitive)."""
         wanted = set(classes)
         needle = name_contains.strip().lower()
         return [i for i, r in enumerate(self.rows)
                 if (not attention_only or r.needs_attention)
-                and (not wanted or r.predicted in wanted
+                and (not wanted or (r.predicted in wanted and not r.outside_distribution)
+                     or ("withheld" in wanted and r.outside_distribution and r.error is None)
                      or ("unreadable" in wanted and r.error is not None))
                 and needle in r.file.lower()]
 
     def records(self, indices: Sequence[int] | None = None) -> list[dict]:
         """The rows (all, or ``indices``) as flat records for a table."""
         rows = self.rows if indices is None else [self.rows[i] for i in indices]
-        return [r.as_record(self.classes) for r in rows]
+        return [r.as_record(self.classes, self.card) for r in rows]
 
     def csv(self, indices: Sequence[int] | None = None) -> str:
         """The worklist CSV of the rows (all, or ``indices``); no DICOM tag values."""
         buf = io.StringIO()
         write_csv(self.rows if indices is None else [self.rows[i] for i in indices],
-                  self.classes, buf)
+                  self.classes, buf, self.card)
         return buf.getvalue()
 
     def load(self, index: int):

@@ -47,7 +47,7 @@ import numpy as np
 
 from medcls.engine.findings import finding_indices, finding_noun, finding_probability, normal_class
 from medcls.engine.inference import Prediction, Predictor
-from medcls.engine.present import fmt_prob
+from medcls.engine.present import class_name, fmt_prob
 from medcls.io.series import Series
 from medcls.models.saliency import Region
 
@@ -169,8 +169,11 @@ def summarise(probabilities: np.ndarray, outside: Sequence[bool], card: Mapping,
                             f"on ({n_out} of {n_read}).", None, (), most_suspicious=most, **common)
     if runs:
         run = runs[0]
-        text = (f"{noun.capitalize()} suspected: {run.class_name} on {run.length} consecutive "
-                f"slices ({run.start + 1}–{run.stop}), mean P({noun}) {fmt_prob(run.mean_p_finding, 1)}.")
+        name = class_name(card, run.class_name)
+        # one probability for what is said: the run class's mean, as the SR and the PACS carry it
+        text = (f"{noun.capitalize()} suspected: {name} on {run.length} consecutive slices "
+                f"({run.start + 1}–{run.stop}), mean P({name}) "
+                f"{fmt_prob(run.mean_probabilities[run.class_index], 1)} over those slices.")
         if len(runs) > 1:
             text += f" {len(runs) - 1} further run(s) elsewhere."
         return StudySummary(Outcome.SUSPECTED, text, run, tuple(runs[1:]),

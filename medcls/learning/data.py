@@ -32,34 +32,35 @@ from medcls.core.errors import DatasetError, MedclsError
 from medcls.io.load import load_scan, scan_from_array
 from medcls.io.preprocess import Preprocessed, PreprocessSpec, preprocess
 from medcls.io.scan import Scan
+from medcls.models.card import normal_class_among
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ""}
 SPLITS = ("train", "val", "test")
 
-# The class that means "nothing found" for the tasks that have one; partial labels and the
-# shortcut check (evaluate) are defined against it.
-NEGATIVE_CLASSES = ("no_tumor", "normal")
 # Partial labels: a label naming a set of classes rather than one. ``tumor``: a tumour is
 # present, its type is not given (Br35H) = every class but the negative one.
 PARTIAL_LABELS = {"tumor": "every class but the negative class"}
 
 
-def negative_class(classes: Sequence[str]) -> str | None:
-    """The task's "nothing found" class, if it has one."""
-    return next((c for c in classes if c in NEGATIVE_CLASSES), None)
+def negative_class(classes: Sequence[str], named: str | None = None) -> str | None:
+    """The task's "nothing found" class, if it has one: the model card's one rule
+    (:func:`medcls.models.card.normal_class_among`: ``named``, e.g. a card's ``negative_class``,
+    else a known normal name), so training's partial labels and the card agree."""
+    return normal_class_among(classes, named)
 
 
-def label_set(label: str, classes: Sequence[str]) -> frozenset[str]:
-    """The classes a row's label allows: itself, or the set a partial label names."""
+def label_set(label: str, classes: Sequence[str], negative: str | None = None) -> frozenset[str]:
+    """The classes a row's label allows: itself, or the set a partial label names (``negative``:
+    the model card's normal class, when a card is known)."""
     if label in classes:
         return frozenset([label])
     if label in PARTIAL_LABELS:
-        neg = negative_class(classes)
+        neg = negative_class(classes, negative)
         if neg is None:
             raise DatasetError(f"The partial label {label!r} needs a task with a negative class "
-                               f"({' or '.join(NEGATIVE_CLASSES)}).")
+                               "(a 'nothing found' class).")
         return frozenset(c for c in classes if c != neg)
     raise DatasetError(f"The data has a label the model does not know: {label!r}.")
 

@@ -45,6 +45,10 @@ PROTECTED_KEYS = frozenset(REQUIRED_KEYS) | {"size_bytes"}
 
 DEFAULT_REGION_THRESHOLD = 0.5  # fraction of the heatmap's peak, when none was fitted
 
+#: Class names that mean "nothing found", for a card (or a data set) that does not name its
+#: normal class: the card's ``negative_class`` always wins (:func:`normal_class_among`).
+NORMAL_CLASS_NAMES = ("no_tumor", "no_tumour", "normal", "healthy", "no_finding", "negative")
+
 
 @dataclass(frozen=True, eq=False)
 class ModelCard(Mapping):
@@ -70,6 +74,9 @@ class ModelCard(Mapping):
     # calibration recorded it; the app quotes no figure without it
     low_confidence_val_accuracy: float | None = None
     size_bytes: int | None = None
+    # the "nothing found" class (card key ``negative_class``; older cards: a known name among
+    # the classes); None for a task where every class is a finding. Read it with normal_class().
+    normal_class: str | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -------------------------------------------------------------- the card as read
@@ -160,6 +167,9 @@ class ModelCard(Mapping):
                 raise bad("the card's input_gate threshold must be a number.")
             gate_threshold = float(gate_threshold)
         size = raw.get("size_bytes")
+        negative = raw.get("negative_class")
+        if negative is not None and negative not in classes:
+            raise bad("the card's negative_class must be one of its classes.")
         return cls(
             name=_text("name"), version=_text("version"), task=_text("task"),
             classes=tuple(classes), architecture=_text("architecture"),
@@ -175,8 +185,36 @@ class ModelCard(Mapping):
             gate_threshold=gate_threshold,
             low_confidence_val_accuracy=_number("low_confidence_val_accuracy", 0.0, 1.0),
             size_bytes=int(size) if isinstance(size, int) and not isinstance(size, bool) else None,
+            normal_class=normal_class_among(classes, negative),
             raw=raw,
         )
+
+
+# ----------------------------------------------------------------------------- normal class
+
+def normal_class_among(classes, named: str | None = None) -> str | None:
+    """The "nothing found" class of a class list: ``named`` (a card's ``negative_class``) when it
+    is one of them, else the first known normal name (:data:`NORMAL_CLASS_NAMES`), else None.
+    The one rule: the card reads it once (:attr:`ModelCard.normal_class`), training's partial
+    labels read it for a data set's classes (:func:`medcls.learning.data.negative_class`)."""
+    classes = list(classes)
+    if named in classes:
+        return named
+    return next((c for c in classes if str(c).lower() in NORMAL_CLASS_NAMES), None)
+
+
+def normal_class(card: Mapping | None) -> str | None:
+    """The one reader of a model's "nothing found" class: :attr:`ModelCard.normal_class`, or, for
+    a plain mapping (a card as JSON), the same rule on its ``negative_class`` and classes. Used by
+    the findings rule, the screen's words, the reports, the DICOM SR, the audit trail and the
+    segmentation's outline decision."""
+    if card is None:
+        return None
+    if isinstance(card, ModelCard):
+        return card.normal_class
+    if "classes" not in card:
+        return None
+    return normal_class_among(card["classes"], card.get("negative_class"))
 
 
 # ----------------------------------------------------------------------------- scope

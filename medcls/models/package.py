@@ -168,3 +168,23 @@ def save_package(folder: str | Path, model, card: Mapping[str, Any], gate: Input
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     read_card(folder)  # a package we cannot read back is not written silently
     return folder
+
+
+def rename_classes(folder: str | Path, names: Mapping[str, str]) -> ModelCard:
+    """Rename classes of a package's card (``{"no_tumor": "negative"}``) without touching the
+    model file: the class list keeps its order and length (the network's outputs), and every
+    key of the card that names a class (``negative_class``, ``class_names``) follows. For
+    adapting a package to a site's vocabulary, and for tests of the one normal-class rule."""
+    folder = Path(folder)
+    data = read_card(folder).to_dict()
+    new = [names.get(c, c) for c in data["classes"]]
+    if len(set(new)) != len(new):
+        raise ModelPackageError("Renaming would give two classes the same name.")
+    data["classes"] = new
+    if data.get("negative_class") is not None:
+        data["negative_class"] = names.get(data["negative_class"], data["negative_class"])
+    if isinstance(data.get("class_names"), Mapping):
+        data["class_names"] = {names.get(k, k): v for k, v in data["class_names"].items()}
+    ModelCard.from_dict(data, where=folder.name)
+    (folder / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    return read_card(folder)

@@ -20,6 +20,7 @@ import numpy as np
 from medcls.core.errors import ModelPackageError
 from medcls.io.preprocess import Geometry, Preprocessed, PreprocessSpec, preprocess
 from medcls.io.scan import Scan
+from medcls.models.card import normal_class
 from medcls.models.measures import longest_diameter
 from medcls.models.package import CARD_FILE, COMPANION_SCHEMAS, MODEL_FILE, file_sha256
 
@@ -161,16 +162,14 @@ def measure(prob: np.ndarray, threshold: float, post: str = "largest",
                         confidence=float(prob[mask].mean()), method=method)
 
 
-NO_TUMOUR = "no_tumor"
-
-
 def outline_for(prediction, segmenter: Segmenter | None, scan: Scan,
-                pre: Preprocessed | None = None) -> Segmentation | None:
-    """What a clinician sees as the tumour's outline: the segmentation, for a tumour answer
-    only. A no-tumour answer, a withheld one (outside the training distribution) or a model
-    without a segmentation companion gives ``None``: no outline is drawn."""
+                pre: Preprocessed | None = None, *, card) -> Segmentation | None:
+    """What a clinician sees as the tumour's outline: the segmentation, for a finding answer
+    only. An answer of the card's normal class (:func:`medcls.models.card.normal_class`, whatever
+    it is called), a withheld one (outside the training distribution) or a model without a
+    segmentation companion gives ``None``: no outline is drawn."""
     if segmenter is None or prediction is None or prediction.outside_training_distribution \
-            or prediction.label == NO_TUMOUR:
+            or prediction.label == normal_class(card):
         return None
     return segmenter.segment(scan, pre)
 

@@ -30,6 +30,13 @@ def browser_scan_root(tmp_path_factory, data_dir):
     for name in ("100.dcm", "101.dcm"):
         shutil.copy(data_dir / "dicom" / "mprage-series" / name, folder / "series" / name)
     (folder / "notes.txt").write_text("not a scan")
+    # issue 28 point 2: a chest radiograph among brain scans (the brain model withholds it)
+    mixed = root / "mixed"
+    mixed.mkdir()
+    chest = sorted((data_dir / "chest-xray" / "normal").glob("*.jpeg"))[0]
+    shutil.copy(chest, mixed / "chest.jpeg")
+    for r in rows[:2]:
+        shutil.copy(data_dir / "brain-mri" / r["file"], mixed / r["file"].replace("/", "_"))
     return root
 
 
@@ -206,6 +213,10 @@ def test_verdict_in_the_first_viewport_at_laptop_and_desktop(batch_app, chromium
         assert present.class_name(None, label) in text and "%" in text, text
         assert inside_first_viewport(v.bounding_box(), size), (size, v.bounding_box())
         assert "100%" not in page.locator('[data-testid="stMain"]').inner_text()
+        # the sidebar never says "Loading TensorFlow..." beside an answer (issue 28.14)
+        settle(page)
+        side = page.locator('[data-testid="stSidebar"]').inner_text()
+        assert "Model loaded" in side and "Loading TensorFlow" not in side, side
         # the sidebar gives way on the laptop: the main column keeps most of the width
         sidebar = page.locator('[data-testid="stSidebar"]').bounding_box()
         if size == LAPTOP and sidebar is not None:
@@ -314,3 +325,128 @@ def test_worklist_starts_with_the_rows_needing_attention(batch_app, chromium):
             heading.evaluate("e => e.scrollIntoView({block: 'start'})")
             shot(page, "batch-viewer-1024.png")
         page.close()
+
+
+# ----------------------------------------------------------------------------- issue 28: one
+# answer everywhere (withheld with its reason), the verdict control empty until chosen, and no
+# "agree" for a single answering model; at 1024x768 and 1400x1000
+
+def expected_tiles(folder):
+    """The class tiles the library gives for ``folder`` (medcls.engine.review.summary)."""
+    from medcls.engine.inference import Predictor
+    from medcls.engine.review import run_review, summary
+    from medcls.io.sources import folder_sources
+
+    p = Predictor.from_path(PROJECT_ROOT / "models" / "brain-mri-default")
+    rows = list(run_review(p, folder_sources(folder)))
+    return summary(rows, p.classes, p.card), rows
+
+
+def metric_value(page, label: str) -> str:
+    box = page.locator('[data-testid="stMetric"]').filter(has_text=label).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text().strip()
+
+
+@pytest.mark.parametrize("size", [LAPTOP, DESKTOP], ids=["1024x768", "1400x1000"])
+def test_a_withheld_scan_says_withheld_on_tiles_csv_report_and_audit(batch_app, chromium,
+                                                                      browser_scan_root, size):
+    import hashlib
+
+    from conftest import pdf_text
+
+    from medcls.engine.present import class_name
+    from medcls.integrations.audit.store import AuditStore, database_url
+
+    tiles, rows = expected_tiles(browser_scan_root / "mixed")
+    chest = next(r for r in rows if r.file.endswith("chest.jpeg"))
+    assert chest.outside_distribution and tiles["withheld"] >= 1
+    suffix = "-1024" if size == LAPTOP else ""
+    page = chromium.new_page(viewport=size, accept_downloads=True)
+    page.goto(batch_app.url + "/Batch_review", timeout=TIMEOUT)
+    box = page.get_by_role("textbox", name="Folder (relative to the scan folder)")
+    box.fill("mixed")
+    box.press("Enter")
+    page.get_by_role("button", name="Review this folder").click()
+    page.get_by_text("3 of 3 scans, finished").wait_for(timeout=TIMEOUT)
+    page.get_by_role("button", name="Stop").wait_for(state="detached", timeout=TIMEOUT)
+    settle(page)
+    # the tiles: the radiograph counts as withheld, in no class
+    assert metric_value(page, "Withheld (no class)") == str(tiles["withheld"])
+    for c, n in tiles["per_class"].items():
+        assert metric_value(page, class_name(None, c)) == str(n), c
+    # the CSV: "Withheld" and the reason, no class
+    with page.expect_download(timeout=TIMEOUT) as got:
+        page.get_by_role("button", name=re.compile("Download CSV")).click()
+    table = list(csv.DictReader(open(got.value.path(), newline="")))
+    rec = next(r for r in table if r["file"].endswith("chest.jpeg"))
+    assert (rec["predicted"], rec["answer"], rec["state"]) == ("", "Withheld", "withheld"), rec
+    assert "input gate" in rec["withheld_reason"]
+    # the withheld row first (triage order): its verdict line, the verdict control empty
+    grid = page.locator('[data-testid="stDataFrame"]').first
+    b = grid.bounding_box()
+    page.mouse.click(b["x"] + 16, b["y"] + 35 + 17)
+    page.get_by_role("heading", name=re.compile("^Selected: .*chest.jpeg")).wait_for(timeout=TIMEOUT)
+    verdict = page.get_by_text(re.compile("^Answer withheld: .*input gate")).first
+    verdict.wait_for(timeout=TIMEOUT)
+    form = page.locator('[data-testid="stForm"]').filter(has_text="Your verdict").first
+    form.wait_for(timeout=TIMEOUT)
+    assert "the withheld answer" in form.inner_text()
+    assert form.get_by_role("radio", checked=True).count() == 0  # nothing chosen for the reader
+    # the report: withheld and why, no class, no heatmap
+    settle(page)
+    with page.expect_download(timeout=TIMEOUT) as got:
+        page.get_by_role("button", name="Report for this scan (PDF)").click()
+    text = pdf_text(open(got.value.path(), "rb").read()).replace("\n", " ")
+    assert "Answer withheld" in text and "input gate" in text and "No heatmap" in text
+    assert "Prediction:" not in text and "LOW CONFIDENCE" not in text
+    assert "Clinician's verdict: [ ] Agree" in text  # an empty place for the verdict and note
+    # a verdict saved is in the next report, with the note and who recorded it (point 15)
+    form.get_by_text("Unsure", exact=True).click()
+    form.get_by_role("textbox").fill("reviewed by hand")
+    form.get_by_role("button", name="Save verdict").click()
+    page.get_by_text("Verdict saved (Unsure)").wait_for(timeout=TIMEOUT)
+    settle(page)
+    with page.expect_download(timeout=TIMEOUT) as got:
+        page.get_by_role("button", name="Report for this scan (PDF)").click()
+    text = pdf_text(open(got.value.path(), "rb").read()).replace("\n", " ")
+    assert "Clinician's verdict: Unsure, recorded by local" in text and "reviewed by hand" in text
+    page.get_by_role("heading", name=re.compile("^Selected:")).first.scroll_into_view_if_needed()
+    shot(page, f"batch-withheld{suffix}.png")
+    # the audit row: withheld, with the same reason
+    sha = hashlib.sha256((browser_scan_root / "mixed" / "chest.jpeg").read_bytes()).hexdigest()
+    audited = [r for r in AuditStore(database_url()).rows("answers")
+               if r["input_sha256"] == sha and r["page"] == "batch"]
+    assert audited and all(r["withheld"] for r in audited)
+    assert "input gate" in audited[-1]["withheld_reason"]
+    if size == LAPTOP:  # point 13: step rows with j / k, then the report still downloads
+        page.get_by_role("heading", name=re.compile("^Selected:")).first.click()
+        for key in ("j", "j", "k"):
+            page.keyboard.press(key)
+            page.wait_for_timeout(150)  # faster than a rerun: the runs overlap
+        page.get_by_text("Row 2 of 3 shown").wait_for(timeout=TIMEOUT)
+        with page.expect_download(timeout=TIMEOUT) as got:
+            page.get_by_role("button", name="Report for this scan (PDF)").click()
+        assert got.value.failure() is None
+        assert open(got.value.path(), "rb").read(5) == b"%PDF-"
+    page.close()
+
+
+@pytest.mark.parametrize("size", [LAPTOP, DESKTOP], ids=["1024x768", "1400x1000"])
+def test_one_answering_model_is_not_an_agreement(batch_app, chromium, data_dir, size):
+    """A chest radiograph on the comparison page: the default and compact brain models withhold,
+    the seed CNN answers. The page says one model answers, never that the models agree."""
+    chest = sorted((data_dir / "chest-xray" / "normal").glob("*.jpeg"))[0]
+    page = chromium.new_page(viewport=size)
+    page.goto(batch_app.url + "/Compare_models", timeout=TIMEOUT)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').first.wait_for(state="attached", timeout=TIMEOUT)
+    upload(page, chest)
+    banner = page.locator('[data-testid="stAlert"]').filter(has_text="Only ").first
+    banner.wait_for(timeout=TIMEOUT)
+    assert re.search(r"Only brain-mri-seed-cnn of \d answers", banner.inner_text()), banner.inner_text()
+    page.get_by_text("Each model's test figures").wait_for(timeout=TIMEOUT)
+    settle(page)
+    main = page.locator('[data-testid="stMain"]').inner_text()
+    assert "models agree" not in main and "models that answer agree" not in main
+    assert main.count("Answer withheld:") >= 2
+    shot(page, f"compare-single{'-1024' if size == LAPTOP else ''}.png")
+    page.close()

@@ -37,7 +37,7 @@ def test_series_folder_upload_strip_and_jump(app_server, chromium, series_folder
     box = page.locator('[data-testid="stFileUploaderDropzoneInput"][webkitdirectory]').first
     box.wait_for(state="attached", timeout=TIMEOUT)
     box.set_input_files(str(series_folder))
-    page.get_by_text(re.compile(r"^Tumour suspected: meningioma")).wait_for(timeout=TIMEOUT)
+    page.get_by_text(re.compile(r"^Tumour suspected: Meningioma")).wait_for(timeout=TIMEOUT)
     page.get_by_text("duplicate slice").first.wait_for(timeout=TIMEOUT)
     strip = page.locator(".js-plotly-plot").first
     strip.wait_for(timeout=TIMEOUT)
@@ -51,7 +51,7 @@ def test_series_folder_upload_strip_and_jump(app_server, chromium, series_folder
                            timeout=TIMEOUT)
     shown = int(re.search(r"Slice (\d+) of 16", heading.first.inner_text()).group(1)) - 1
     assert shown in built_series.tumour
-    page.get_by_text("Region above").first.wait_for(timeout=TIMEOUT)
+    page.get_by_text(re.compile(r"^Tumour outline: area .*method: segmentation")).first.wait_for(timeout=TIMEOUT)
     page.locator(".js-plotly-plot").nth(2).wait_for(timeout=TIMEOUT)  # strip, viewer, bars
     page.wait_for_timeout(1500)
     page.screenshot(path=str(OUTPUT / "series.png"), full_page=True)

@@ -102,6 +102,14 @@ def test_main_page_records_the_answer_and_the_verdict(db, data_dir, brain_model_
     at.slider(key="alpha").set_value(0.6).run()
     assert len(AuditStore(db).rows("answers")) == 1
 
+    # the verdict control starts with no choice: Save without one records nothing (issue 28.4)
+    choice = next(r for r in at.radio if r.key.endswith("_choice"))
+    assert choice.value is None and choice.index is None
+    next(b for b in at.button if b.label == "Save verdict").click()
+    at.run()
+    assert any("Choose Agree, Disagree or Unsure first" in w.value for w in at.warning), texts(at)
+    assert AuditStore(db).rows("verdicts") == []
+
     other = next(c for c in expl.prediction.classes if c != row["predicted"])
     at = verdict(at, "disagree", other, note="rim enhancement")
     assert not at.exception
@@ -236,6 +244,13 @@ def test_monitoring_page_reads_the_trail(db):
     assert dis["answer_id"].tolist() == [ids[1]] and dis["input_sha256"].tolist() == [f"{1:064x}"]
     assert len(at.get("plotly_chart")) == 3  # per day, drift, confusion matrix
     assert at.get("download_button")
+    # the classes by the names the screen uses, a withheld answer as "Withheld" (issue 28.14)
+    agreement = at.dataframe[0].value
+    assert set(agreement["answer"]) == {"Glioma", "Withheld", "Meningioma"}
+    assert dis["answer"].tolist() == ["Withheld"] and dis["clinician's class"].tolist() == ["Pituitary"]
+    # the audit file by its name, never its server path
+    where = [c.value for c in at.caption if c.value.startswith("Audit trail:")]
+    assert where == ["Audit trail: SQLite file audit.sqlite"], where
 
 
 def test_no_identifying_value_reaches_any_table(db, data_dir, tmp_path, monkeypatch):

@@ -142,3 +142,30 @@ def test_agreement_of_unsure_models_is_amber_and_figures_are_sourced(data_dir):
     assert {"Glioma: precision", "Glioma: recall"} <= set(figures["figure"])
     keys = {c.key for c in at.get("plotly_chart")}
     assert all(f"cmp_confusion_{c['name']}" in keys for c in cards)
+
+
+def test_one_answering_model_is_not_called_agreement(data_dir):
+    """Issue 28 point 5: a chest radiograph shown to the brain models: the default and compact
+    models withhold their answer (input gate), the seed CNN's gate lets it through. One answer is
+    no agreement: the page must not say the models agree."""
+    from conftest import shipped_package
+
+    from medcls.engine.inference import Predictor
+    from medcls.io.load import load_scan
+
+    names = ["brain-mri-default", "brain-mri-seed-cnn"]
+    paths = [str(shipped_package(n)) for n in names]
+    xray = sorted((data_dir / "chest-xray" / "normal").glob("*.jpeg"))[0]
+    scan = load_scan(xray)
+    withheld = [Predictor.from_path(p).predict(scan).outside_training_distribution for p in paths]
+    assert withheld == [True, False], "the library's answers changed: pick another radiograph"
+    at = run_compare(xray.read_bytes(), paths)
+    assert not at.exception, [e.value for e in at.exception]
+    text = page_text(at)
+    assert "agree" not in text.replace("nothing to agree", "").replace("no agreement", "").lower() \
+        or "Only brain-mri-seed-cnn of 2 answers" in text
+    assert "The models agree" not in text and "models that answer agree" not in text
+    banner = [w.value for w in at.warning if w.value.startswith("Only ")]
+    assert banner and "Only brain-mri-seed-cnn of 2 answers" in banner[0], text
+    assert "no agreement to report" in banner[0]
+    assert "Answer withheld:" in text  # the default model's panel says why

@@ -48,7 +48,7 @@ def test_tumour_series_summary_strip_and_jump(built_series):
     files = built_series.dicom()
     at = run_series(shuffled_names(files) + [("copy", files[3])])
     assert not at.exception, texts(at)
-    assert any(e.value.startswith("Tumour suspected: meningioma") for e in at.error), texts(at)
+    assert any(e.value.startswith("Tumour suspected: Meningioma") for e in at.error), texts(at)
     assert any("duplicate" in w.value for w in at.warning)
     assert any("mm³" in c.value for c in at.caption)  # 1 x 1 mm pixels, 5 mm slices: a volume
     # the strip, the linked viewer (slice and heatmap: shared zoom/pan) and the probabilities
@@ -60,7 +60,11 @@ def test_tumour_series_summary_strip_and_jump(built_series):
     shown = at.slider(key="series_slice").value - 1
     assert shown in built_series.tumour
     assert any(s.value.startswith(f"Slice {shown + 1} of") for s in at.subheader)
-    assert any("Region above" in c.value and "mm²" in c.value for c in at.caption)
+    # one size per finding (issue 28.3): the segmentation's, as the report and the PACS give it,
+    # never the heatmap region's beside it
+    assert any(c.value.startswith("Tumour outline: area") and "mm²" in c.value
+               and "(method: segmentation)" in c.value for c in at.caption), texts(at)
+    assert not any("Region above" in c.value for c in at.caption)
     # keyboard-steppable slice buttons (k / j): one slice on, one back
     at.button(key="series_next").click().run()
     assert at.slider(key="series_slice").value == shown + 2

@@ -93,8 +93,10 @@ def test_no_region_for_normal_or_withheld_answers():
     assert not present.shows_region(pred([0.97, 0.01, 0.01, 0.01], gate=40), "glioma", card)
     assert present.shows_region(pred([0.97, 0.01, 0.01, 0.01]), "glioma", card)
     assert present.is_normal_class(card_of("chest-xray-default"), "normal")
-    assert present.is_normal_class({"negative_class": "healthy_tissue"}, "healthy_tissue")
-    assert not present.is_normal_class({"negative_class": "no_tumor"}, "normal")
+    assert present.is_normal_class({"classes": ["healthy_tissue", "lesion"],
+                                    "negative_class": "healthy_tissue"}, "healthy_tissue")
+    assert not present.is_normal_class({"classes": ["no_tumor", "normal"],
+                                        "negative_class": "no_tumor"}, "normal")
 
 
 def test_explain_choices_put_the_runner_up_second():
@@ -136,7 +138,7 @@ def test_triage_order_needs_attention_first_then_rising_confidence():
     assert [rs[i].file for i in present.triage_order(rs, "file")] == sorted(r.file for r in rs)
     rec = present.worklist_record(rs[2], ["glioma"])
     assert rec["predicted"] == "unreadable: not an image" and list(rec)[:3] == ["file", "predicted", "flags"]
-    assert present.worklist_record(rs[3], ["glioma"])["predicted"].startswith("withheld")
+    assert present.worklist_record(rs[3], ["glioma"])["predicted"].startswith("Withheld: ")
 
 
 def test_triage_order_on_a_real_review(data_dir, brain_predictor, tmp_path):

@@ -81,7 +81,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_rows(audit_url):
     aid = again.record_answer(answer(1, region_method="segmentation", region_area_mm2=120.5,
                                      region_diameter_mm=14.0, series_outcome="suspected"))
     rows = {r["id"]: r for r in again.rows("answers")}
-    assert len(rows) == 2 and again.rows("audit_schema")[0]["version"] == audit.SCHEMA_VERSION == 2
+    assert len(rows) == 2 and again.rows("audit_schema")[0]["version"] == audit.SCHEMA_VERSION == 3
     assert (rows[aid]["region_method"], rows[aid]["region_area_mm2"],
             rows[aid]["region_diameter_mm"], rows[aid]["series_outcome"]) == (
         "segmentation", 120.5, 14.0, "suspected")
@@ -220,13 +220,16 @@ def test_monitoring_tables(audit_url):
     assert day["answers"].sum() == 5
     assert day["withheld_share"].iloc[-1] == pytest.approx(1 / 5)
     assert day["low_confidence_share"].iloc[-1] == pytest.approx(1 / 5)
-    agr = mon.agreement(frame).set_index("predicted")
-    assert agr.loc["glioma", ["answers", "agree", "disagree"]].tolist() == [3, 1, 1]
-    assert agr.loc["glioma", "agreement"] == pytest.approx(0.5)
-    assert agr.loc["pituitary", "unsure"] == 1 and pd.isna(agr.loc["pituitary", "agreement"])
+    assert day["day"].iloc[-1] == frame["at"].iloc[-1].date().isoformat()  # whole days on the axis
+    # answers by the names the screen uses; a withheld answer is "Withheld", never its top class
+    agr = mon.agreement(frame).set_index("answer")
+    assert agr.loc["Glioma", ["answers", "agree", "disagree"]].tolist() == [2, 1, 0]
+    assert agr.loc["Glioma", "agreement"] == pytest.approx(1.0)
+    assert agr.loc["Withheld", ["answers", "disagree"]].tolist() == [1, 1]
+    assert agr.loc["Pituitary", "unsure"] == 1 and pd.isna(agr.loc["Pituitary", "agreement"])
     m = mon.confusion(frame, "brain-mri-default")
-    assert m.loc["glioma", "glioma"] == 1 and m.loc["glioma", "meningioma"] == 1
-    assert m.loc["meningioma", "pituitary"] == 1 and m.values.sum() == 3
+    assert m.loc["Glioma", "Glioma"] == 1 and m.loc["Withheld", "Meningioma"] == 1
+    assert m.loc["Meningioma", "Pituitary"] == 1 and m.values.sum() == 3
     dis = mon.disagreements(frame)
     assert sorted(dis["answer_id"]) == sorted(ids[1:3])
     text = mon.to_csv(dis)

@@ -187,6 +187,7 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
                                             tmp_path):
     from appserver import OUTPUT
 
+    from medcls.engine.present import class_name, fmt_prob
     from medcls.integrations.pacs.records import ModelIdentity
     from medcls.integrations.pacs.results import BANNER, _with_banner, read_sr, sr_outline
     from medcls.integrations.pacs.review import send_results
@@ -251,8 +252,9 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
     assert inside.mean() > 40  # the heatmap colours the region ...
     assert np.median(chroma) < inside.mean() / 2  # ... more than the rest of the slice
     # the banner holds exactly the research label and the answer, rendered as text
-    lines = [BANNER, f"MedCLS {model.name} {model.version}: {verdict.label} "
-                     f"p={verdict.probability:.2f} ({src.state})"]
+    # (the class by its name and the one probability text the series view and the SR use)
+    lines = [BANNER, f"MedCLS {model.name} {model.version}: {class_name(None, verdict.label)} "
+                     f"{fmt_prob(verdict.probability, 1)} ({src.state})"]
     expected = _with_banner(np.zeros((1, rgb.shape[1], 3), np.uint8), lines)[:-1]
     assert BANNER == "RESEARCH USE - NOT FOR DIAGNOSIS" and np.array_equal(rgb[:banner], expected)
 
@@ -261,7 +263,7 @@ def test_send_sr_and_sc_then_read_them_back(client, stored, built_review, brain_
 
     # the content tree as people read it (kept for the README)
     outline = sr_outline(sr_ds)
-    assert f"Predicted class: {verdict.label}" in outline and f"sha256={model.sha256}" in outline
+    assert f"Predicted class: {class_name(None, verdict.label)}" in outline and f"sha256={model.sha256}" in outline
     assert "Measurement Method: segmentation" in outline and "Long axis" in outline
     OUTPUT.mkdir(exist_ok=True)
     (OUTPUT / "pacs-sr.txt").write_text(outline + "\n\nread_sr: " + repr(group) + "\n")
@@ -439,7 +441,7 @@ def test_cli_search_and_review(orthanc, stored, monkeypatch, capsys, brain_model
                  "--send"]) == 0
     out = capsys.readouterr().out
     assert loaded == [str(brain_model_dir)]
-    assert "meningioma" in out and "Raw Data Storage" in out and "Tumour suspected" in out
+    assert "Meningioma" in out and "Raw Data Storage" in out and "Tumour suspected" in out
     assert "segmentation" in out  # the region's method
     # sent by the library test before (then not duplicated), or now when run alone
     assert "already in the PACS" in out or "Stored 2 object(s)" in out

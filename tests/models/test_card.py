@@ -110,10 +110,11 @@ def test_embedding_layer_is_the_one_every_architecture_names():
     from medcls.models.architectures import ARCHITECTURES
 
     for arch in ARCHITECTURES.values():
-        model = arch.build(input_size=64 if arch.name != "mobilenet-tl" else 96, n_classes=3)
+        model = arch.build(input_size=96 if arch.transfer else 64, n_classes=3)
         names = {layer.name for layer in model.layers}
         assert EMBEDDING_LAYER in names and arch.cam_layer in names
-    assert [a.name for a in ARCHITECTURES.values() if a.transfer] == ["mobilenet-tl"]
+    assert [a.name for a in ARCHITECTURES.values() if a.transfer] == [
+        "mobilenet-tl", "efficientnet-lite0-tl", "efficientnet-lite1-tl", "efficientnet-lite2-tl"]
 
 
 def test_registries_refuse_unknown_names_with_a_typed_error():

@@ -45,29 +45,46 @@ def answers_frame(store: AuditStore, since: dt.datetime | None = None,
 
 
 def per_day(frame: pd.DataFrame) -> pd.DataFrame:
-    """day, answers, withheld share, low-confidence share."""
+    """day (as "YYYY-MM-DD" text: a chart's axis then shows whole days, never fractions of a
+    second), answers, withheld share, low-confidence share."""
     if frame.empty:
         return pd.DataFrame(columns=["day", "answers", "withheld_share", "low_confidence_share"])
     g = frame.groupby("day")
-    return pd.DataFrame({"answers": g.size(),
-                         "withheld_share": g["withheld"].mean().astype(float),
-                         "low_confidence_share": g["low_confidence"].mean().astype(float)}
-                        ).reset_index()
+    out = pd.DataFrame({"answers": g.size(),
+                        "withheld_share": g["withheld"].mean().astype(float),
+                        "low_confidence_share": g["low_confidence"].mean().astype(float)}
+                       ).reset_index()
+    out["day"] = out["day"].map(lambda d: d.isoformat())
+    return out
+
+
+def shown(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with the words the screen uses: ``answer`` (the class given by its human name,
+    or "Withheld"), ``clinician_answer`` (the clinician's class by its name)."""
+    from medcls.engine.present import class_name
+
+    if frame.empty:
+        return frame.assign(answer=[], clinician_answer=[])
+    answer = [("Withheld" if w else class_name(None, p))
+              for p, w in zip(frame["predicted"], frame["withheld"].astype(bool))]
+    clinician = ["" if c is None or c != c else class_name(None, c) for c in frame["clinician_class"]]
+    return frame.assign(answer=answer, clinician_answer=clinician)
 
 
 def agreement(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per model (name and version) and predicted class: verdict counts and agreement rate."""
-    cols = ["model", "predicted", "answers", "verdicts", "agree", "disagree", "unsure",
+    """Per model (name and version) and answer (the class given by its name, or "Withheld"):
+    verdict counts and agreement rate."""
+    cols = ["model", "answer", "answers", "verdicts", "agree", "disagree", "unsure",
             "agreement"]
     if frame.empty:
         return pd.DataFrame(columns=cols)
-    f = frame.assign(model=frame["model_name"] + " v" + frame["model_version"])
+    f = shown(frame).assign(model=frame["model_name"] + " v" + frame["model_version"])
     out = []
-    for (model, predicted), g in f.groupby(["model", "predicted"], sort=True):
+    for (model, predicted), g in f.groupby(["model", "answer"], sort=True):
         counts = g["verdict"].value_counts()
         agree, disagree, unsure = (int(counts.get(v, 0)) for v in ("agree", "disagree", "unsure"))
         decided = agree + disagree
-        out.append({"model": model, "predicted": predicted, "answers": len(g),
+        out.append({"model": model, "answer": predicted, "answers": len(g),
                     "verdicts": agree + disagree + unsure, "agree": agree, "disagree": disagree,
                     "unsure": unsure, "agreement": agree / decided if decided else None})
     return pd.DataFrame(out, columns=cols)
@@ -77,10 +94,12 @@ def confusion(frame: pd.DataFrame, model_name: str) -> pd.DataFrame:
     """Rows: the model's class; columns: the clinician's class; over decided verdicts."""
     if frame.empty:
         return pd.DataFrame()
-    f = frame[(frame["model_name"] == model_name) & frame["clinician_class"].notna()]
-    classes = sorted(set(f["predicted"]) | set(f["clinician_class"]))
-    table = pd.crosstab(f["predicted"], f["clinician_class"]).reindex(
-        index=classes, columns=classes, fill_value=0)
+    f = shown(frame)
+    f = f[(f["model_name"] == model_name) & f["clinician_class"].notna()]
+    rows = sorted(set(f["answer"]))
+    cols = sorted(set(f["clinician_answer"]))
+    table = pd.crosstab(f["answer"], f["clinician_answer"]).reindex(
+        index=sorted(set(rows) | set(cols)), columns=cols, fill_value=0)
     table.index.name, table.columns.name = "model", "clinician"
     return table
 

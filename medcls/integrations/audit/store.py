@@ -31,7 +31,7 @@ from sqlalchemy import exc as sa_exc
 from medcls.core.errors import AuditError, AuditSchemaError
 from medcls.core.settings import PROJECT_DIR, Settings, load_settings
 
-SCHEMA_VERSION = 2  # 2: the region's size and method, the series' outcome
+SCHEMA_VERSION = 3  # 2: the region's size and method, the series' outcome; 3: why withheld
 BUSY_TIMEOUT_S = 5.0  # how long a writer waits for a locked SQLite file before giving up
 DEFAULT_DB = PROJECT_DIR / "var" / "audit.sqlite"
 
@@ -76,12 +76,16 @@ answers = sa.Table(
     sa.Column("region_diameter_mm", sa.Float),
     # schema 2: a series' outcome (suspected / not_seen / cannot_answer) for its slices' answers
     sa.Column("series_outcome", sa.String(16)),
+    # schema 3: why a withheld answer gives no class (the card's scope, the input gate), in the
+    # words the screen and the report use
+    sa.Column("withheld_reason", sa.String(400)),
 )
 
 #: Columns each schema version added to existing tables: (version, table, column). An older
 #: database gets them by ALTER TABLE ADD COLUMN (create_all adds tables, never columns).
 ADDED_COLUMNS = [(2, "answers", c) for c in ("region_method", "region_area_mm2",
-                                            "region_diameter_mm", "series_outcome")]
+                                            "region_diameter_mm", "series_outcome")] + \
+    [(3, "answers", "withheld_reason")]
 
 exports = sa.Table(
     "exports", metadata,
@@ -160,6 +164,7 @@ class Answer:
     region_area_mm2: float | None = None
     region_diameter_mm: float | None = None
     series_outcome: str | None = None
+    withheld_reason: str | None = None
     at: dt.datetime = field(default_factory=now)
 
     def __post_init__(self):
@@ -171,46 +176,35 @@ class Answer:
             raise ValueError("a withheld answer carries no region")
 
     @classmethod
-    def of(cls, prediction, card: Mapping, user: str, page: str, region=None,
+    def of(cls, answer, card: Mapping, user: str, page: str, region=None,
            region_method: str | None = None, **input_and_method) -> "Answer":
-        """From a :class:`medcls.engine.inference.Prediction` and the answering model's card. ``region``
-        (a segmentation, a PACS Roi or a heatmap region, see :func:`region_fields`) is kept for a
-        tumour answer only: a no-tumour or withheld answer carries no region."""
-        from medcls.engine.findings import is_finding_answer
+        """The one audit record of an answer, from every page and from the PACS: ``answer`` a
+        :class:`medcls.engine.inference.Prediction`, a worklist row
+        (:class:`medcls.engine.review.ReviewRow`) or a :class:`medcls.engine.reading.Reading`, read
+        through :func:`medcls.engine.reading.read` with the answering model's card, so the row says
+        what the screen and the report say: the model's top class and probabilities, whether the
+        answer is withheld and why, and the region's size and method (``region``: a segmentation,
+        a PACS Roi or a heatmap region) for a finding answer only."""
+        from medcls.engine.reading import read
 
-        if region is not None and "classes" in card and is_finding_answer(prediction, card):
-            input_and_method = {**region_fields(region, region_method), **input_and_method}
+        reading = read(answer, card, region, region_method)
+        probs = reading.probabilities
+        top = reading.top_label
+        if top is None:
+            raise ValueError("an unreadable input has no answer to record")
+        m = reading.measure
+        fields = dict(withheld_reason=reading.reason)
+        if m is not None and reading.is_finding:
+            fields.update(region_method=m.method, region_area_mm2=m.area_mm2,
+                          region_diameter_mm=m.diameter_mm)
+        gate = getattr(answer, "gate_score", None)
+        low = bool(getattr(answer, "low_confidence", reading.state == "uncertain"))
         return cls(user=user, page=page, model_name=card["name"],
                    model_version=str(card["version"]), model_sha256=card["model_sha256"],
-                   task=card.get("task"), predicted=prediction.label,
-                   confidence=float(prediction.confidence),
-                   probabilities={c: float(p) for c, p in zip(prediction.classes,
-                                                              prediction.probabilities)},
-                   low_confidence=bool(prediction.low_confidence),
-                   withheld=bool(prediction.outside_training_distribution),
-                   gate_score=None if prediction.gate_score is None else float(prediction.gate_score),
-                   **input_and_method)
-
-
-def region_fields(region, method: str | None = None) -> dict:
-    """The audit columns of a tumour region's size: ``region`` a segmentation
-    (:class:`medcls.models.segmenter.Segmentation`, method "segmentation"), a PACS result's
-    :class:`medcls.integrations.pacs.results.Roi` (its own method) or a heatmap region
-    (:class:`medcls.models.saliency.Region`, "Grad-CAM region"); ``None`` gives no region (a no-tumour
-    or withheld answer)."""
-    from medcls.engine.series import HEATMAP_REGION, SEGMENTATION
-
-    if region is None:
-        return {}
-    if method is None:
-        method = getattr(region, "method", None)
-        if method not in (SEGMENTATION, HEATMAP_REGION):  # a Segmentation names its model
-            method = SEGMENTATION if hasattr(region, "diameter_px") and hasattr(region, "confidence") \
-                else HEATMAP_REGION
-    area = getattr(region, "area_mm2", None)
-    diameter = getattr(region, "diameter_mm", None)
-    return {"region_method": method, "region_area_mm2": None if area is None else float(area),
-            "region_diameter_mm": None if diameter is None else float(diameter)}
+                   task=card.get("task"), predicted=top, confidence=float(probs.get(top, 0.0)),
+                   probabilities=dict(probs), low_confidence=low, withheld=reading.withheld,
+                   gate_score=None if gate is None else float(gate),
+                   **{**fields, **input_and_method})
 
 
 # ----------------------------------------------------------------------------- store
@@ -269,8 +263,8 @@ class AuditStore:
     @property
     def where(self) -> str:
         u = self.engine.url
-        # the file's name only: a page must not show the server's folders to its visitors
-        return (f"SQLite file {Path(u.database or '').name}" if u.get_backend_name() == "sqlite"
+        # the file's name only: its absolute path tells anyone how the server is laid out
+        return (f"SQLite file {Path(u.database or ':memory:').name}" if u.get_backend_name() == "sqlite"
                 else f"PostgreSQL {u.host or 'localhost'}:{u.port or 5432}/{u.database}")
 
     def __repr__(self) -> str:
@@ -353,12 +347,13 @@ class AuditStore:
         if verdict == "disagree" and not corrected_class:
             raise AuditError("A disagreement needs the class you think is right.")
         with self._begin() as conn:
-            predicted = conn.execute(sa.select(answers.c.predicted)
-                                     .where(answers.c.id == answer_id)).scalar()
-            if predicted is None:
+            row = conn.execute(sa.select(answers.c.predicted, answers.c.withheld)
+                               .where(answers.c.id == answer_id)).first()
+            predicted = None if row is None else (None if row.withheld else row.predicted)
+            if row is None:
                 raise AuditError("That answer is not in the audit trail, so no verdict can be "
                                  "attached to it.")
-            if verdict == "disagree" and corrected_class == predicted:
+            if verdict == "disagree" and predicted is not None and corrected_class == predicted:
                 raise AuditError("The corrected class is the one the model gave: choose "
                                  "'agree', or another class.")
             return conn.execute(sa.insert(verdicts).values(
@@ -402,6 +397,15 @@ class AuditStore:
             q = q.where(answers.c.at < until)
         with self._begin() as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+    def latest_verdict(self, answer_id: int) -> dict | None:
+        """The latest verdict on an answer (verdict, corrected_class, note, user, at), or None."""
+        q = (sa.select(verdicts.c.verdict, verdicts.c.corrected_class, verdicts.c.note,
+                       verdicts.c.user, verdicts.c.at)
+             .where(verdicts.c.answer_id == answer_id).order_by(verdicts.c.id.desc()).limit(1))
+        with self._begin() as conn:
+            row = conn.execute(q).first()
+        return dict(row._mapping) if row is not None else None
 
     def table_names(self) -> list[str]:
         return sorted(metadata.tables)

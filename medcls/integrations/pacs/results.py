@@ -108,15 +108,34 @@ def _code(value: str, meaning: str):
     return CodedConcept(value=value[:16], scheme_designator=SCHEME, meaning=meaning[:64])
 
 
-def class_code(name: str):
-    return _code(name, name.replace("_", " "))
+def class_code(name: str, card=None):
+    """A class as a code of MedCLS's scheme: the identifier, its human name as the meaning."""
+    from medcls.engine.present import class_name
+
+    return _code(name, class_name(card, name))
 
 
 PREDICTED_CLASS = ("predicted-class", "Predicted class")
 PROBABILITY = ("probability", "Calibrated probability of the predicted class")
 STATE = ("answer-state", "MedCLS answer state")
 STATES = {"answered": "Answered", "low-confidence": "Low confidence: uncertain",
-          "withheld": "Withheld: outside the model's training data"}
+          "withheld": "Withheld: no class given"}
+WITHHELD_REASON = ("withheld-reason", "Why the answer is withheld")
+#: Why a series' answer is withheld, coded (:func:`withheld_reason_code`).
+REASONS = {"scope": "Not validated for this series (plane or sequence)",
+           "gate": "Unlike the model's training images (input gate)",
+           "unreadable": "No slice of the series could be read"}
+
+
+def withheld_reason_code(reason: str | None) -> str:
+    """The coded reason of a withheld series (the reading's reason in words, see
+    :func:`medcls.engine.reading.read_series`)."""
+    text = (reason or "").lower()
+    if text.startswith("not validated"):
+        return "scope"
+    if "could be read" in text or "could not be read" in text:
+        return "unreadable"
+    return "gate"
 #: The region's measurement method (TID 300 "Measurement Method"), by Roi.source.
 METHODS = {"segmentation": ("segmentation", SEGMENTATION),
            "heatmap": ("gradcam-region", HEATMAP_REGION)}
@@ -174,19 +193,27 @@ def _measurement_group(series_review: "SeriesReview", model, index: int):
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
+    from medcls.engine.reading import read_series
+
     verdict = series_review.verdict
+    card = series_review.answer.card
+    reading = read_series(series_review.answer)  # the one answer: class or withheld with why
     algo = algorithm_identification(model)
     qualitative = [hd.sr.QualitativeEvaluation(_code(*STATE), _code(verdict.state,
                                                                      STATES[verdict.state]))]
     measurements = []
-    if verdict.label is not None:
+    if reading.withheld:
+        code = withheld_reason_code(reading.reason)
+        qualitative.append(hd.sr.QualitativeEvaluation(_code(*WITHHELD_REASON),
+                                                       _code(code, REASONS[code])))
+    elif verdict.label is not None:
         qualitative.insert(0, hd.sr.QualitativeEvaluation(_code(*PREDICTED_CLASS),
-                                                          class_code(verdict.label)))
-        measurements.append(hd.sr.Measurement(_code(*PROBABILITY), float(verdict.probability),
+                                                          class_code(verdict.label, card)))
+        measurements.append(hd.sr.Measurement(_code(*PROBABILITY), float(reading.probability),
                                               codes.UCUM.NoUnits))
     tracking = hd.sr.TrackingIdentifier(uid=generate_uid(),
                                         identifier=f"series {series_review.series.number} #{index}")
-    finding = (class_code(verdict.label) if verdict.label is not None
+    finding = (class_code(verdict.label, card) if not reading.withheld
                else _code(verdict.state, STATES[verdict.state]))
     header = series_review.driving_header
     roi = series_review.roi if verdict.is_finding else None  # a region is a tumour answer's only
@@ -277,9 +304,11 @@ def overlay_capture(series_review: "SeriesReview", model, min_width: int = 512) 
 
 def banner_answer(series_review: "SeriesReview", model) -> str:
     """The capture's second line: the model and the series' coded answer."""
-    v = series_review.verdict
-    answer = (f"{v.label} p={v.probability:.2f}" if v.label is not None else "no class")
-    return f"MedCLS {model.name} {model.version}: {answer} ({v.state})"
+    from medcls.engine.reading import read_series
+
+    r = read_series(series_review.answer)  # the same words and number as the screen and the SR
+    answer = f"{r.name} {r.probability_text}" if not r.withheld else "withheld, no class"
+    return f"MedCLS {model.name} {model.version}: {answer} ({series_review.verdict.state})"
 
 
 def _with_banner(rgb: np.ndarray, lines: Sequence[str]) -> np.ndarray:
@@ -375,14 +404,18 @@ def read_sr(dataset) -> list[dict]:
 def _read_group(group) -> dict:
     from pydicom.sr.codedict import codes
 
-    info: dict = {"class": None, "probability": None, "state": None, "area_mm2": None,
+    info: dict = {"class": None, "probability": None, "state": None, "withheld_reason": None,
+                  "area_mm2": None,
                   "diameter_mm": None, "method": None, "algorithm": None,
                   "referenced_sop_instance_uids": [], "roi": False}
     for q in group.get_qualitative_evaluations():
         if q.name.value == PREDICTED_CLASS[0]:
             info["class"] = q.value.value
+            info["class_meaning"] = q.value.meaning
         elif q.name.value == STATE[0][:16]:
             info["state"] = q.value.value
+        elif q.name.value == WITHHELD_REASON[0][:16]:
+            info["withheld_reason"] = q.value.meaning
     for m in group.get_measurements():
         if m.name.value == PROBABILITY[0][:16]:
             info["probability"] = float(m.value)

@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from medcls.core.access import User, may, require
 from medcls.core.errors import AccessDeniedError, MedclsError, PacsUnreachableError
+from medcls.engine.reading import read_series
 from medcls.integrations.pacs.client import PacsClient, StudyInfo, handle
 from medcls.integrations.pacs.records import StudyReview
 from medcls.integrations.pacs.review import SendOutcome, review_study, send_results
@@ -124,8 +125,10 @@ def series_rows(review: StudyReview) -> list[dict]:
             "description": s.series.description,
             "slices": sum(x.prediction is not None for x in a.slices) if a else 0,
             "skipped": len(s.skipped),
-            "answer": v.label if v is not None and v.label is not None else "withheld",
-            "probability": round(v.probability, 3) if v is not None and v.probability is not None
+            # the one answer (medcls.engine.reading): the class by its name or "Withheld", and
+            # the same probability, in the same words, as the series view, the SR and the capture
+            "answer": read_series(a).name if a is not None and v is not None else "Withheld",
+            "probability": read_series(a).probability_text if a is not None and v is not None
             else None,
             "state": s.state,
             "suspicious run": f"{run.start + 1}-{run.stop}" if run is not None else None,
