@@ -148,10 +148,10 @@ def test_one_answering_model_is_not_called_agreement(data_dir):
     """Issue 28 point 5: a chest radiograph shown to the brain models: the default and compact
     models withhold their answer (input gate), the seed CNN's gate lets it through. One answer is
     no agreement: the page must not say the models agree."""
-    from conftest import shipped_package
-
     from medcls.engine.inference import Predictor
     from medcls.io.load import load_scan
+
+    from conftest import shipped_package
 
     names = ["brain-mri-default", "brain-mri-seed-cnn"]
     paths = [str(shipped_package(n)) for n in names]
