@@ -232,7 +232,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     image = scans.display(scan, center, width)
     where = (f" · position {series.position_of(shown):.1f} mm" if series.positions is not None
              else "")
-    facts = (f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px" + where
+    facts = (f"{common.plain(scan.modality)} · {scan.shape[1]}×{scan.shape[0]} px" + where
              + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
                 if scan.pixel_spacing else ""))
     item = answer.slices[shown]
@@ -255,7 +255,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     if not show_overlay:
         over, title = np.dstack([gray] * 3), "Heatmap hidden (overlay off)"
     viewer.linked_viewer(image, over, (f"Slice {shown + 1}", title), key="series_viewer")
-    st.caption(common.plain(facts) + ". Drag to pan, scroll to zoom (both images move together).")
+    st.caption(facts + ". Drag to pan, scroll to zoom (both images move together).")
     if show_overlay:
         st.caption(meaning)
     if region is not None:

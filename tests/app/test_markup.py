@@ -84,10 +84,10 @@ def _watch(page, url: str) -> list[str]:
 
 def _no_markup(page, url: str, asked: list[str], hits: list[str]) -> None:
     page.wait_for_timeout(1500)  # let any image load start
-    assert asked == [] and hits == [], (asked, hits)
     found = page.locator(f'a[href^="{url}"], img[src^="{url}"]')
     assert found.count() == 0, [found.nth(i).evaluate("e => e.parentElement.outerHTML")
                                 for i in range(found.count())]
+    assert asked == [] and hits == [], (asked, hits)
     assert "Traceback" not in page.inner_text("body")
 
 
@@ -108,7 +108,7 @@ def test_series_mode_shows_dicom_text_as_text(app_server, chromium, canary, host
     box.wait_for(state="attached", timeout=TIMEOUT)
     box.set_input_files(str(folder))
     # the series' facts name its modality: shown as written
-    page.get_by_text(f"![m]({url}/modality.png)", exact=False).first.wait_for(timeout=TIMEOUT)
+    page.get_by_text("![m](http:", exact=False).first.wait_for(timeout=TIMEOUT)
     _no_markup(page, url, asked, hits)
     page.close()
 
@@ -132,7 +132,8 @@ def test_pacs_page_shows_pacs_text_as_text(app_server, orthanc, chromium, canary
     page.keyboard.press("Escape")
     page.get_by_role("button", name="Run").click()
     page.get_by_text("Results:").first.wait_for(timeout=TIMEOUT)
-    page.get_by_text(f"[result verified]({url}/series-link)", exact=False).first.wait_for(
-        timeout=TIMEOUT)
+    # the study's description in the results' title, as written (a zero-width space breaks the
+    # URL for the autolinker, so the text is matched up to it)
+    page.get_by_text("Results: ![s](http:", exact=False).first.wait_for(timeout=TIMEOUT)
     _no_markup(page, url, asked, hits)
     page.close()
