@@ -125,11 +125,11 @@ with viewer_slot:
                              cache_key=("main", scan.sha256, frame, model_path, method,
                                         explanation.class_index, heat is not None,
                                         region_drawn, show_region))
-    st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+    st.caption(f"{common.plain(scan.modality)} · {scan.shape[1]}×{scan.shape[0]} px"
                + (f" · {scan.pixel_spacing[1]:.2f}×{scan.pixel_spacing[0]:.2f} mm/px"
                   if scan.pixel_spacing else "")
                + (f" · frame {frame + 1}/{scan.n_frames}" if scan.n_frames > 1 else "")
-               + (f" · **this scan:** {stack.acquisition_words(acquisition_of(scan.metadata, scan.modality), scan.modality)} (from its own tags)"
+               + (f" · **this scan:** {common.plain(stack.acquisition_words(acquisition_of(scan.metadata, scan.modality), scan.modality))} (from its own tags)"
                   if scan.source_format == "dicom" else "")
                + f" · **{card['name']} was validated on:** {stack.scope_short(card)}")
     if heat is not None:

@@ -189,7 +189,7 @@ n_total = len(job.sources)
 if job.state == "failed":
     common.show_error(job.error, "The review")
 status = {"done": "finished", "stopped": "stopped", "failed": "ended by an error"}[job.state]
-st.subheader(f"Results: {job.origin}")
+st.subheader(f"Results: {common.plain(job.origin)}")
 st.caption(f"{len(rows)} of {n_total} scans, {status} in {job.elapsed_s:.1f} s · model "
            f"{card.name} v{card.version}")
 if job.state == "stopped" and job.not_reviewed:
@@ -335,7 +335,7 @@ def selected_row() -> None:
 
     index = int(view.index[position])
     row = rows[index]
-    st.subheader(f"Selected: {row.file}")
+    st.subheader(f"Selected: {common.plain(row.file)}")
     p1, p2, p3 = st.columns([1, 1, 4])
     p1.button("◀ Previous", key="batch_prev", on_click=step, args=(-1,), disabled=position == 0)
     p2.button("Next ▶", key="batch_next", on_click=step, args=(1,), disabled=position >= len(view) - 1)
@@ -375,7 +375,7 @@ def selected_row() -> None:
         viewer.linked_viewer(draw_outline(image, outline), over,
                              ("Scan", f"{title} · {METHODS[HEATMAP_METHOD].label}"),
                              key="batch_viewer", height=340)
-        st.caption(f"{scan.modality} · {scan.shape[1]}×{scan.shape[0]} px"
+        st.caption(f"{common.plain(scan.modality)} · {scan.shape[1]}×{scan.shape[0]} px"
                    + (f" · {viewer.region_caption(explanation.region)}" if drawn else "")
                    + ". Drag to pan, scroll to zoom (both images move together).")
         if outline is not None:

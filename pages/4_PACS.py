@@ -2,8 +2,10 @@
 back as DICOM (a TID 1500 structured report and heatmap captures) beside the images.
 
 Layout only: searching, reviewing and sending are :class:`medcls.integrations.pacs.workspace.PacsWorkspace` calls;
-the workspace lives in this session's state (patient data shown here, never logged or
-written anywhere but the DICOM results sent to the PACS). Connection settings come from the
+the workspace lives in this session's state (patient data shown here only with the "Show
+identifying tags" switch, never logged or written anywhere but the DICOM results sent to the
+PACS). A reviewer searches the PACS; a clinician opens a study by its accession number. Every
+text from the PACS is shown as plain text (``common.plain``). Connection settings come from the
 environment or ``.streamlit/secrets.toml`` (see the README, section "PACS")."""
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from ui import audit, chrome, common, models, series, signin
 
 WORKSPACE = "pacs_workspace"
 
-chrome.page_header("PACS", "Search the PACS, classify whole studies series by series, and send the "
-               "results back as DICOM beside the images.", icon="🏥")
+user = chrome.page_header("PACS", "Search the PACS, classify whole studies series by series, and "
+                          "send the results back as DICOM beside the images.", icon="🏥",
+                          permission="pacs-open")
 models.require_models()
 
 try:
@@ -41,34 +44,48 @@ ws: PacsWorkspace = st.session_state.setdefault(WORKSPACE, PacsWorkspace())
 with st.sidebar:
     st.header("Model")
     model_path = models.pick_model("pacs_model")
-    st.caption(f"PACS: {client.address}")
+    st.caption(f"PACS: {common.plain(client.address)}")
+    st.header("Privacy")
+    show_phi = st.toggle("Show identifying tags", value=False, key="pacs_show_phi",
+                         help="Shows patient name and ID, study dates, accession numbers and "
+                              "UIDs on screen only. They are never stored, logged or exported.")
+may_search = signin.permitted("pacs-search", explain=False)
 
 # ----------------------------------------------------------------------------- search
+filters: dict = {}
 with st.form("pacs_search"):
-    c1, c2, c3, c4, c5 = st.columns([2, 1.3, 1.3, 1, 2])
-    patient_id = c1.text_input("Patient ID")
-    date_from = c2.date_input("Study date from", value=None, format="YYYY-MM-DD")
-    date_to = c3.date_input("to", value=None, format="YYYY-MM-DD")
-    modality = c4.text_input("Modality", placeholder="MR")
-    description = c5.text_input("Description contains")
-    searched = st.form_submit_button("Search", type="primary")
+    if may_search:
+        c0, c1, c2, c3, c4, c5 = st.columns([1.4, 1.6, 1.3, 1.3, 1, 2])
+        accession = c0.text_input("Accession number")
+        filters["patient_id"] = c1.text_input("Patient ID").strip() or None
+        filters["date_from"] = c2.date_input("Study date from", value=None, format="YYYY-MM-DD")
+        filters["date_to"] = c3.date_input("to", value=None, format="YYYY-MM-DD")
+        filters["modality"] = c4.text_input("Modality", placeholder="MR").strip().upper() or None
+        filters["description"] = c5.text_input("Description contains").strip() or None
+    else:
+        accession = st.text_input("Accession number", help="The accession number of the study "
+                                  "you were asked to read. Searching the PACS and listing its "
+                                  "patients needs the reviewer role.")
+    searched = st.form_submit_button("Search" if may_search else "Open", type="primary")
 if searched:
     try:
         with st.spinner("Searching the PACS..."):
-            ws.search(client, patient_id=patient_id.strip() or None, date_from=date_from,
-                      date_to=date_to, modality=modality.strip().upper() or None,
-                      description=description.strip() or None)
+            ws.search_as(user, client, accession=accession, **filters)
     except MedclsError as exc:
         common.show_error(exc, "The PACS search")
 
 if not ws.studies:
-    st.caption("No studies listed yet: search by patient ID, study date, modality or description.")
+    st.caption("No studies listed yet: " + ("search by accession number, patient ID, study date, "
+                                            "modality or description." if may_search else
+                                            "open a study by its accession number."))
     st.stop()
 
 st.subheader(f"Studies ({len(ws.studies)})")
-st.dataframe(pd.DataFrame(study_rows(ws.studies)), hide_index=True, width="stretch")
+st.dataframe(pd.DataFrame(study_rows(ws.studies, identifying=show_phi)), hide_index=True,
+             width="stretch")
 uids = [s.study_uid for s in ws.studies]
-chosen = st.multiselect("Studies to classify", uids, format_func=ws.label, key="pacs_selected")
+chosen = st.multiselect("Studies to classify", uids, format_func=lambda u: ws.label(u, show_phi),
+                        key="pacs_selected")
 if st.button("Run", type="primary", disabled=not chosen):
     predictor = models.load_predictor(model_path)
     bar = st.progress(0.0, text="Retrieving and classifying...")
@@ -88,21 +105,21 @@ if st.button("Run", type="primary", disabled=not chosen):
 
 # ----------------------------------------------------------------------------- results
 for uid, message in ws.errors.items():
-    st.error(f"{ws.label(uid)}: {message}")
+    st.error(f"{common.plain(ws.label(uid, show_phi))}: {common.plain(message)}")
 
 
 for uid, review in ws.reviews.items():
     st.divider()
-    st.subheader(f"Results: {ws.label(uid)}")
-    st.caption(f"Model {review.model.name} {review.model.version} ({review.model.tag})")
+    st.subheader(f"Results: {common.plain(ws.label(uid, show_phi))}")
+    st.caption(common.plain(f"Model {review.model.name} {review.model.version} ({review.model.tag})"))
     st.dataframe(pd.DataFrame(series_rows(review)), hide_index=True, width="stretch")
     for k in review.skipped:
-        st.caption(f"Skipped (series {k.series_number}, {k.sop_class}): {k.reason}")
+        st.caption(common.plain(f"Skipped (series {k.series_number}, {k.sop_class}): {k.reason}"))
     for s in review.series:
         if s.answer is None or not s.answer.slices:
             continue
-        with st.expander(f"Series {s.series.number} · {s.series.description} · "
-                         f"{s.state}", expanded=True):
+        with st.expander(common.plain(f"Series {s.series.number} · {s.series.description} · "
+                                      f"{s.state}"), expanded=True):
             # the series view's summary and strip: the same answer as on the main page
             series.summary_box(s.answer)
             st.plotly_chart(series.strip_figure(s.answer, s.driving if s.driving is not None else 0),
@@ -122,7 +139,8 @@ for uid, review in ws.reviews.items():
     if review.already_sent and outcome is None:
         st.info("Results of this model version are already in the PACS for this study "
                 "(found by QIDO-RS); they are not sent again.")
-        st.code("\n".join(f"SR series {s.series_uid}" for s in review.prior_results))
+        if show_phi:
+            st.code("\n".join(f"SR series {s.series_uid}" for s in review.prior_results))
     elif outcome is None and st.button("Send results to PACS", key=f"send-{uid}",
                                        disabled=not review.answered
                                        or not signin.permitted("pacs-send")) and signin.permitted("pacs-send", False):
@@ -136,6 +154,7 @@ for uid, review in ws.reviews.items():
         except MedclsError as exc:
             common.show_error(exc, "Sending")
     if outcome is not None:
-        (st.success if outcome.sent else st.info)(outcome.message)
-        st.code("\n".join([f"stored {u}" for u in outcome.sop_instance_uids]
-                          + [f"series {u}" for u in outcome.series_uids]))
+        (st.success if outcome.sent else st.info)(common.plain(outcome.message))
+        if show_phi:  # UIDs carry the examination's date and time
+            st.code("\n".join([f"stored {u}" for u in outcome.sop_instance_uids]
+                              + [f"series {u}" for u in outcome.series_uids]))

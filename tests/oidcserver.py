@@ -63,3 +63,37 @@ server_metadata_url = "{issuer}/.well-known/openid-configuration"
 client_kwargs = {{ prompt = "login" }}
 {access}
 """
+
+
+def browser_sign_in(page, app_url: str, issuer: str, login: str, timeout: int = 180_000) -> None:
+    """Sign ``login`` in through the app's "Sign in" button and the provider's own form (any
+    password), in a Playwright ``page``; returns once back on the app."""
+    import re
+
+    page.goto(app_url, timeout=timeout)
+    page.get_by_text("Sign in to use MedCLS").wait_for(timeout=timeout)
+    for attempt in range(3):  # under load a click during the page's first run can be lost
+        if not page.url.startswith(issuer):
+            page.get_by_role("button", name="Sign in").click()
+        try:
+            page.wait_for_url(re.compile(re.escape(issuer) + ".*"), timeout=40_000)
+            break
+        except Exception:  # noqa: BLE001
+            if attempt == 2:
+                raise
+    page.locator('input[name="login"]').fill(login)
+    page.locator('input[name="password"]').fill("any password")
+    page.locator('button[type="submit"]').click()
+    consent = page.get_by_role("button", name="Continue")
+    try:  # the provider asks for consent the first time a user signs in to the client
+        consent.wait_for(timeout=5_000)
+        consent.click()
+    except Exception:  # noqa: BLE001 - no consent page this time
+        pass
+    try:
+        page.wait_for_url(re.compile(re.escape(app_url) + ".*"), timeout=60_000)
+    except Exception:
+        OUTPUT.mkdir(exist_ok=True)
+        print("stuck at", page.url)
+        page.screenshot(path=str(OUTPUT / f"signin-stuck-{login}.png"), timeout=5_000)
+        raise

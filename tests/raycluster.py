@@ -1,6 +1,6 @@
 """A real Ray cluster of local processes for tests and benchmarks: a head and more nodes started
 with ``ray start`` (each with its own CPU count, temporary directory and free ports), all on
-localhost, and stopped by the process ids it started.
+the loopback address 127.0.0.2 (:data:`NODE_IP`), and stopped by the process ids it started.
 
 Why not ``ray stop``: it stops every Ray process of the machine, including other users' clusters.
 Here the processes are found by their temporary directory (on their command line) and their
@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 RAY = str(Path(sys.executable).with_name("ray"))  # the venv's ray: workers run this venv's python
+
+#: The nodes' address: a loopback address other than 127.0.0.1, which Ray would turn into the
+#: machine's own ("remotely reachable") address, binding its runtime-env agent there.
+NODE_IP = "127.0.0.2"
 
 
 def free_port() -> int:
@@ -63,13 +67,13 @@ class LocalRayCluster:
         self.nodes, self.cpus, self.object_store = nodes, cpus, object_store_mb << 20
         self.root = Path(tempfile.mkdtemp(prefix="medcls-ray-"))
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{NODE_IP}:{self.port}"
         self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", PYTHONWARNINGS="ignore")
 
     def _start(self, args: list[str], temp: Path) -> None:
         temp.mkdir(parents=True, exist_ok=True)
         cmd = [RAY, "start", *args, "--num-cpus", str(self.cpus), "--temp-dir", str(temp),
-               "--node-ip-address", "127.0.0.1", "--object-store-memory", str(self.object_store),
+               "--node-ip-address", NODE_IP, "--object-store-memory", str(self.object_store),
                "--disable-usage-stats", *_port_options()]
         proc = subprocess.run(cmd, cwd=self.root, env=self.env, capture_output=True, text=True,
                               timeout=120)

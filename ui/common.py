@@ -1,11 +1,12 @@
 """What every page shares below the chrome: the app's settings, the one way a page shows an
-error (``with user_errors(...)``: a typed error's message, never a trace) and the audit-trail
-warning.
+error (``with user_errors(...)``: a typed error's message, never a trace), the one way text from
+a file or the PACS is shown (:func:`plain`) and the audit-trail warning.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +40,26 @@ def secrets_dict() -> dict:
     except Exception as exc:  # noqa: BLE001 - a missing or unreadable file means "no secrets"
         log.debug("no secrets.toml used (%s)", type(exc).__name__)
         return {}
+
+
+#: Every character markdown, HTML or Streamlit's own directives (``:red[...]``,
+#: ``:material/...:``, ``$math$``) could read as markup.
+_AUTOLINK = re.compile(r":/|www\.|@.", re.IGNORECASE)
+_MARKUP = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=^\"'])")
+
+
+def plain(value) -> str:
+    """Text from a file or the PACS (Modality, descriptions, patient fields, file names, finding
+    text) made safe for any markdown-rendering call (``st.markdown``, ``caption``, ``info``,
+    ``error``, ``subheader``, an expander's label...): shown exactly as written, never as
+    markup. A DICOM description ``![x](http://...)`` must not make the browser fetch that URL
+    (with the app's address as Referer), nor ``[result verified](http://...)`` or a bare URL
+    become a link. Control characters become spaces."""
+    text = "".join(c if c.isprintable() else " " for c in str(value))
+    # Streamlit's markdown links bare URLs and addresses after escapes are read: a zero-width
+    # space inside ":/", "www." and "@x" keeps them text
+    text = _AUTOLINK.sub(lambda m: m.group(0)[:-1] + "\u200b" + m.group(0)[-1], text)
+    return _MARKUP.sub(r"\\\1", text)
 
 
 def models_root() -> Path:

@@ -144,7 +144,7 @@ def summary_facts(answer) -> None:
     elif sm.run is not None and answer.volume_note:
         facts.append(answer.volume_note)
     facts.append(f"answered in {answer.elapsed_s:.1f} s")
-    st.caption(" · ".join(facts))
+    st.caption(common.plain(" · ".join(facts)))
     st.caption(f"Rule: {sm.rule} Scope: {stack.scope_words(answer.card)}")
 
 
@@ -188,14 +188,14 @@ def strip_figure(answer, shown: int) -> go.Figure:
 
 def _findings(study, series) -> None:
     for f in [*study.findings, *series.findings]:
-        st.warning(f.message) if f.kind.value in ("gap", "duplicate", "mixed_orientation",
+        st.warning(common.plain(f.message)) if f.kind.value in ("gap", "duplicate", "mixed_orientation",
                                                   "unreadable", "uneven_size", "no_order") \
-            else st.info(f.message)
+            else st.info(common.plain(f.message))
 
 
 def acquisition_line(series, card) -> None:
     """What this series is (its own tags) beside what the model was validated on (its card)."""
-    acq = stack.acquisition_words(stack.series_acquisition(series), series.modality)
+    acq = common.plain(stack.acquisition_words(stack.series_acquisition(series), series.modality))
     st.caption(f"**This series:** {acq} (from its own tags) · **{card['name']} was validated "
                f"on:** {stack.scope_short(card)}")
 
@@ -237,7 +237,7 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
         return
     if not study.series:
         for f in study.findings:
-            st.error(f.message)
+            st.error(common.plain(f.message))
         st.error("No series could be read from this upload.")
         return
     try:
@@ -347,8 +347,9 @@ def _side_by_side(study, predictor, model_path, method, alpha, show_region, show
     for col, i in zip(st.columns(len(picked)), picked):
         series = study.series[i]
         with col:
-            acq = stack.acquisition_words(stack.series_acquisition(series), series.modality)
-            st.markdown(f"**{series.label}**  \n{acq}")
+            acq = common.plain(stack.acquisition_words(stack.series_acquisition(series),
+                                                       series.modality))
+            st.markdown(f"**{common.plain(series.label)}**  \n{acq}")
             try:
                 answer = _answer(predictor, series, model_path)
                 data_id, payload = _payload(predictor, answer, model_path, method, show_region,
@@ -401,7 +402,7 @@ def batch_series_table(job, predictor) -> None:
             job.series_answers = review_by_series(predictor, job.sources)
     study, answers = job.series_answers
     for f in study.findings:
-        st.caption(f.message)
+        st.caption(common.plain(f.message))
     if not answers:
         st.info("No DICOM series or NIfTI volume among these files.")
         return

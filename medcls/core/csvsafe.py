@@ -1,4 +1,5 @@
-"""Cells of exported tables (CSV worklists now, the audit export later).
+"""Cells of exported tables (CSV worklists now, the audit export later), and the one way an
+export file is written (:func:`atomic_output`: whole or not at all).
 
 A spreadsheet runs a cell that starts with ``=``, ``+``, ``-`` or ``@`` as a formula (and
 some also after a leading tab or carriage return), so text from any source (file names,
@@ -9,7 +10,14 @@ commands when the export is opened (OWASP "CSV injection"). Every string cell go
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+import contextlib
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Mapping
+
+from medcls.core.errors import OutputWriteError
 
 #: First characters a spreadsheet treats as the start of a formula.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -42,3 +50,46 @@ def escape_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def escape_header(names: Iterable[str]) -> list[str]:
     return [escape_cell(n) for n in names]
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "w", **open_args) -> Iterator[IO]:
+    """Write ``path`` whole or not at all: the block writes a temporary file beside it, which
+    replaces ``path`` (``os.replace``, atomic on one file system) only once it is complete and
+    on disk. A failure leaves the old file (or none) and no temporary one; a full disk or any
+    other write failure is an :class:`OutputWriteError` naming only the file's name::
+
+        with atomic_output(out, newline="") as fh:
+            csv.writer(fh).writerows(rows)
+    """
+    path = Path(path)
+    if "b" not in mode:
+        open_args.setdefault("encoding", "utf-8")
+    fd, tmp = None, None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        with os.fdopen(fd, mode, **open_args) as fh:
+            fd = None
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise OutputWriteError(_write_failure(path.name, exc)) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _write_failure(name: str, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"The disk is full: {name} was not written (nothing partial was left). Free some space and run again."
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{name} could not be written: its folder is not writable."
+    if exc.errno == errno.ENOENT:
+        return f"{name} could not be written: its folder does not exist."
+    return f"{name} could not be written ({errno.errorcode.get(exc.errno or 0, 'I/O error')})."

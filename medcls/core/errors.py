@@ -100,3 +100,8 @@ class AccessDeniedError(MedclsError):
 class PretrainedWeightsError(ModelPackageError):
     """A pretrained weights file (an ImageNet backbone) is malformed, refused (a pickle naming
     anything but tensors) or does not match the network it is loaded into."""
+
+
+class OutputWriteError(MedclsError):
+    """An output file (a worklist, an export) could not be written, e.g. the disk is full;
+    nothing partial is left in its place."""

@@ -102,6 +102,7 @@ class AuthSettings:
     allow: tuple[str, ...] = setting("MEDCLS_AUTH_ALLOW", "allow", (), names)  # addresses, @domains
     roles: dict[str, str] = setting("MEDCLS_AUTH_ROLES", "roles", parse=name_map, factory=dict)
     default_role: str = setting("MEDCLS_AUTH_DEFAULT_ROLE", "default_role", "clinician")
+    session_hours: float = setting("MEDCLS_AUTH_SESSION_HOURS", "session_hours", 12.0, positive)
 
 
 def at_least_one(value: Any) -> int:

@@ -160,7 +160,7 @@ def _finish(fig, lines: list[str], top: float, fontsize: float, fmt: str) -> byt
     # a longer line is cut off at the page's edge, and its last characters lost)
     width = min(100, int(0.93 * fig.get_figwidth() * 72 / (0.61 * fontsize)))
     fig.text(0.05, top, "\n".join(textwrap.fill(x, width, subsequent_indent="  ") for x in lines),
-             fontsize=fontsize, va="top", family="monospace")
+             fontsize=fontsize, va="top", family="monospace", parse_math=False)  # file text: as written
     fig.text(0.05, 0.05, textwrap.fill(DISCLAIMER, 95), fontsize=10, color="#b00000", fontweight="bold")
     buf = io.BytesIO()
     # TrueType (Type 42) fonts: the PDF's words are real text a reader can select and search and a

@@ -7,6 +7,7 @@ bounded. :class:`ReviewJob` runs a review in the background for the batch page.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import threading
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
-from medcls.core.csvsafe import escape_header, escape_row
+from medcls.core.csvsafe import atomic_output, escape_header, escape_row
 from medcls.engine.inference import Predictor, StreamItem
 from medcls.engine.reading import read_row, tally
 from medcls.io.load import load_scan
@@ -154,15 +155,11 @@ def write_csv(rows: Sequence[ReviewRow], classes: Sequence[str], out, card: Mapp
     fields = list(rows[0].as_record(classes, card)) if rows else list(
         ReviewRow("", None, None, {}, False, False, None, None).as_record(classes, card))
     own = isinstance(out, (str, Path))
-    fh = open(out, "w", newline="") if own else out
-    try:
+    with atomic_output(out, newline="") if own else contextlib.nullcontext(out) as fh:
         w = csv.DictWriter(fh, fieldnames=escape_header(fields))
         w.writeheader()
         for r in rows:
             w.writerow(escape_row(r.as_record(classes, card)))
-    finally:
-        if own:
-            fh.close()
 
 
 class ReviewJob:

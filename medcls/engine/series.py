@@ -436,22 +436,19 @@ def review_by_series(predictor: Predictor, sources, min_run: int = MIN_RUN,
 def write_records_csv(records: Sequence[dict], out) -> None:
     """Records as CSV (a path or a text stream); every cell through
     :func:`medcls.core.csvsafe.escape_cell` (no text runs as a spreadsheet formula)."""
+    import contextlib
     import csv
     from pathlib import Path
 
-    from medcls.core.csvsafe import escape_header, escape_row
+    from medcls.core.csvsafe import atomic_output, escape_header, escape_row
 
     own = isinstance(out, (str, Path))
-    fh = open(out, "w", newline="") if own else out
-    try:
+    with atomic_output(out, newline="") if own else contextlib.nullcontext(out) as fh:
         fields = list(records[0]) if records else ["series", "outcome", "summary"]
         w = csv.DictWriter(fh, fieldnames=escape_header(fields))
         w.writeheader()
         for rec in records:
             w.writerow(escape_row(rec))
-    finally:
-        if own:
-            fh.close()
 
 
 def heatmap_class(answer: SeriesAnswer, i: int, requested: bool = False) -> int | None:

@@ -106,6 +106,34 @@ def plan_decode(width: int, height: int, samples: int, bytes_per_sample: int,
         + (", even at reduced resolution" if reduce else "") + "; it was not opened.")
 
 
+def volume_bytes(shape: tuple[int, int, int], stored_itemsize: int, held_bytes: int,
+                 scaled: bool) -> tuple[int, int]:
+    """Peak bytes of opening a volume (a NIfTI) and of showing one slice of it:
+    ``held_bytes`` (the expanded file, held while the voxels are copied out of it), the volume
+    kept for the series (float32 when a scale slope or intercept applies, else its stored
+    type) and one slice's working copies (:func:`working_bytes`). Returns (need, kept)."""
+    rows, cols, slices = (int(n) for n in shape)
+    kept = rows * cols * slices * (4 if scaled else int(stored_itemsize))
+    one_slice = working_bytes(cols, rows, 1, 4 if scaled else int(stored_itemsize))
+    return int(held_bytes) + kept + one_slice, kept
+
+
+def check_volume(shape: tuple[int, int, int], stored_itemsize: int, held_bytes: int,
+                 scaled: bool, what: str = "volume", budget: int | None = None) -> int:
+    """The bytes a volume keeps once open (:func:`volume_bytes`), or
+    :class:`DecodeBudgetError` naming the budget when its peak would not fit: checked from the
+    header, before the file is expanded or any voxel array allocated."""
+    budget = decode_budget() if budget is None else budget
+    need, kept = volume_bytes(shape, stored_itemsize, held_bytes, scaled)
+    if need > budget:
+        rows, cols, slices = shape
+        raise DecodeBudgetError(
+            f"Opening this {what} ({cols}x{rows} pixels x {slices} slices) would need about "
+            f"{need / 2**30:.1f} GB of memory, more than the decode budget of "
+            f"{budget / 2**30:.2g} GB (MEDCLS_DECODE_BUDGET_MB); it was not opened.")
+    return kept
+
+
 def rescaled_spacing(spacing: tuple[float, float] | None, full_shape: tuple[int, int] | None,
                       shape: tuple[int, int]) -> tuple[float, float] | None:
     """Pixel spacing of a frame decoded at reduced size: each decoded pixel covers

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from medcls.core.errors import MedclsError, UnreadableScanError
+from medcls.core.errors import MedclsError, ScanTooLargeError, UnreadableScanError
 from medcls.io.budget import MAX_PIXELS
 from medcls.io.dicom_tags import read_dataset, safe_metadata
 from medcls.io.geometry import plane_of_normal
@@ -190,6 +190,8 @@ def gather(sources: Iterable[SourceLike]) -> Study:
                 series.append(_image_series(source))
             else:
                 unreadable.append(source.name)
+        except ScanTooLargeError as exc:  # over a limit or the decode budget: say which
+            findings.append(Finding(FindingKind.UNREADABLE, str(exc), files=(source.name,)))
         except MedclsError as exc:
             log.debug("not gathered: %s", type(exc).__name__)
             unreadable.append(source.name)

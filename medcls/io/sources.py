@@ -21,6 +21,12 @@ ZIP_MAX_TOTAL_BYTES = 2 << 30  # declared uncompressed size of all members
 ZIP_MAX_RATIO = 200  # uncompressed / compressed size, of one member and of the whole archive
 ZIP_RATIO_FLOOR = 1 << 20  # below this many declared bytes a high ratio is harmless
 ZIP_MAX_MEMBER_BYTES = MAX_FILE_BYTES  # declared size of one member: the limit of a file on disk
+MAX_FOLDER_DEPTH = 64  # levels of subfolders a folder review walks (DICOM exports nest 3-6)
+
+#: One sentence for a path that does not exist, lies outside the scan folder or is no folder:
+#: telling them apart would tell a visitor which server paths exist.
+NOT_A_SCAN_FOLDER = ("That path is not a folder inside the allowed scan folder (it may be outside "
+                     "it, or not exist); only folders inside it can be reviewed.")
 
 
 class SourceLike(Protocol):
@@ -60,11 +66,43 @@ def resolve_inside(root: str | Path, user_path: str | Path) -> Path:
     try:
         resolved = candidate.resolve(strict=True)
     except (FileNotFoundError, RuntimeError, OSError, ValueError):  # ValueError: a NUL byte
-        raise PathNotAllowedError("That path does not exist inside the allowed scan folder.") from None
+        raise PathNotAllowedError(NOT_A_SCAN_FOLDER) from None
     if resolved != root_r and root_r not in resolved.parents:
-        raise PathNotAllowedError("That path is outside the allowed scan folder; only folders "
-                                  "inside it can be reviewed.")
+        raise PathNotAllowedError(NOT_A_SCAN_FOLDER)
     return resolved
+
+
+def _walk(base: Path):
+    """``(folder, sorted subfolder names, sorted file names)`` top-down, hidden entries left
+    out, without recursion (Python 3.11's ``os.walk`` recurses and a folder 1,500 levels deep
+    raised RecursionError) and refused past :data:`MAX_FOLDER_DEPTH` levels."""
+    todo = [(base, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        dirs, files = [], []
+        try:
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if entry.name.startswith("."):
+                        continue
+                    try:
+                        is_dir = entry.is_dir()
+                        link = entry.is_symlink()
+                    except OSError:
+                        is_dir = link = False
+                    if not is_dir:
+                        files.append(entry.name)
+                    elif not link:  # a link to a folder is not followed (os.walk's default)
+                        dirs.append(entry.name)
+        except OSError:
+            continue  # an unreadable subfolder gives no rows, as os.walk skipped it
+        dirs.sort()
+        if dirs and depth >= MAX_FOLDER_DEPTH:
+            raise PathNotAllowedError(
+                f"That folder nests subfolders more than {MAX_FOLDER_DEPTH} levels deep; review "
+                "a folder further down, or flatten it.")
+        yield folder, dirs, sorted(files)
+        todo.extend((folder / d, depth + 1) for d in reversed(dirs))
 
 
 def folder_sources(root: str | Path, folder: str | Path = ".") -> list[Source]:
@@ -73,14 +111,13 @@ def folder_sources(root: str | Path, folder: str | Path = ".") -> list[Source]:
     root_r = Path(root).resolve()
     base = resolve_inside(root_r, folder)
     if not base.is_dir():
-        raise PathNotAllowedError("That path is not a folder.")
+        raise PathNotAllowedError(NOT_A_SCAN_FOLDER)
     out: list[Source] = []
-    for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            if fn.startswith(".") or fn in SKIP_NAMES:
+    for dirpath, _dirnames, filenames in _walk(base):
+        for fn in filenames:
+            if fn in SKIP_NAMES:
                 continue
-            path = Path(dirpath) / fn
+            path = dirpath / fn
             rel = str(path.relative_to(base))
             try:
                 real = resolve_inside(root_r, path)

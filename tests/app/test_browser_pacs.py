@@ -45,6 +45,7 @@ def test_pacs_page_search_run_send(pacs_app, study, orthanc, chromium):
 
     page = chromium.new_page(viewport={"width": 1500, "height": 2200})
     page.goto(pacs_app.url + "/PACS", timeout=TIMEOUT)
+    page.get_by_text("Show identifying tags").click()  # the patient ID in the list, UIDs shown
     page.get_by_role("textbox", name="Patient ID").fill(PATIENT)
     page.get_by_role("button", name="Search").click()
     page.get_by_text("Studies (1)").wait_for(timeout=TIMEOUT)

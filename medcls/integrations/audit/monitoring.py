@@ -22,7 +22,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from medcls.core.csvsafe import escape_cell
+from medcls.core.csvsafe import atomic_output, escape_cell
 from medcls.integrations.audit.store import AuditStore
 
 DISAGREEMENT_COLUMNS = ["answer_id", "at", "model_name", "model_version", "predicted",
@@ -158,7 +158,7 @@ def export_corrections(store: AuditStore, out_dir: str | Path, scan_root: str | 
             skipped["upload"] += 1
     out.mkdir(parents=True, exist_ok=True)
     files = out / "files"
-    with open(out / "labels.csv", "w", newline="") as fh:
+    with atomic_output(out / "labels.csv", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["file", "label", "split", "group", "source"])
         for rel, (path, label, sha) in sorted(rows.items()):
@@ -169,9 +169,9 @@ def export_corrections(store: AuditStore, out_dir: str | Path, scan_root: str | 
             link.symlink_to(path)
             w.writerow([f"files/{rel}", label, split, sha or "", "audit"])
     if pacs:
-        with open(out / "pacs.csv", "w", newline="") as fh:
+        with atomic_output(out / "pacs.csv", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["sop_instance_uid", "label"])
+            w.writerow(["sop_instance_uid_sha256", "label"])  # as the audit keys PACS rows
             for uid, label in sorted(pacs.items()):
                 w.writerow([uid, label])
     return {"written": len(rows), "pacs": len(pacs), **{f"skipped_{k}": v for k, v in skipped.items()}}

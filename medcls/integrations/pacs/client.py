@@ -90,6 +90,7 @@ class StudyInfo:
     modalities: tuple[str, ...] = ()
     n_series: int | None = None
     n_instances: int | None = None
+    accession: str = field(default="", repr=False)
 
     def __repr__(self) -> str:
         return f"StudyInfo({handle(self.study_uid)})"
@@ -106,7 +107,8 @@ class StudyInfo:
                    study_date=str(_value(item, "StudyDate", "")),
                    description=str(_value(item, "StudyDescription", "")), modalities=mods,
                    n_series=None if num is None else int(num),
-                   n_instances=None if inst is None else int(inst))
+                   n_instances=None if inst is None else int(inst),
+                   accession=str(_value(item, "AccessionNumber", "") or ""))
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class PacsClient:
     """DICOMweb client with timeouts, retries and typed errors."""
 
     STUDY_FIELDS = ("StudyDescription", "ModalitiesInStudy", "NumberOfStudyRelatedSeries",
-                    "NumberOfStudyRelatedInstances")
+                    "NumberOfStudyRelatedInstances", "AccessionNumber")
     SERIES_FIELDS = ("SeriesDescription", "SeriesNumber", "Modality",
                      "NumberOfSeriesRelatedInstances")
 
@@ -228,9 +230,11 @@ class PacsClient:
 
     def search_studies(self, patient_id: str | None = None, date_from: date | str | None = None,
                        date_to: date | str | None = None, modality: str | None = None,
-                       description: str | None = None, limit: int = 100) -> list[StudyInfo]:
-        """Studies matching all the given filters (``description``: a substring, any case)."""
-        filters: dict = {}
+                       description: str | None = None, limit: int = 100, *,
+                       accession: str | None = None) -> list[StudyInfo]:
+        """Studies matching all the given filters (``description``: a substring, any case;
+        ``accession``: the AccessionNumber exactly)."""
+        filters: dict = {"AccessionNumber": accession} if accession else {}
         if patient_id:
             filters["PatientID"] = patient_id
         if date_from or date_to:

@@ -6,11 +6,12 @@ retrieved before its slices go through the model in batches) and answers it with
 :func:`medcls.engine.series.answer_series`; objects without an image are skipped with the reason.
 :func:`send_results` stores the DICOM SR and Secondary Captures (:mod:`.results`) in new series of
 the study, once per model version. The audit trail (:func:`record_review`) gets each answered
-instance by its SOP Instance UID (the PACS holds it; it names no patient), never a name, ID or
-date.
+instance keyed by the SHA-256 of its SOP Instance UID (:func:`audit_key`: many UIDs embed the
+examination's date and time), never a name, ID or date.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -160,10 +161,16 @@ def send_results(client: PacsClient, review: StudyReview) -> SendOutcome:
                        f"Stored {len(stored)} object(s) in {len(series)} new series.")
 
 
+def audit_key(sop_instance_uid: str) -> str:
+    """How the audit trail knows a PACS instance: the SHA-256 (hex) of its SOP Instance UID, as
+    the logs name it by a hash; an instance is found again by hashing the PACS's UIDs."""
+    return hashlib.sha256(str(sop_instance_uid).encode()).hexdigest()
+
+
 def audit_answers(review: StudyReview, predictor, user: str, page: str = "pacs",
                   method: str = "gradcam") -> list:
     """The study's answers for the audit trail (:class:`medcls.integrations.audit.store.Answer`), one per answered
-    instance (per frame of a multi-frame one), keyed by its SOP Instance UID (not patient data:
+    instance (per frame of a multi-frame one), keyed by the hash of its SOP Instance UID (not patient data:
     the PACS holds it; no name, ID or date goes in): the model's identity, the slice's own answer
     and state (low confidence, withheld by the input gate or the card's scope), the series'
     outcome, and on the slice that shows a tumour answer its region's area, longest diameter and
@@ -183,7 +190,7 @@ def audit_answers(review: StudyReview, predictor, user: str, page: str = "pacs",
             # for a tumour answer of that slice only)
             region = s.roi if i == s.driving and s.verdict.is_finding else None
             out.append(Answer.of(pred, card, user, page, region=region, input_source="pacs",
-                                 sop_instance_uid=str(header.SOPInstanceUID),
+                                 sop_instance_uid=audit_key(header.SOPInstanceUID),
                                  frame=s.slice_frame(i) if multi else None,
                                  heatmap_method=method if i == s.driving else None,
                                  series_outcome=outcome))
@@ -192,7 +199,7 @@ def audit_answers(review: StudyReview, predictor, user: str, page: str = "pacs",
 
 def record_review(store, review: StudyReview, predictor, user: str, page: str = "pacs") -> list[int]:
     """Write :func:`audit_answers` to the audit ``store`` in one transaction; their ids (kept on
-    the review as ``answer_ids``: SOP Instance UID -> id). Raises
+    the review as ``answer_ids``: :func:`audit_key` of the SOP Instance UID -> id). Raises
     :class:`medcls.core.errors.AuditError` when the trail cannot be written (the caller shows it and
     goes on: the answers stay on screen)."""
     answers = audit_answers(review, predictor, user, page)

@@ -1,5 +1,11 @@
 """The PACS page's state without a page: the studies found, the reviews run and sent, and the
 tables the page shows.
+
+Least privilege (:meth:`PacsWorkspace.search_as`): searching the PACS with any filters, and so
+listing its patients, is a reviewer's right (``pacs-search``); a clinician opens a study by its
+accession number (``pacs-open``: the number of the examination they were asked to read, one
+exact value, no wildcard and no other filter). Patient name and ID, study date and accession
+number are in the tables and labels only when the page's "Show identifying tags" switch is on.
 """
 
 from __future__ import annotations
@@ -8,9 +14,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from medcls.core.errors import MedclsError, PacsUnreachableError
+from medcls.core.access import User, may, require
+from medcls.core.errors import AccessDeniedError, MedclsError, PacsUnreachableError
 from medcls.engine.reading import read_series
-from medcls.integrations.pacs.client import PacsClient, StudyInfo
+from medcls.integrations.pacs.client import PacsClient, StudyInfo, handle
 from medcls.integrations.pacs.records import StudyReview
 from medcls.integrations.pacs.review import SendOutcome, review_study, send_results
 
@@ -35,15 +42,33 @@ class PacsWorkspace:
         self.studies = client.search_studies(**filters)
         return self.studies
 
+    def search_as(self, user: User, client: PacsClient, accession: str | None = None,
+                  **filters) -> list[StudyInfo]:
+        """:meth:`search` within ``user``'s rights: a reviewer (``pacs-search``) with any
+        filters; a clinician (``pacs-open``) by one exact accession number and nothing else.
+        Refused with :class:`AccessDeniedError` otherwise (nothing is asked of the PACS)."""
+        require(user, "pacs-open")
+        accession = (accession or "").strip() or None
+        if may(user, "pacs-search"):
+            return self.search(client, accession=accession, **filters)
+        if accession is None or any(c in accession for c in "*?\\") or any(filters.values()):
+            raise AccessDeniedError(
+                f"Your role ({user.role}) may open a study by its accession number only (one "
+                "exact number, no other filter); searching the PACS and listing its patients "
+                "needs the reviewer or admin role.")
+        return self.search(client, accession=accession)
+
     def study(self, uid: str) -> StudyInfo | None:
         return next((s for s in self.studies if s.study_uid == uid), None)
 
-    def label(self, uid: str) -> str:
-        """How a study is named on screen (patient data: shown, never logged)."""
+    def label(self, uid: str, identifying: bool = False) -> str:
+        """How a study is named on screen: its description and size, and with ``identifying``
+        its date, patient ID and name and accession number (shown on request, never logged)."""
         s = self.study(uid)
         if s is None:
-            return uid
-        return " · ".join(x for x in (s.study_date, s.patient_id, s.patient_name, s.description,
+            return f"study {handle(uid)}"
+        who = (s.study_date, s.patient_id, s.patient_name, s.accession) if identifying else ()
+        return " · ".join(x for x in (*who, s.description or f"study {handle(uid)}",
                                       f"{s.n_series or 0} series") if x)
 
     def run(self, client: PacsClient, predictor, uids: Sequence[str],
@@ -71,12 +96,19 @@ class PacsWorkspace:
         return outcome
 
 
-def study_rows(studies: Sequence[StudyInfo]) -> list[dict]:
-    """Rows of a study list (for the page and the CLI; shown, never logged)."""
-    return [{"study date": s.study_date, "patient id": s.patient_id, "patient": s.patient_name,
-             "description": s.description, "modalities": " ".join(s.modalities),
-             "series": s.n_series, "instances": s.n_instances, "study UID": s.study_uid}
-            for s in studies]
+IDENTIFYING_COLUMNS = ("study date", "patient id", "patient", "accession", "study UID")  # UIDs carry dates
+
+
+def study_rows(studies: Sequence[StudyInfo], identifying: bool = True) -> list[dict]:
+    """Rows of a study list (for the page and the CLI; shown, never logged); the columns of
+    :data:`IDENTIFYING_COLUMNS` only with ``identifying``."""
+    rows = [{"study date": s.study_date, "patient id": s.patient_id, "patient": s.patient_name,
+             "accession": s.accession, "description": s.description,
+             "modalities": " ".join(s.modalities), "series": s.n_series,
+             "instances": s.n_instances, "study UID": s.study_uid} for s in studies]
+    if not identifying:
+        rows = [{k: v for k, v in r.items() if k not in IDENTIFYING_COLUMNS} for r in rows]
+    return rows
 
 
 def series_rows(review: StudyReview) -> list[dict]:
