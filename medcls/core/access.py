@@ -42,6 +42,7 @@ PERMISSIONS = {
     "server-folder": "reviewer",   # batch review of folders on the server
     "pacs-send": "reviewer",       # send results to the PACS
     "monitoring": "reviewer",      # the Monitoring page and its export
+    "incoming": "reviewer",        # the Incoming page: the listener's queue, retrying a job
     "adapt": "admin",              # adapt a model to the site, set the site default
 }
 
@@ -52,6 +53,7 @@ PERMISSION_WORDS = {
     "server-folder": "review folders on the server",
     "pacs-send": "send results to the PACS",
     "monitoring": "open the monitoring page",
+    "incoming": "open the incoming series page",
     "adapt": "adapt models to this site",
 }
 

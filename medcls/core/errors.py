@@ -100,3 +100,8 @@ class AccessDeniedError(MedclsError):
 class PretrainedWeightsError(ModelPackageError):
     """A pretrained weights file (an ImageNet backbone) is malformed, refused (a pickle naming
     anything but tensors) or does not match the network it is loaded into."""
+
+
+class ListenerError(MedclsError):
+    """The DICOM listener (medcls.integrations.dicomnode) cannot start or cannot do what was
+    asked of it (a port in use, no calling AE title accepted, a job that cannot be retried)."""
