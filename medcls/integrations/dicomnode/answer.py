@@ -57,6 +57,9 @@ class Predictors:
         self._loaded: dict[str, object] = {}
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._loaded)
+
     def get(self, model: SiteModel):
         from medcls.engine.inference import Predictor
 

@@ -160,7 +160,8 @@ class JobQueue:
             if state in OPEN or (state == FAILED and not results):
                 conn.execute(sa.update(jobs).where(jobs.c.id == job_id).values(
                     state=RECEIVING, ready_at=None, calling_ae=calling_ae,
-                    **({"n_refused": 0, "reason": reason} if state == FAILED else {})))
+                    **({"n_refused": 0, "n_instances": 0, "reason": reason}
+                       if state == FAILED else {})))
                 return int(job_id), True
             conn.execute(sa.update(jobs).where(jobs.c.id == job_id)
                          .values(n_repeats=jobs.c.n_repeats + 1))
@@ -174,16 +175,17 @@ class JobQueue:
                 {col: col + 1, "last_instance_at": time.time()}))
 
     # ------------------------------------------------------------------ completion
-    def _complete(self, conn, where) -> list[int]:
+    def _complete(self, conn, where) -> list[tuple[int, str, str]]:
         """Move complete ``receiving`` jobs on: to ``ready``; a series with refused instances to
-        ``failed`` (incomplete); a series no model answers to ``not_answered``."""
+        ``failed`` (incomplete); a series no model answers to ``not_answered``. (id, new state,
+        series UID) of each."""
         now = time.time()
         rows = conn.execute(sa.select(jobs.c.id, jobs.c.model_key, jobs.c.n_refused,
-                                      jobs.c.n_instances, jobs.c.reason)
+                                      jobs.c.n_instances, jobs.c.series_uid)
                             .where(jobs.c.listener == self.listener, jobs.c.state == RECEIVING,
                                    where)).all()
         done = []
-        for job_id, key, refused, n, reason in rows:
+        for job_id, key, refused, n, series_uid in rows:
             if key == NO_MODEL:
                 values = {"state": NOT_ANSWERED}
             elif refused:
@@ -195,15 +197,15 @@ class JobQueue:
                 values = {"state": READY}
             conn.execute(sa.update(jobs).where(jobs.c.id == job_id, jobs.c.state == RECEIVING)
                          .values(ready_at=now, **values))
-            done.append(int(job_id))
+            done.append((int(job_id), values["state"], series_uid))
         return done
 
-    def complete_quiet(self, quiet_s: float) -> list[int]:
+    def complete_quiet(self, quiet_s: float) -> list[tuple[int, str, str]]:
         """Series with no instance for ``quiet_s`` seconds are complete."""
         with self.lock, self._begin() as conn:
             return self._complete(conn, jobs.c.last_instance_at <= time.time() - quiet_s)
 
-    def complete(self, job_ids: Sequence[int]) -> list[int]:
+    def complete(self, job_ids: Sequence[int]) -> list[tuple[int, str, str]]:
         """The sender ended these series (its association was released): complete at once."""
         if not job_ids:
             return []

@@ -72,7 +72,7 @@ class Receiver:
 
     def __init__(self, ae_title: str, accept_from: tuple[str, ...], whole_series_from: tuple[str, ...],
                  spool: Spool, queue: JobQueue, router: Router,
-                 on_complete: Callable[[list[int]], None] | None = None):
+                 on_complete: Callable[[list], None] | None = None):
         self.ae_title = ae_title
         self.accept_from = tuple(accept_from)
         self.whole_series_from = set(whole_series_from)

@@ -25,7 +25,7 @@ from medcls.integrations.dicomnode.answer import (
     answer_job,
     describe_error,
 )
-from medcls.integrations.dicomnode.jobs import JobQueue, open_queue
+from medcls.integrations.dicomnode.jobs import FAILED, NOT_ANSWERED, SENDING, JobQueue, open_queue
 from medcls.integrations.dicomnode.receiver import Receiver
 from medcls.integrations.dicomnode.routing import Router, site_models
 from medcls.integrations.dicomnode.spool import Spool
@@ -64,7 +64,7 @@ class Listener:
         self.sender = Sender(self.settings, cfg.ae_title)
         self.predictors = Predictors()
         self.receiver = Receiver(cfg.ae_title, cfg.accept_from, cfg.whole_series_from, self.spool,
-                                 self.queue, self.router, on_complete=lambda _ids: self._wake.set())
+                                 self.queue, self.router, on_complete=self._completed)
         self.user = f"{USER_PREFIX} {cfg.ae_title}"
         self.started_at: float | None = None
         self.warm = threading.Event()
@@ -136,11 +136,20 @@ class Listener:
     def _complete_loop(self) -> None:
         while not self._stop.wait(TICK_S):
             try:
-                if self.queue.complete_quiet(self.cfg.quiet_s):
-                    self._wake.set()
+                self._completed(self.queue.complete_quiet(self.cfg.quiet_s))
             except ListenerError as exc:
                 log.warning("%s", exc)
                 self._stop.wait(2.0)
+
+    def _completed(self, done: list[tuple[int, str, str]]) -> None:
+        """Series just complete: the worker wakes for the ready ones; the instances of one that
+        will not be answered (no model, or incomplete) leave the spool now."""
+        for job_id, state, series_uid in done:
+            if state in (FAILED, NOT_ANSWERED):
+                self.spool.remove(series_uid)
+            log.info("job %d (series %s) complete: %s", job_id, handle(series_uid), state)
+        if done:
+            self._wake.set()
 
     def _warm_up(self) -> None:
         for model in self.router.models:
@@ -149,6 +158,7 @@ class Listener:
                     self.predictors.get(model)
                 except Exception as exc:  # noqa: BLE001 - the job that needs it will say so
                     log.warning("model %s could not be loaded: %s", model.name, describe_error(exc))
+        log.info("listener %s: %d model(s) ready", self.cfg.ae_title, len(self.predictors))
         self.warm.set()
 
     def _work_loop(self) -> None:
@@ -169,7 +179,7 @@ class Listener:
     def work(self, job: dict) -> None:
         """Answer a claimed job (unless its results are built already) and send them."""
         jid, series = job["id"], handle(job["series_uid"])
-        if job["state"] != "sending":
+        if job["state"] != SENDING:
             try:
                 outcome = answer_job(job, self.spool, self.router, self.predictors, self.user)
             except Exception as exc:  # noqa: BLE001 - one series never stops the listener

@@ -141,8 +141,8 @@ class Spool:
         return self.root / RESULTS_DIR / str(int(job_id))
 
     def save_results(self, job_id: int, datasets: Iterable) -> None:
-        """Keep the built SR and captures of a job until they are in the PACS (not counted
-        against the budget: they are small, and they must never be refused)."""
+        """Keep the built SR and captures of a job until they are in the PACS (written even
+        over the budget: an answer is never lost for lack of room; counted in the spool's use)."""
         folder = self.results_dir(job_id)
         self._remove_tree(folder)
         _private_dir(folder)
