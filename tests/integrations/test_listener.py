@@ -75,18 +75,21 @@ def queue_rows(url: str) -> list[dict]:
 
 def scu(port: int, calling: str = SCU_AET, called: str = NODE_AET, contexts=(MR_IMAGE,)):
     """A pynetdicom association to the listener (the caller releases it)."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
     ae = AE(ae_title=calling)
-    for uid in contexts:
-        ae.add_requested_context(uid)
+    for uid in contexts:  # a SOP class, or (SOP class, transfer syntax)
+        uid, syntax = (uid, None) if isinstance(uid, str) else uid
+        ae.add_requested_context(uid, [syntax] if syntax else
+                                 [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
     ae.add_requested_context(Verification)
     return ae.associate("127.0.0.1", port, ae_title=called)
 
 
-def echo_ok(port: int) -> bool:
-    assoc = scu(port)
+def echo_ok(port: int, called: str = NODE_AET) -> bool:
+    assoc = scu(port, called=called)
     try:
         return assoc.is_established and assoc.send_c_echo().Status == 0
     finally:
@@ -94,14 +97,15 @@ def echo_ok(port: int) -> bool:
             assoc.release()
 
 
-def store_all(port: int, datasets, calling: str = SCU_AET) -> list[int]:
+def store_all(port: int, datasets, calling: str = SCU_AET, called: str = NODE_AET) -> list[int]:
     """C-STORE each dataset (or file path, sent as its raw bytes) in one association; the statuses."""
+    from pydicom.filereader import read_file_meta_info
     from pynetdicom import _config
 
-    uids = {str(d.SOPClassUID) if isinstance(d, pydicom.Dataset)
-            else str(pydicom.dcmread(d, stop_before_pixels=True, force=True).file_meta
-                     .MediaStorageSOPClassUID) for d in datasets}
-    assoc = scu(port, calling, contexts=sorted(uids))
+    metas = [d.file_meta if isinstance(d, pydicom.Dataset) else read_file_meta_info(d)
+             for d in datasets]
+    pairs = {(str(m.MediaStorageSOPClassUID), str(m.TransferSyntaxUID)) for m in metas}
+    assoc = scu(port, calling, called, contexts=sorted(pairs))
     assert assoc.is_established
     chunked = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True  # a path goes as its bytes, undecoded
@@ -137,7 +141,7 @@ class Node:
                                      cwd=PROJECT_ROOT, env=self.env, stdout=out,
                                      stderr=subprocess.STDOUT)
         out.close()
-        wait_for(lambda: self.alive() and echo_ok(self.port), timeout, "the listener to answer C-ECHO")
+        wait_for(lambda: self.alive() and echo_ok(self.port, self.aet), timeout, "the listener to answer C-ECHO")
         return self
 
     def alive(self) -> bool:
@@ -542,3 +546,157 @@ def test_refusals_get_their_dicom_status_and_the_listener_keeps_serving(node, da
     ident = {str(flair[0].PatientName), str(flair[0].get("PatientBirthDate", ""))} - {""}
     for part in {p for v in ident for p in str(v).replace("^", " ").split() if len(p) >= 4}:
         assert part not in text
+
+
+@pytest.fixture()
+def fresh_pg(pg_url):
+    """A new, empty PostgreSQL database on the session's server (dropped after)."""
+    import psycopg
+
+    name = f"listener_{os.getpid()}_{int(time.time() * 1000) % 10**8}"
+    admin = pg_url.replace("postgresql://", "postgresql://", 1)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield pg_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_killed_mid_run_and_restarted_answers_every_series_once(fresh_pg, tmp_path, mprage_files,
+                                                                brain_model_dir):
+    """Five series routed back-to-back by Orthanc's REST /modalities/{id}/store; the listener
+    (queue on PostgreSQL) is killed (SIGKILL) after the first is sent and before the last, then
+    started again: every series is answered and sent exactly once (one SR and one capture per
+    series in the PACS, one job each, one audit row per instance)."""
+    from orthanc import Orthanc
+
+    from medcls.integrations.audit.store import AuditStore
+    from medcls.integrations.pacs.client import PacsClient
+
+    port = free_port()
+    pacs = Orthanc(modalities={"medcls": ("MEDCLSNODE2", port)}).start()
+    try:
+        node = Node(tmp_path, fresh_pg, brain_model_dir, pacs.env(), aet="MEDCLSNODE2")
+        node.port = port
+        node.env["MEDCLS_LISTENER_PORT"] = str(port)
+        node.start()
+        node.warm()
+        client = PacsClient(pacs.settings())
+        shared_study = generate_uid()  # two series share a study: one SR each, not one per study
+        runs = [copy_series(mprage_files, shared_study if i < 2 else None) for i in range(5)]
+        for r in runs:
+            client.store(r)
+        series = [str(r[0].SeriesInstanceUID) for r in runs]
+        for uid in series:
+            (found,) = pacs.rest("POST", "/tools/lookup", uid.encode())
+            pacs.rest("POST", "/modalities/medcls/store", {"Resources": [found["ID"]],
+                                                           "Asynchronous": True})
+
+        def mid_run():
+            jobs = jobs_by_series(fresh_pg)
+            states = [j["state"] for js in jobs.values() for j in js]
+            return (len(jobs) == 5 and "receiving" not in states
+                    and 1 <= states.count("sent") < 5) and states
+        states = wait_for(mid_run, 300, "the run to be half done", every=0.1)
+        node.stop(kill=True)
+        assert node.proc.returncode == -signal.SIGKILL
+        node.start()
+        wait_for(lambda: all(js[0]["state"] == "sent" for js in jobs_by_series(fresh_pg).values()),
+                 400, "every series to be sent after the restart")
+        assert "job(s) resumed" in node.text()
+        jobs = jobs_by_series(fresh_pg)
+        assert sorted(jobs) == sorted(series) and all(len(js) == 1 for js in jobs.values())
+        assert all(js[0]["n_instances"] == 24 and js[0]["n_repeats"] == 0 for js in jobs.values())
+        # exactly one SR and one capture per series, each in its own study
+        for r, uid in zip(runs, series):
+            study = str(r[0].StudyInstanceUID)
+            srs, scs = sr_and_sc(client, study)
+            mine = [sr for sr in srs if sr_source_series(sr) == {uid}]
+            assert len(mine) == 1, (states, len(srs))
+            assert len([sc for sc in scs if str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)
+                        in {str(d.SOPInstanceUID) for d in r}]) == 1
+        # one audit row per answered instance: nothing answered twice
+        rows = [x["sop_instance_uid"] for x in AuditStore(fresh_pg).rows("answers")]
+        assert len(rows) == 5 * 24 and len(set(rows)) == 5 * 24
+        node.stop()
+    finally:
+        pacs.cleanup()
+
+
+def test_full_spool_and_a_failed_send_retried_from_the_page(tmp_path, mprage_files,
+                                                            brain_model_dir, monkeypatch):
+    """A listener with a 1 MB spool sending its results by C-STORE to a PACS that is down: the
+    instances past the budget are refused with 0xA700 and the series fails as incomplete (no
+    retry: the PACS must send it again); a small series is answered, its send retried with
+    back-off and failed; on the Incoming page a reviewer presses Retry once the PACS is back,
+    and the results arrive by C-STORE (from a modality the strict PACS knows)."""
+    from orthanc import Orthanc
+    from streamlit.testing.v1 import AppTest
+
+    from medcls.integrations.dicomnode import receiver as R
+    from medcls.integrations.pacs.client import PacsClient
+
+    port = free_port()
+    pacs = Orthanc(modalities={"medcls": ("MEDCLSNODE3", port)}).start()
+    pacs.stop()  # down when the results are first sent
+    db = f"sqlite:///{tmp_path / 'audit.sqlite'}"
+    try:
+        node = Node(tmp_path, db, brain_model_dir, {}, aet="MEDCLSNODE3", spool_mb=1,
+                    send_retries=1, store_ae=f"{pacs.aet}@127.0.0.1:{pacs.dicom_port}")
+        node.port = port
+        node.env["MEDCLS_LISTENER_PORT"] = str(port)
+        node.env["MEDCLS_LISTENER_SPOOL_MB"] = "1"
+        node.start()
+        big = copy_series(mprage_files)
+        statuses = store_all(port, big, called="MEDCLSNODE3")
+        kept = statuses.count(R.SUCCESS)
+        assert 0 < kept < 24 and set(statuses) == {R.SUCCESS, R.OUT_OF_RESOURCES}
+        assert statuses == sorted(statuses)  # refused from the first that did not fit
+        # the spool is private while it holds them
+        spool = node.spool
+        assert stat.S_IMODE(spool.stat().st_mode) == 0o700
+        held = list((spool / "series").glob("*/*.dcm"))
+        assert len(held) == kept and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in held)
+        assert echo_ok(port, "MEDCLSNODE3")  # still serving
+        big_uid = str(big[0].SeriesInstanceUID)
+        incomplete = wait_for(lambda: next((j for j in queue_rows(db) if j["series_uid"] == big_uid
+                                            and j["state"] == "failed"), None), 60, "incomplete")
+        assert f"{24 - kept} of 24 instance(s) were refused" in incomplete["reason"]
+        wait_for(lambda: not list((spool / "series").glob("*/*.dcm")), 30, "the spool to be freed")
+        # a small series fits; its send fails twice (the PACS is down), then it is failed
+        small = copy_series(mprage_files[10:14])
+        assert store_all(port, small, called="MEDCLSNODE3") == [R.SUCCESS] * 4
+        small_uid = str(small[0].SeriesInstanceUID)
+        failed = wait_for(lambda: next((j for j in queue_rows(db) if j["series_uid"] == small_uid
+                                        and j["state"] == "failed"), None), 300, "the failed send")
+        assert "Not sent after 2 attempt(s)" in failed["reason"] and failed["result_uids"]
+        assert failed["n_answered"] == 4
+        # the Incoming page: health, the queue, both failures; Retry on the failed send
+        pacs.start()
+        monkeypatch.setenv("MEDCLS_DATABASE_URL", db)
+        monkeypatch.syspath_prepend(str(PROJECT_ROOT))
+        at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "6_Incoming.py"),
+                               default_timeout=120).run()
+        assert not at.exception, [e.value for e in at.exception]
+        text = "\n".join(str(e.value) for kind in ("success", "error", "info", "caption", "markdown")
+                         for e in getattr(at, kind))
+        assert "Up since" in text and "MEDCLSNODE3" in text and "from TESTSCU" in text
+        table = at.dataframe[0].value
+        assert set(table["state"]) == {"failed"} and len(table) == 2
+        assert any(r.startswith("failed: Incomplete") for r in table["reason"])
+        assert [m.value for m in at.metric if m.label == "Failed"] == ["2"]
+        at.selectbox(key="incoming_failed").set_value(failed["id"])
+        at.button(key="incoming_retry").click().run()
+        assert any("Queued again" in s.value for s in at.success), [e.value for e in at.error]
+        sent = wait_for(lambda: next((j for j in queue_rows(db) if j["series_uid"] == small_uid
+                                      and j["state"] == "sent"), None), 120, "the retried send")
+        srs, scs = sr_and_sc(PacsClient(pacs.settings()), str(small[0].StudyInstanceUID))
+        assert len(srs) == 1 and len(scs) == 1 and sr_source_series(srs[0]) == {small_uid}
+        assert {str(srs[0].SOPInstanceUID), str(scs[0].SOPInstanceUID)} == set(sent["result_uids"].split())
+        # the incomplete series cannot be retried: the page says why
+        at.selectbox(key="incoming_failed").set_value(incomplete["id"])
+        at.button(key="incoming_retry").click().run()
+        assert any("send it again" in e.value for e in at.error)
+        node.stop()
+    finally:
+        pacs.cleanup()

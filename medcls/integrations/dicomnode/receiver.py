@@ -125,11 +125,16 @@ class Receiver:
             self._series_of[id(event.assoc)] = set()
 
     def on_rejected(self, event) -> None:
+        calling = self._calling(event)
+        called = getattr(getattr(event.assoc.requestor, "primitive", None), "called_ae_title", "")
+        called = (called.decode(errors="replace") if isinstance(called, bytes) else str(called or "")).strip()
         with self._lock:
             self.rejected += 1
-        log.warning("association from calling AE %r (called %r) rejected: not an accepted AE "
-                    "title", self._calling(event)[:16],
-                    str(event.assoc.acceptor.ae_title).strip()[:16])
+        why = ("calling AE title not accepted" if calling not in self.accept_from
+               else f"called AE title is not {self.ae_title}" if called != self.ae_title
+               else "too many associations at once")
+        log.warning("association from calling AE %r to called AE %r rejected: %s", calling[:16],
+                    called[:16], why)
 
     def on_released(self, event) -> None:
         """A normal end. From a sender that sends a whole series per association, the series
