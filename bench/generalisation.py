@@ -7,7 +7,12 @@ Test sets (fixed splits; nothing here is used for training or choosing):
 - brain-mri: 595 slices, 4 classes (figshare tumours, Br35H normals)
 - br35h-tumour: 217 Br35H slices with a tumour of unknown type (partial label)
 - normal-ixi: 103 healthy subjects' axial T1 slices
+- normal-ixi-levels: 57 axial T1 slices of 2 healthy IXI subjects from the skull base to the
+  vertex (also by level: skull base and posterior fossa, mid-brain, vertex)
 - volunteer-sagittal-t1: a healthy volunteer's 35-slice sagittal T1 DICOM series (test only)
+- volunteer2-axial-flair / -axial-t2gre / -sagittal-t1: a second healthy adult's FLAIR, T2* and
+  sagittal T1 series (30 / 30 / 29 slices, test only): per slice, and each series' own answer
+  (medcls.engine.series: a healthy series must never read "tumour suspected")
 - chest-xray: the chest model's official test split
 
     python -m bench.generalisation [--models models] [--attempt NAME --note TEXT]
@@ -23,20 +28,57 @@ from pathlib import Path
 
 from bench.common import command, machine, parser, table, write
 
-BRAIN_SETS = ("brain-mri", "br35h-tumour", "normal-ixi", "volunteer-sagittal-t1")
+VOLUNTEER_SERIES = ("volunteer-sagittal-t1", "volunteer2-axial-flair", "volunteer2-axial-t2gre",
+                    "volunteer2-sagittal-t1")
+BRAIN_SETS = ("brain-mri", "br35h-tumour", "normal-ixi", "normal-ixi-levels") + VOLUNTEER_SERIES
+LEVELS = {"skull base and posterior fossa": (0.0, 0.3), "mid-brain": (0.3, 0.7), "vertex": (0.7, 1.01)}
 FIELDS = ("n", "accuracy", "macro_f1", "called_no_tumor", "called_tumour", "ece", "ece_uncalibrated",
           "coverage", "answered_accuracy", "tumour_answers_unflagged")
 
 
-def volunteer_series(data: Path, classes):
-    """The volunteer's sagittal series as a one-source dataset of normal slices."""
+def volunteer_series(data: Path, name: str, classes):
+    """A volunteer's DICOM series as a one-source dataset of normal slices."""
     from medcls.learning.data import Dataset, Record
 
-    folder = data / "dicom" / "volunteer-sagittal-t1"
+    folder = data / "dicom" / name
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in ("LICENSE", "SOURCE.md"))
-    return Dataset(root=folder, classes=list(classes), name="volunteer-sagittal-t1",
-                   records=[Record(ref=p.name, label="no_tumor", split="test", source="volunteer-sagittal-t1",
+    return Dataset(root=folder, classes=list(classes), name=name,
+                   records=[Record(ref=p.name, label="no_tumor", split="test", source=name,
                                    root=folder) for p in files])
+
+
+def series_answer(model_dir: Path, data: Path, name: str) -> dict:
+    """The series' own answer (the rule of the series view, the PACS and the listener)."""
+    from medcls.engine.inference import Predictor
+    from medcls.engine.series import answer_series
+    from medcls.io.gather import gather
+    from medcls.io.sources import folder_sources
+
+    study = gather(folder_sources(data / "dicom" / name))
+    answer = answer_series(Predictor.from_path(model_dir), study.series[0])
+    return {"outcome": answer.summary.outcome.value, "summary": answer.summary.text}
+
+
+def by_level(model_dir: Path, card: dict, data: Path) -> dict:
+    """normal-ixi-levels' test slices called a tumour, by level band (labels.csv ``level``)."""
+    import csv
+
+    from medcls.engine.inference import Predictor
+
+    predictor = Predictor.from_path(model_dir)
+    root = data / "normal-ixi-levels"
+    with open(root / "labels.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == "test"]
+    out = {}
+    for band, (lo, hi) in LEVELS.items():
+        chosen = [r for r in rows if lo <= float(r["level"]) < hi]
+        preds = [predictor.predict_file(root / r["file"]) for r in chosen]
+        tumour = [p.label != card["negative_class"] for p in preds]
+        out[band] = {"n": len(chosen), "called_tumour": sum(tumour) / max(1, len(chosen)),
+                     "called_tumour_confidently": sum(t and not p.low_confidence
+                                                      and not p.outside_training_distribution
+                                                      for t, p in zip(tumour, preds)) / max(1, len(chosen))}
+    return out
 
 
 def evaluate_sets(model_dir: Path, card: dict, data: Path) -> dict:
@@ -46,8 +88,8 @@ def evaluate_sets(model_dir: Path, card: dict, data: Path) -> dict:
     sets = {}
     names = BRAIN_SETS if card["task"] == "brain-mri" else (card["task"],)
     for name in names:
-        if name == "volunteer-sagittal-t1":
-            ds = volunteer_series(data, card["classes"])
+        if name in VOLUNTEER_SERIES:
+            ds = volunteer_series(data, name, card["classes"])
         else:
             ds = load_datasets([data / name], classes=card["classes"])
         rep = evaluate_model(model_dir, ds, split="test", bootstrap=0)
@@ -57,6 +99,10 @@ def evaluate_sets(model_dir: Path, card: dict, data: Path) -> dict:
         row["macro_f1"] = rep["macro_f1"] if name in ("brain-mri", "chest-xray") else None
         row["by_source"] = {s: {k: r.get(k) for k in FIELDS} for s, r in rep["by_source"].items()}
         row["risk_coverage"] = rep["risk_coverage"]
+        if name in VOLUNTEER_SERIES:
+            row["series_answer"] = series_answer(model_dir, data, name)
+        if name == "normal-ixi-levels":
+            row["by_level"] = by_level(model_dir, card, data)
         sets[name] = row
     return sets
 
@@ -126,6 +172,21 @@ def markdown(result: dict) -> str:
         md += ["", "brain-mri test split by source:", "",
                table(["model", "source", "n", "accuracy", "tumour called no_tumor", "normal called tumour",
                       "ECE", "coverage", "answered accuracy"], by_src)]
+    series, levels = [], []
+    for e in result["models"].values():
+        for name, s in e["sets"].items():
+            if s.get("series_answer"):
+                series.append([e["model"], name, s["n"], s["series_answer"]["outcome"],
+                               s["series_answer"]["summary"]])
+            for band, r in (s.get("by_level") or {}).items():
+                levels.append([e["model"], band, r["n"], r["called_tumour"], r["called_tumour_confidently"]])
+    if series:
+        md += ["", "Each healthy volunteer series answered as a series (the rule of the series view, the "
+               "PACS and the listener): it must never read \"tumour suspected\".", "",
+               table(["model", "series", "slices", "outcome", "summary"], series)]
+    if levels:
+        md += ["", "normal-ixi-levels test slices by level:", "",
+               table(["model", "level", "n", "called a tumour", "called a tumour, confidently and unflagged"], levels)]
     if result["attempts"]:
         md += ["", "## Attempts (same test sets; each chosen on validation)", ""]
         for a in result["attempts"]:

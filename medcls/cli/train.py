@@ -94,6 +94,8 @@ def add_train_parsers(sub) -> None:
                    help="filters per decoder stage, from stride 16 to full size")
     g.add_argument("--convs-per-stage", type=int, default=1)
     g.add_argument("--patience", type=int, default=4, help="epochs without a better validation Dice before stopping")
+    g.add_argument("--encoder", default="mobilenet_v2", choices=("mobilenet_v2", "efficientnet-lite0"),
+                   help="the U-Net's encoder network")
     g.add_argument("--encoder-from", help="classifier package whose MobileNetV2 backbone starts the encoder")
     g.add_argument("--flip-average", action="store_true",
                    help="the package averages each image's probabilities with its mirror image's")
@@ -173,6 +175,7 @@ def cmd_train_seg(args) -> int:
                          init=args.init, empty_dice=not args.no_empty_dice,
                          decoder=tuple(int(f) for f in args.decoder.split(",")),
                          convs_per_stage=args.convs_per_stage, encoder_from=args.encoder_from,
+                         encoder=args.encoder,
                          patience=args.patience, flip_average=args.flip_average)
     print(train_segmentation(cfg, command=command_line()))
     return 0

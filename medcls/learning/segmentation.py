@@ -88,30 +88,37 @@ def mask_to_grid(mask: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def build_unet(input_size: int = 160, weights: str | Path | None = None,
                decoder: Sequence[int] = (96, 64, 48, 32, 16), freeze_until: str | None = None,
-               convs_per_stage: int = 1):
+               convs_per_stage: int = 1, encoder: str = "mobilenet_v2"):
     """U-Net over MobileNetV2 (alpha 0.35): the encoder's features at strides 32, 16, 8, 4, 2
     are upsampled step by step, each step concatenated with the skip of its stride and fused by
     a depthwise-separable convolution; a 1x1 sigmoid gives the tumour probability per pixel.
     One flat graph, input the preprocessed image in [0, 1] (3 channels). ``freeze_until``: the
     encoder layers before this one keep their ImageNet weights (the high-resolution stem: most
     of the backward pass's cost, and edges transfer as they are). ``convs_per_stage``: how many
-    separable convolutions fuse each decoder stage (the first graphs used one)."""
+    separable convolutions fuse each decoder stage (the first graphs used one). ``encoder``:
+    ``mobilenet_v2`` (``weights``: the Keras application's no-top .h5) or ``efficientnet-lite0``
+    (``weights``: its legacy .pth or the weight package's name; the skips are the expansion
+    activations before each downsampling block, the bottleneck the top features)."""
     import keras
     from keras import layers
 
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"ImageNet weights file not found: {weights}")
     inputs = keras.Input((input_size, input_size, 3), name="image")
-    x = layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
-    base = keras.applications.MobileNetV2(input_tensor=x, include_top=False, alpha=0.35,
-                                          weights=str(weights) if weights else None)
+    if weights is not None and not encoder.startswith("efficientnet-lite") and not Path(weights).is_file():
+        raise FileNotFoundError(f"ImageNet weights file not found: {weights}")
+    if encoder.startswith("efficientnet-lite"):
+        x, skips, encoder_layers = _lite_encoder(inputs, encoder.split("-")[1], weights)
+    else:
+        x = layers.Rescaling(2.0, offset=-1.0, name="to_mobilenet_range")(inputs)
+        base = keras.applications.MobileNetV2(input_tensor=x, include_top=False, alpha=0.35,
+                                              weights=str(weights) if weights else None)
+        encoder_layers = base.layers
+        x = base.get_layer(BOTTLENECK).output
+        skips = [base.get_layer(n).output for n in reversed(SKIP_LAYERS)] + [None]
     frozen = True if freeze_until else False
-    for layer in base.layers:  # pretrained statistics stay (inference-mode batch norm)
+    for layer in encoder_layers:  # pretrained statistics stay (inference-mode batch norm)
         frozen = frozen and layer.name != freeze_until
         if isinstance(layer, layers.BatchNormalization) or frozen:
             layer.trainable = False
-    x = base.get_layer(BOTTLENECK).output
-    skips = [base.get_layer(n).output for n in reversed(SKIP_LAYERS)] + [None]
     for i, (filters, skip) in enumerate(zip(decoder, skips)):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{i}_up")(x)
         if skip is not None:
@@ -122,7 +129,25 @@ def build_unet(input_size: int = 160, weights: str | Path | None = None,
             x = layers.BatchNormalization(name=f"dec{i}_bn{tag}")(x)
             x = layers.ReLU(name=f"dec{i}_relu{tag}")(x)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", name="tumour_probability")(x)
-    return keras.Model(inputs, outputs, name="mobilenet_v2_unet")
+    return keras.Model(inputs, outputs, name=f"{encoder.replace('-', '_')}_unet")
+
+
+def _lite_encoder(inputs, variant: str, weights):
+    """EfficientNet-Lite as the U-Net's encoder: (bottleneck, skips from stride 16 to 2 then
+    None, the encoder's layers). The same layer names as the classifier's backbone, so
+    :func:`copy_encoder` can start it from a fine-tuned classifier."""
+    from keras import layers
+
+    from medcls.models import efficientnet_lite as lite
+    from medcls.models.architectures import lite_weights_file
+    from medcls.models.torch_legacy import read_state_dict
+
+    x = layers.Rescaling(255.0 / 128.0, offset=-127.0 / 128.0, name="to_lite_range")(inputs)
+    net = lite.build_efficientnet_lite(variant, x)
+    if weights is not None:
+        lite.load_torch_state_dict(net, read_state_dict(lite_weights_file(weights, variant)))
+    skips = [net.layers[net.taps[f"stride{s}"]].output for s in (16, 8, 4, 2)] + [None]
+    return net.output, skips, list(net.layers.values())
 
 
 def copy_encoder(model, classifier_dir: str | Path) -> int:
@@ -298,6 +323,7 @@ class SegTrainConfig:
     convs_per_stage: int = 1
     encoder_from: str | None = None  # classifier package whose backbone starts the encoder
     flip_average: bool = False  # the package averages each image with its mirror image
+    encoder: str = "mobilenet_v2"  # or "efficientnet-lite0" (see build_unet)
 
 
 def training_spec(input_size: int) -> PreprocessSpec:
@@ -341,7 +367,7 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
     tumour = va["y"].reshape(len(va["y"]), -1).any(1)
 
     model = build_unet(cfg.input_size, cfg.weights, decoder=cfg.decoder, freeze_until=cfg.freeze_until,
-                       convs_per_stage=cfg.convs_per_stage)
+                       convs_per_stage=cfg.convs_per_stage, encoder=cfg.encoder)
     if cfg.encoder_from:
         log.info("encoder from %s: %d layers", cfg.encoder_from, copy_encoder(model, cfg.encoder_from))
     if cfg.init:  # same graph: the weights of an earlier stage
@@ -394,7 +420,7 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
                     "binary cross-entropy; box-only tumours: no loss inside the box (grown 10%), "
                     "background outside",
             "input_size": cfg.input_size, "frozen_before": cfg.freeze_until, "init": cfg.init,
-            "encoder_from": cfg.encoder_from, "decoder": list(cfg.decoder),
+            "encoder": cfg.encoder, "encoder_from": cfg.encoder_from, "decoder": list(cfg.decoder),
             "convs_per_stage": cfg.convs_per_stage,
             "images_without_mask_kept": f"every {cfg.negative_every}", "epochs": cfg.epochs,
             "batch_size": cfg.batch_size, "peak_lr": cfg.lr,
