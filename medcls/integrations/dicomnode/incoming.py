@@ -34,6 +34,7 @@ GROUP_OF = {RECEIVING: "received", READY: "received", ANSWERING: "answering",
 STATE_WORDS = {RECEIVING: "receiving instances", READY: "complete, waiting for the model",
                ANSWERING: "answering", SENDING: "sending to the PACS", SENT: "sent to the PACS",
                NOT_ANSWERED: "not answered", FAILED: "failed"}
+MB = 1024 * 1024  # the spool budget's unit (spool_budget_mb)
 #: A listener whose heartbeat is older than this is shown as down.
 STALE_S = 15.0
 
@@ -98,16 +99,15 @@ def job_rows(jobs: Sequence[dict]) -> list[dict]:
         lat = latency_s(j)
         rows.append({
             "job": j["id"], "state": STATE_WORDS.get(j["state"], j["state"]),
+            "answer": answer_text(j),
+            "reason": (j.get("reason") or "") if j["state"] in (NOT_ANSWERED, FAILED) else reason_text(j),
+            "last instance → in PACS (s)": None if lat is None else round(lat, 1),
             "received (UTC)": dt.datetime.fromtimestamp(j["first_instance_at"], dt.timezone.utc)
             .strftime("%Y-%m-%d %H:%M:%S") if j.get("first_instance_at") else None,
-            "from": j.get("calling_ae"), "series": handle(j["series_uid"]),
-            "modality": j.get("modality"), "series no.": j.get("series_number"),
-            "instances": j.get("n_instances"),
+            "from": j.get("calling_ae"), "modality": j.get("modality"),
+            "series no.": j.get("series_number"), "instances": j.get("n_instances"),
             "model": (j.get("model_key") or "").split(" sha256-")[0] if j.get("model_folder") else "–",
-            "answer": answer_text(j),
-            "last instance → in PACS (s)": None if lat is None else round(lat, 1),
-            "attempts": j.get("attempts") or 0,
-            "reason": reason_text(j),
+            "series": handle(j["series_uid"]), "attempts": j.get("attempts") or 0,
         })
     return rows
 
@@ -171,10 +171,10 @@ def health_view(row: dict, now: float | None = None) -> Health:
                  else "none since it started")
     used, budget = int(row.get("spool_bytes") or 0), int(row.get("spool_budget") or 0)
     fraction = used / budget if budget else 0.0
-    spool = f"{used / 1e6:.1f} of {budget / 1e6:.0f} MB ({fraction:.0%})"
+    spool = f"{used / MB:.1f} of {budget / MB:.0f} MB ({fraction:.0%})"
     detail = (f"{row.get('listener')} on {row.get('address')}; {row.get('associations') or 0} "
-              f"association(s), {row.get('rejected') or 0} rejected (unknown AE title); models: "
-              f"{row.get('models') or '–'}; peak memory {int(row.get('peak_rss_bytes') or 0) / 1e6:.0f} MB")
+              f"association(s), {row.get('rejected') or 0} rejected (AE title not accepted); models: "
+              f"{row.get('models') or '–'}; peak memory {int(row.get('peak_rss_bytes') or 0) / MB:.0f} MB")
     return Health(str(row.get("listener")), up, status, last_text, spool, min(1.0, fraction), detail)
 
 
