@@ -741,3 +741,57 @@ def test_incoming_page_in_the_browser(node, routing_orthanc, data_dir, app_serve
     # the table (a canvas grid): its cells as the page's CSV download would give them
     assert SAMPLE_NAME not in body and "Doe" not in body
     page.close()
+
+
+def test_the_incoming_pages_words():
+    """medcls.integrations.dicomnode.incoming: states in words, latency, reasons, health."""
+    from medcls.integrations.dicomnode import incoming
+
+    now = 1_800_000_000.0
+    jobs = [
+        {"id": 3, "state": "sent", "series_uid": "1.2.3", "first_instance_at": now - 60,
+         "last_instance_at": now - 50, "sent_at": now - 47.5, "outcome": "suspected",
+         "answer_label": "meningioma", "answer_probability": 0.9321, "answer_state": "answered",
+         "model_key": "brain-mri-default 2.0.0 sha256-77116748b3db42e2", "model_folder": "x",
+         "modality": "MR", "n_instances": 24},
+        {"id": 2, "state": "not_answered", "series_uid": "1.2.4", "first_instance_at": now - 40,
+         "reason": "No model of this site answers CT series.", "model_key": "none",
+         "model_folder": None, "modality": "CT"},
+        {"id": 1, "state": "sending", "series_uid": "1.2.5", "first_instance_at": now - 30,
+         "reason": "Attempt 1 failed (down); next attempt in 2 s.", "outcome": "cannot_answer",
+         "answer_label": None, "answer_state": "withheld", "model_key": "m", "model_folder": "m"},
+    ]
+    rows = incoming.job_rows(jobs)
+    assert [r["state"] for r in rows] == ["sent to the PACS", "not answered", "sending to the PACS"]
+    assert rows[0]["answer"] == "meningioma 93% (answered)" and rows[0]["model"] == "brain-mri-default 2.0.0"
+    assert rows[0]["last instance → in PACS (s)"] == 2.5 and rows[0]["series"] != "1.2.3"
+    assert rows[1]["reason"] == "No model of this site answers CT series." and rows[1]["model"] == "–"
+    assert incoming.reason_text(jobs[1]) == "not answered: No model of this site answers CT series."
+    assert rows[2]["answer"] == "no class (withheld)" and "next attempt" in rows[2]["reason"]
+    assert incoming.counts(jobs) == {"received": 0, "answering": 1, "sent": 1, "not answered": 1,
+                                     "failed": 0}
+    assert incoming.latency(jobs).text.startswith("Last instance to results in the PACS: median 2.5 s")
+    up = incoming.health_view({"listener": "NODE", "started_at": now - 3600, "heartbeat_at": now - 1,
+                               "last_association_at": now - 12, "last_calling_ae": "ORTHANC",
+                               "spool_bytes": 512 * 1024 * 1024, "spool_budget": 2048 * 1024 * 1024,
+                               "address": "127.0.0.1:11112"}, now)
+    assert up.up and up.status.startswith("Up since") and "(60 min ago)" in up.status
+    assert up.last_association.endswith("(12 s ago) from ORTHANC")
+    assert up.spool == "512.0 of 2048 MB (25%)" and up.spool_fraction == 0.25
+    down = incoming.health_view({"listener": "NODE", "started_at": now - 3600,
+                                 "heartbeat_at": now - 300}, now)
+    assert not down.up and down.status.startswith("Not answering: last heard from")
+    assert "none since it started" in down.last_association
+
+
+def test_listen_command_refuses_to_start_without_senders(monkeypatch, capsys):
+    from medcls.cli.main import main
+
+    for k in [k for k in os.environ if k.startswith("MEDCLS_LISTENER_")]:
+        monkeypatch.delenv(k)
+    with pytest.raises(SystemExit):
+        main(["listen", "--port", "70000"])
+    assert "invalid port_number value" in capsys.readouterr().err
+    assert main(["listen", "--ae-title", "AI_NODE"]) == 2
+    err = capsys.readouterr().err
+    assert "accepts no sender" in err and "Traceback" not in err

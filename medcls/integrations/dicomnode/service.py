@@ -174,7 +174,16 @@ class Listener:
                 self._wake.wait(TICK_S)
                 self._wake.clear()
                 continue
-            self.work(job)
+            try:
+                self.work(job)
+            except Exception as exc:  # noqa: BLE001 - e.g. the database went away mid-job
+                reason = describe_error(exc)
+                log.warning("job %d stopped: %s", job["id"], reason)
+                try:
+                    self.queue.failed(job["id"], reason)
+                except ListenerError:
+                    pass  # still answering in the queue: taken up again at the next start
+                self._stop.wait(1.0)
 
     def work(self, job: dict) -> None:
         """Answer a claimed job (unless its results are built already) and send them."""
