@@ -47,6 +47,19 @@ def wait_for(check, timeout: float, what: str, every: float = 0.1):
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def proc_memory(pid: int) -> dict:
+    """VmRSS (now) and VmHWM (peak) of a process, in bytes."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
 def copies(files, n: int) -> list[list]:
     import pydicom
     from pydicom.uid import generate_uid
@@ -119,7 +132,7 @@ def main(argv=None) -> None:
     node = Node(tmp, port, db, args.models, pacs.env())
     client = PacsClient(pacs.settings())
     queue = open_queue(db)
-    peaks = {"rss": [], "spool": 0}
+    peaks = {"rss": [], "spool": 0, "baseline": [], "hwm": []}
 
     def route(run, asynchronous=False):
         (found,) = pacs.rest("POST", "/tools/lookup", str(run[0].SeriesInstanceUID).encode())
@@ -133,9 +146,16 @@ def main(argv=None) -> None:
     def sample():
         for h in queue.health():
             peaks["spool"] = max(peaks["spool"], int(h["spool_bytes"] or 0))
+        mem = proc_memory(node.proc.pid)
+        if mem:
+            peaks["last_hwm"] = mem.get("VmHWM", 0)
+
+    def baseline():
+        peaks["baseline"].append(proc_memory(node.proc.pid).get("VmRSS", 0))
 
     try:
         cold_s = node.start()
+        baseline()
         warm, timed, run = copies(files, 2), copies(files, args.latency), copies(files, args.run)
         for r in warm + timed + run:
             client.store(r)
@@ -164,13 +184,18 @@ def main(argv=None) -> None:
         at_restart = sent_count()
         for h in queue.health():
             peaks["rss"].append(int(h["peak_rss_bytes"] or 0))
+        sample()
+        peaks["hwm"].append(peaks.get("last_hwm", 0))
         node.stop()
         restart_s = node.start()
+        baseline()
         wait_for(lambda: sent_count() == len(run), 900, "the whole run", every=0.5)
         run_s = time.time() - t0
         time.sleep(2.5)  # one more heartbeat of the second process
         for h in queue.health():
             peaks["rss"].append(int(h["peak_rss_bytes"] or 0))
+        sample()
+        peaks["hwm"].append(peaks.get("last_hwm", 0))
         # none twice
         jobs = {str(r[0].SeriesInstanceUID): job_of(r) for r in run}
         one_job = all(len(js) == 1 for js in jobs.values())
@@ -204,6 +229,10 @@ def main(argv=None) -> None:
         "listener": {"cold_start_to_models_ready_s": round(cold_s, 1),
                      "restart_to_models_ready_s": round(restart_s, 1),
                      "peak_rss_mb": [round(x / 1e6) for x in peaks["rss"]],
+                     "rss_models_ready_mb": [round(x / 1e6) for x in peaks["baseline"]],
+                     "vm_hwm_mb": [round(x / 1e6) for x in peaks["hwm"]],
+                     "growth_over_models_ready_mb": [round((h - b) / 1e6) for h, b in
+                                                     zip(peaks["hwm"], peaks["baseline"])],
                      "spool_budget_mb": SPOOL_MB, "spool_peak_mb": round(peaks["spool"] / 1e6, 1)},
     }
     r = result["run"]
@@ -226,6 +255,9 @@ def main(argv=None) -> None:
             ["  restarts (series sent before it)", f"1 ({r['sent_at_restart']})", "1"],
             ["  wall time (s); series per minute", f"{r['wall_s']}; {r['series_per_minute']}", ""],
             ["listener peak resident memory, each process (MB)", result["listener"]["peak_rss_mb"], ""],
+            ["  resident once its models were loaded (MB)", result["listener"]["rss_models_ready_mb"], ""],
+            ["  growth over that while answering the series (MB)",
+             result["listener"]["growth_over_models_ready_mb"], f"<= spool budget ({SPOOL_MB})"],
             ["spool peak / budget (MB)", f"{result['listener']['spool_peak_mb']} / {SPOOL_MB}", ""],
             ["cold start to models ready; after the restart (s)",
              f"{result['listener']['cold_start_to_models_ready_s']}; "
