@@ -477,6 +477,9 @@ def test_series_routed_by_orthanc_is_answered_in_the_same_study(node, routing_or
     assert sorted(r["sop_instance_uid"] for r in rows) == sorted(evidence)
     assert all(r["user"] == f"listener {NODE_AET}" and r["series_outcome"] == "not_seen"
                for r in rows)
+    sends = [r for r in AuditStore(node.db_url).rows("exports") if r["page"] == "listener"
+             and str(sr.SOPInstanceUID) in (r["target"] or "")]
+    assert len(sends) == 1 and sends[0]["kind"] == "pacs-send" and sends[0]["n_answers"] == 24
     # no identifying value of the 24 files in the listener's DEBUG log
     log_text = node.text()
     needles = {v.strip() for p in mprage_files for v in identifying_attributes(p).values()

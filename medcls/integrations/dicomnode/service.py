@@ -207,16 +207,17 @@ class Listener:
                                 outcome.probability, outcome.state)
             log.info("job %d (series %s) answered: %s, %d instance(s) audited", jid, series,
                      outcome.outcome, len(outcome.answers))
-            datasets = outcome.datasets
+            datasets, n_answered = outcome.datasets, len(outcome.answers)
         else:
+            n_answered = int(job.get("n_answered") or 0)
             datasets = self.spool.load_results(jid)
             if not datasets:
                 self.queue.failed(jid, "The built results of this series were lost from the spool; "
                                   "have the PACS send the series again.")
                 return
-        self._send(job, datasets)
+        self._send(job, datasets, n_answered)
 
-    def _send(self, job: dict, datasets: list) -> None:
+    def _send(self, job: dict, datasets: list, n_answered: int) -> None:
         jid = job["id"]
         try:
             stored = self.sender.send(datasets)
@@ -229,7 +230,7 @@ class Listener:
         self.queue.sent(jid)
         try:
             self.queue.store.record_export(self.user, "listener", "pacs-send",
-                                           n_answers=0, target=" ".join(stored)[:1024])
+                                           n_answers=n_answered, target=" ".join(stored)[:1024])
         except Exception as exc:  # noqa: BLE001 - the send happened; the trail says what it can
             log.warning("job %d: the send could not be recorded: %s", jid, describe_error(exc))
         self.spool.remove(job["series_uid"])
