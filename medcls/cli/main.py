@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medcls.cli.audit import add_audit_parser
     add_audit_parser(sub)
+    from medcls.cli.listen import add_listen_parser; add_listen_parser(sub)  # noqa: E702
 
     args = p.parse_args(argv)
     _setup_logging(args.log, args.verbose)

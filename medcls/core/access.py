@@ -54,6 +54,7 @@ PERMISSIONS = {
     "pacs-search": "reviewer",     # search the PACS freely, list its patients
     "pacs-send": "reviewer",       # send results to the PACS
     "monitoring": "reviewer",      # the Monitoring page and its export
+    "incoming": "reviewer",        # the Incoming page: the listener's queue, retrying a job
     "adapt": "admin",              # adapt a model to the site, set the site default
 }
 
@@ -66,6 +67,7 @@ PERMISSION_WORDS = {
     "pacs-search": "search the PACS or list its patients",
     "pacs-send": "send results to the PACS",
     "monitoring": "open the monitoring page",
+    "incoming": "open the incoming series page",
     "adapt": "adapt models to this site",
 }
 

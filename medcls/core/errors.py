@@ -105,3 +105,8 @@ class PretrainedWeightsError(ModelPackageError):
 class OutputWriteError(MedclsError):
     """An output file (a worklist, an export) could not be written, e.g. the disk is full;
     nothing partial is left in its place."""
+
+
+class ListenerError(MedclsError):
+    """The DICOM listener (medcls.integrations.dicomnode) cannot start or cannot do what was
+    asked of it (a port in use, no calling AE title accepted, a job that cannot be retried)."""

@@ -120,6 +120,47 @@ class DecodeSettings:  # memory and time limits of decoding one image (medcls.io
     timeout_s: float = setting("MEDCLS_DECODE_TIMEOUT_S", "timeout_s", 30.0, positive)
 
 
+def port_number(value: Any) -> int:
+    """a port number from 1 to 65535"""
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise ValueError("out of range")
+    return number
+
+
+def ae_title(value: Any) -> str:
+    """an AE title of 1 to 16 characters (letters, digits, space, _ - .), not all spaces"""
+    text = str(value).strip()
+    if not 1 <= len(text) <= 16 or not all(c.isalnum() or c in " _-." for c in text) \
+            or not text.isascii():
+        raise ValueError("not an AE title")
+    return text
+
+
+def ae_titles(value: Any) -> tuple[str, ...]:
+    """a list of AE titles (a TOML array, or text separated by commas)"""
+    return tuple(ae_title(v) for v in names(value))
+
+
+@dataclass(frozen=True)
+class ListenerSettings:  # the DICOM node the PACS routes series to (medcls.integrations.dicomnode)
+    ae_title: str = setting("MEDCLS_LISTENER_AE_TITLE", "ae_title", "MEDCLS", ae_title)
+    port: int = setting("MEDCLS_LISTENER_PORT", "port", 11112, port_number)
+    bind: str = setting("MEDCLS_LISTENER_BIND", "bind", "127.0.0.1")  # address to listen on
+    accept_from: tuple[str, ...] = setting("MEDCLS_LISTENER_ACCEPT_FROM", "accept_from", (), ae_titles)
+    # calling AE titles whose association release ends the series it carried (whole series per association)
+    whole_series_from: tuple[str, ...] = setting("MEDCLS_LISTENER_WHOLE_SERIES_FROM",
+                                                 "whole_series_from", (), ae_titles)
+    quiet_s: float = setting("MEDCLS_LISTENER_QUIET_S", "quiet_s", 5.0, positive)  # series complete after
+    spool_dir: Path = setting("MEDCLS_LISTENER_SPOOL", "spool_dir", PROJECT_DIR / "var" / "listener-spool",
+                              project_path)
+    spool_budget_mb: float = setting("MEDCLS_LISTENER_SPOOL_MB", "spool_budget_mb", 2048.0, positive)
+    models: tuple[str, ...] = setting("MEDCLS_LISTENER_MODELS", "models", (), names)  # () : the site's choice per task
+    send_retries: int = setting("MEDCLS_LISTENER_SEND_RETRIES", "send_retries", 5, int)
+    backoff_s: float = setting("MEDCLS_LISTENER_BACKOFF_S", "backoff_s", 2.0, positive)  # doubles per retry
+    store_ae: str | None = setting("MEDCLS_LISTENER_STORE_AE", "store_ae")  # AET@host:port: C-STORE, not STOW-RS
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path = setting("MEDCLS_MODELS", "models_dir", PROJECT_DIR / "models", project_path)
@@ -129,6 +170,7 @@ class Settings:
     pacs: PacsSettings = section("pacs", PacsSettings)
     auth: AuthSettings = section("auth", AuthSettings)
     decode: DecodeSettings = section("decode", DecodeSettings)
+    listener: ListenerSettings = section("listener", ListenerSettings)
 
 
 def read_secrets_file(path: str | Path = SECRETS_FILE) -> dict[str, Any]:
