@@ -244,7 +244,7 @@ def _adapt(cfg: AdaptConfig, command: str, progress) -> dict:
                       np.concatenate([x_unl, x_local]), ref)
     progress("recalibrating", 0.9)
     calibration, temperature, low_conf, gate = recalibrate(
-        model, parent, oof_logits[recipe.name].mean(0)[scored], t_local[scored], x_unl, ref)
+        model, parent, oof_logits[recipe.name].mean(0)[scored], t_local[scored], x_local, t_local, x_unl, ref)
     reasons = []
     if ref:
         ref["accuracy_after"] = accuracy(model, ref["x_test"], ref["t_test"])
@@ -382,8 +382,8 @@ def accuracy(model, x_gray, targets) -> float:
     return float((targets[np.arange(len(pred)), pred] > 0).mean())
 
 
-def recalibrate(model, parent, oof_logits: np.ndarray, oof_targets: np.ndarray, x_unl: np.ndarray,
-                ref: dict | None):
+def recalibrate(model, parent, oof_logits: np.ndarray, oof_targets: np.ndarray, x_local: np.ndarray,
+                t_local: np.ndarray, x_unl: np.ndarray, ref: dict | None):
     """Temperature and low-confidence threshold on the chosen recipe's out-of-fold predictions
     of the local cases (held out when they were made) and the reference validation sample; the
     input gate's class means from the reference training sample and the local single-label
@@ -405,12 +405,13 @@ def recalibrate(model, parent, oof_logits: np.ndarray, oof_targets: np.ndarray, 
     low_conf = low_confidence_threshold(probs.max(1), correct)
     gate, gate_note = parent.gate, "the parent's (no reference data)"
     if ref and parent.gate is not None:
-        _, emb_train = forward(model, ref["x_train"])
-        single = ref["t_train"].sum(1) == 1
+        t_train = np.concatenate([ref["t_train"], t_local])
+        emb_train = np.concatenate([forward(model, ref["x_train"])[1], forward(model, x_local)[1]])
+        single = t_train.sum(1) == 1
         held = [forward(model, ref["x_val"])[1][ref["t_val"].sum(1) == 1]]
         if len(x_unl):
             held.append(forward(model, x_unl)[1])
-        gate = InputGate.fit(emb_train[single], ref["t_train"][single].argmax(1), np.concatenate(held))
+        gate = InputGate.fit(emb_train[single], t_train[single].argmax(1), np.concatenate(held))
         gate_note = ("99% quantile of the reference validation sample's" +
                      (f" and the site's {len(x_unl)} unlabelled scans'" if len(x_unl) else "") + " distances")
     info = {"temperature": float(temperature), "low_confidence_threshold": float(low_conf),

@@ -284,7 +284,7 @@ def test_page_shows_the_choice_the_figures_and_what_was_not_checked(env, monkeyp
     monkeypatch.setenv("MEDCLS_SCAN_ROOT", str(env["scans"]))
     monkeypatch.setenv("MEDCLS_MODELS", str(env["models"]))
     monkeypatch.syspath_prepend(str(PROJECT_ROOT))
-    at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "5_Adapt_to_site.py"), default_timeout=300)
+    at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "5_Adapt_to_site.py"), default_timeout=900)
     at.run()
     assert not at.exception, at.exception
     shown = " ".join(m.value for m in list(at.markdown) + list(at.caption))
@@ -296,9 +296,12 @@ def test_page_shows_the_choice_the_figures_and_what_was_not_checked(env, monkeyp
         at.button[0].click().run()
         assert any(any(w in e.value for w in words) for e in at.error), bad
     at.text_input(key="adapt_folder").set_value("swapped")
+    at.text_input(key="adapt_unlabelled").set_value("../outside").run()
+    at.button[0].click().run()
+    assert any("does not exist" in e.value or "outside" in e.value for e in at.error)
     at.text_input(key="adapt_unlabelled").set_value("unlabelled")
     at.number_input(key="adapt_folds").set_value(3)
-    at.number_input(key="adapt_epochs").set_value(12)
+    at.number_input(key="adapt_epochs").set_value(8)
     at.multiselect(key="adapt_recipes").set_value(["last-blocks"]).run()
     at.button[0].click().run()  # the page reruns itself until the job is done
     assert not at.exception, [e.stack_trace for e in at.exception]
