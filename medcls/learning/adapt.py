@@ -1,27 +1,31 @@
-"""Site adaptation: a shipped model adapted to one hospital's scanners from a few dozen cases
-its clinicians confirmed, measured on other local cases, kept beside its parent.
+"""Site adaptation: a shipped model adapted to one hospital's scanners from the cases its
+clinicians confirmed, the recipe chosen on those cases, accepted only on a measured gain, and
+kept beside its parent.
 
 :func:`adapt` is the whole mechanism, top to bottom:
 
-1. the local cases (``labels.csv`` with ``file``, ``label``: a class of the model or the partial
-   label ``tumor``; or one folder per class) are split into an *adapt* part and a *check* part,
-   stratified by label, grouped by the ``group`` column when there is one, with a fixed seed;
-2. the parent is measured on the check part (*before*);
-3. the recipe (:class:`Recipe`): the head and the last blocks fine-tuned with every batch norm
-   frozen, batches drawn half from the local cases (heavily source-randomised) and half from a
-   balanced sample of the parent's own training data (``reference``) so it does not forget;
-   then temperature, low-confidence threshold and input gate refitted on the adapt part and a
-   reference sample (the region threshold stays the parent's: local cases carry no boxes);
-4. the adapted model is measured on the check part (*after*) and on the reference test split;
+1. the confirmed cases (``labels.csv`` with ``file``, ``label``: a class of the model or the
+   partial label ``tumor``; optional ``group`` = patient; or one folder per class) are dealt into
+   grouped, label-stratified folds (:func:`medcls.learning.adapt_check.plan_folds`); a label with
+   fewer patients than folds is adapted on but *not checked*;
+2. every recipe (:data:`medcls.learning.adapt_recipes.RECIPES`: last blocks, mixed with the
+   parent's reference data, longer, whole network, batch norm aligned on the site's scans) is
+   cross-validated: per fold, the parent adapted on the other folds predicts the held-out cases,
+   so every checked case is predicted by a model that never saw it; the gain over the parent on
+   those cases is measured with a bootstrap interval, and each fold's model on a sample of the
+   reference test split;
+3. the recipe with the best gain whose interval (adjusted for the number of recipes compared)
+   lies above zero, and whose fold models kept the reference test within
+   :data:`~medcls.learning.adapt_check.REFERENCE_MARGIN`, wins; none: "no gain shown", nothing
+   is trained further and no package is written (the parent stays);
+4. the winner is trained on all the confirmed cases; temperature and low-confidence threshold
+   are refitted on its out-of-fold predictions and a reference sample, the input gate on the
+   site's unlabelled scans and the reference; the final model is measured on the whole
+   reference test split (more than the margin lower: rejected);
 5. a new package is written whose card names the parent (name, version, SHA-256), the local
-   data's fingerprint, the recipe and both figures, and a verdict: an adapted model that is
-   worse on the check part, or drops by more than :data:`REFERENCE_MARGIN` on the reference
-   test split, is written for inspection but marked rejected, and :func:`set_site_default`
-   refuses it. The parent is never touched.
-
-The site default of a task is a marker file in the models folder (:data:`SITE_DEFAULT_FILE`)
-that the model picker follows. :class:`AdaptationJob` runs :func:`adapt` in a thread for the
-admin page.
+   data's fingerprint, every recipe's figures, the choice, the labels not checked (also among
+   the card's limits) and the verdict. :func:`~medcls.learning.site.set_site_default` refuses a
+   rejected one; the parent is never touched.
 """
 
 from __future__ import annotations
@@ -36,134 +40,41 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from medcls.core.errors import DatasetError, MedclsError, ModelPackageError
+from medcls.core.errors import MedclsError, ModelPackageError
+from medcls.learning.adapt_check import (
+    DEFAULT_FOLDS,
+    REFERENCE_MARGIN,
+    TooFewCasesError,
+    case_figures,
+    gain_figures,
+    plan_folds,
+    predicted_scores,
+    recipe_reasons,
+)
+from medcls.learning.adapt_recipes import (
+    DEFAULT_RECIPES,
+    RECIPES,
+    FineTuner,
+    Recipe,
+    apply_recipe,
+    batch_norm_layers,
+    batch_norm_moments,
+    forward,
+    trainable_from,
+)
 from medcls.learning.data import Record, cached_arrays, load_datasets
 
 log = logging.getLogger(__name__)
 
-
-MIN_CHECK_PER_LABEL = 5  # fewer check cases of a label measure nothing
-MIN_ADAPT_PER_LABEL = 5
-REFERENCE_MARGIN = 0.02  # the largest accepted drop on the reference test split
-
+__all__ = ["AdaptConfig", "AdaptationRejectedError", "REFERENCE_MARGIN", "RECIPES", "Recipe",
+           "TooFewCasesError", "adapt", "adapted_from", "is_adapted"]
 
 SITE_SOURCE = "site"
-
-
-# The first layer fine-tuned, per architecture: the head and the last blocks.
-TRAINABLE_FROM = {"mobilenet-tl": "block_13_expand", "compact-cnn": "block5_sep1",
-                  "seed-cnn": "last_conv"}
-
-
-class TooFewCasesError(DatasetError):
-    """The local data has too few confirmed cases of a label to adapt and measure."""
+MAX_UNLABELLED = 1000  # unlabelled scans used at most (drawn with the seed)
 
 
 class AdaptationRejectedError(MedclsError):
-    """An adapted model that did worse than its parent cannot become the site default."""
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How a model is adapted (recorded in the card). ``name`` tells the recipes of the bench
-    apart; :data:`RECIPES` holds the ones compared."""
-
-    name: str = "mixed"
-    epochs: int = 8
-    lr: float = 3e-4
-    batch_size: int = 16
-    trainable_from: str | None = None  # None: TRAINABLE_FROM[architecture]; "" = every layer
-    reference_n: int = 160  # reference training cases mixed in (0: plain fine-tune on local)
-    local_share: float = 0.5  # share of each batch drawn from the local cases
-    source_augment: bool = True
-    label_smoothing: float = 0.1
-    refit: bool = True  # temperature, low-confidence threshold and gate refitted
-
-    def steps_per_epoch(self, n_local: int) -> int:
-        # an epoch sees every local case about twice (half the batch is local)
-        return max(4, int(np.ceil(2 * n_local / self.batch_size)))
-
-
-RECIPES = {
-    "plain": Recipe(name="plain", trainable_from="", reference_n=0, local_share=1.0,
-                    source_augment=False, label_smoothing=0.0, refit=False),
-    "last-blocks": Recipe(name="last-blocks", reference_n=0, local_share=1.0, source_augment=False),
-    "mixed": Recipe(),
-    "mixed-long": Recipe(name="mixed-long", epochs=14, local_share=0.6),
-}
-
-
-def split_local(records: Sequence[Record], holdout: float, seed: int) -> tuple[list[Record], list[Record]]:
-    """(adapt, check): per label, a ``holdout`` share of the groups (the ``group`` column, else
-    each case alone) goes to check, drawn with ``seed``. A group of mixed labels follows its
-    first case's label."""
-    groups: dict[str, list[Record]] = {}
-    for i, r in enumerate(records):
-        groups.setdefault(r.group or f"#{i}", []).append(r)
-    by_label: dict[str, list[str]] = {}
-    for g, rs in groups.items():
-        by_label.setdefault(rs[0].label, []).append(g)
-    rng = np.random.default_rng(seed)
-    check_groups: set[str] = set()
-    for label in sorted(by_label):
-        gs = sorted(by_label[label])
-        rng.shuffle(gs)
-        check_groups.update(gs[:int(round(holdout * len(gs)))])
-    adapt = [r for g, rs in groups.items() if g not in check_groups for r in rs]
-    check = [r for g, rs in groups.items() if g in check_groups for r in rs]
-    return adapt, check
-
-
-def check_enough(adapt: Sequence[Record], check: Sequence[Record], holdout: float) -> None:
-    """Refuse (:class:`TooFewCasesError`) a split with fewer than the minimum cases of a label
-    in either part, saying how many confirmed cases per label are needed."""
-    labels = sorted({r.label for r in list(adapt) + list(check)})
-    if len(labels) < 2:
-        raise TooFewCasesError(f"The local cases all carry one label ({labels[0] if labels else 'none'}): "
-                               "adaptation needs confirmed cases of at least two labels (e.g. tumour "
-                               "and no tumour).")
-    need = int(np.ceil(max(MIN_CHECK_PER_LABEL / max(holdout, 1e-6),
-                           MIN_ADAPT_PER_LABEL / max(1 - holdout, 1e-6))))
-    short = {lab: (sum(r.label == lab for r in adapt), sum(r.label == lab for r in check))
-             for lab in labels}
-    short = {lab: c for lab, c in short.items() if c[0] < MIN_ADAPT_PER_LABEL or c[1] < MIN_CHECK_PER_LABEL}
-    if short:
-        have = ", ".join(f"{lab}: {a + c}" for lab, (a, c) in short.items())
-        raise TooFewCasesError(
-            f"Too few confirmed cases to adapt and measure ({have}). With a hold-out of "
-            f"{holdout:.0%}, each label needs at least {need} cases (separate patients when a "
-            f"'group' column is given): {MIN_ADAPT_PER_LABEL} to adapt on and "
-            f"{MIN_CHECK_PER_LABEL} to check on.")
-
-
-def site_figures(probs: np.ndarray, targets: np.ndarray, labels: Sequence[str],
-                 classes: Sequence[str], n_boot: int = 1000, seed: int = 0) -> dict:
-    """Accuracy (a case is right when the predicted class is one its label allows), recall per
-    local label and tumour-vs-none accuracy, each with a 95% percentile-bootstrap interval."""
-    from medcls.learning.data import negative_class
-
-    pred = np.asarray(probs).argmax(1)
-    correct = targets[np.arange(len(pred)), pred] > 0
-    labels = np.asarray(labels)
-    neg = negative_class(classes)
-    stats: dict[str, Callable[[np.ndarray], float | None]] = {"accuracy": lambda i: correct[i].mean()}
-    for lab in sorted(set(labels.tolist())):
-        stats[f"recall_{lab}"] = lambda i, lab=lab: correct[i][labels[i] == lab].mean() \
-            if (labels[i] == lab).any() else None
-    if neg is not None:
-        k = list(classes).index(neg)
-        agree = (targets[:, k] > 0) == (pred == k)
-        stats["tumour_vs_none_accuracy"] = lambda i: agree[i].mean()
-    all_idx = np.arange(len(pred))
-    out: dict = {"n": int(len(pred)), "n_by_label": {lab: int((labels == lab).sum())
-                                                     for lab in sorted(set(labels.tolist()))}}
-    rng = np.random.default_rng(seed)
-    boots = [rng.integers(0, len(pred), len(pred)) for _ in range(n_boot)]
-    for key, f in stats.items():
-        vals = [v for v in (f(b) for b in boots) if v is not None]
-        out[key] = float(f(all_idx))
-        out[key + "_ci95"] = [float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))] if vals else None
-    return out
+    """An adapted model without a measured gain cannot become the site default."""
 
 
 @dataclass
@@ -171,26 +82,35 @@ class AdaptConfig:
     model: str
     data: str
     out: str
-    holdout: float = 0.3
+    unlabelled: str | None = None  # a folder (or a list file) of the site's unlabelled scans
+    scan_root: str | None = None  # the unlabelled folder must lie inside it (the app's scan folder)
+    folds: int = DEFAULT_FOLDS
+    repeats: int = 1
     seed: int = 0
     reference: list[str] = field(default_factory=list)  # the parent's training folders
     reference_test: int | None = None  # at most this many reference test cases (None: all)
-    recipe: Recipe = field(default_factory=Recipe)
+    reference_cv: int = 150  # reference test cases each fold's model is measured on
+    recipes: Sequence[str | Recipe] = DEFAULT_RECIPES
+    epochs: int | None = None  # overrides every fine-tuning recipe's epochs
     name: str | None = None
     cache_dir: str | None = ".cache/medcls"
     workers: int = 2
-    bootstrap: int = 1000
+    bootstrap: int = 2000
+
+    def recipe_list(self) -> list[Recipe]:
+        out = [RECIPES[r] if isinstance(r, str) else r for r in self.recipes]
+        if self.epochs is not None:
+            out = [replace(r, epochs=self.epochs) if r.epochs > 0 else r for r in out]
+        return out
 
 
 def adapt(cfg: AdaptConfig, command: str = "", on_progress: Callable[[str, float], None] | None = None) -> dict:
-    """Adapt ``cfg.model`` to the site ``cfg.data``; write the package to ``cfg.out``; return
-    the adaptation record (also in the card under ``adaptation``). Raises
-    :class:`TooFewCasesError` before any training when the local cases cannot measure anything.
-    The same seed gives the same figures: TensorFlow's op determinism is on during the run
-    (the source randomisation's random ops in parallel tf.data maps otherwise draw in thread
-    order), and restored afterwards."""
+    """Adapt ``cfg.model`` to the site ``cfg.data``; return the adaptation record (also in the
+    written package's card under ``adaptation``). Raises :class:`TooFewCasesError` before any
+    training when the confirmed cases cannot measure a gain. The same seed gives the same
+    figures: TensorFlow's op determinism is on during the run, and restored afterwards."""
     with _deterministic():
-        return _adapt(cfg, command, on_progress)
+        return _adapt(cfg, command, on_progress or (lambda stage, frac: None))
 
 
 @contextlib.contextmanager
@@ -206,111 +126,207 @@ def _deterministic():
             tf_config.disable_op_determinism()
 
 
-def _adapt(cfg: AdaptConfig, command: str, on_progress) -> dict:
+def _adapt(cfg: AdaptConfig, command: str, progress) -> dict:
     import keras
 
     from medcls.models.package import load_package, read_card
 
     t0 = time.time()
-    progress = on_progress or (lambda stage, frac: None)
-    recipe = cfg.recipe
     keras.utils.set_random_seed(cfg.seed)
-    _check_out(cfg)
+    check_out(cfg)
     classes = list(read_card(cfg.model).classes)
     local = load_datasets([cfg.data], classes=classes)
     local.records = [replace(r, source=SITE_SOURCE, split=None) for r in local.records]
-    adapt_recs, check_recs = split_local(local.records, cfg.holdout, cfg.seed)
-    check_enough(adapt_recs, check_recs, cfg.holdout)  # before anything slow
+    records = local.records
+    plan = plan_folds(records, cfg.folds, cfg.repeats, cfg.seed)  # before anything slow
+    recipes = cfg.recipe_list()
     parent = load_package(cfg.model)
-    spec = parent.card.spec
-    progress("preprocessing the local cases", 0.02)
-    x_adapt = cached_arrays(local, adapt_recs, spec, cfg.cache_dir, cfg.workers, as_gray=True)
-    x_check = cached_arrays(local, check_recs, spec, cfg.cache_dir, cfg.workers, as_gray=True)
-    t_adapt, t_check = local.targets(adapt_recs), local.targets(check_recs)
-    labels_check = [r.label for r in check_recs]
+    spec, arch, model = parent.card.spec, parent.card.architecture, parent.model
+    progress("reading the local cases", 0.01)
+    x_local = cached_arrays(local, records, spec, cfg.cache_dir, cfg.workers, as_gray=True)
+    t_local = local.targets(records)
+    labels = np.array([r.label for r in records])
+    x_unl = unlabelled_arrays(cfg, spec) if cfg.unlabelled else np.zeros((0,) + x_local.shape[1:], np.float32)
+    exclude = {local.path(r).resolve() for r in records if local.path(r)}
+    ref = load_reference(cfg, classes, spec, recipes, exclude) if cfg.reference else None
 
-    ref = _reference(cfg, classes, spec) if cfg.reference else None
-    progress("measuring the parent", 0.15)
-    before = site_figures(_probs(parent.model, x_check, parent.card.temperature), t_check,
-                          labels_check, classes, cfg.bootstrap, cfg.seed)
-    ref_before = _accuracy(parent.model, ref["x_test"], ref["t_test"]) if ref else None
+    progress("measuring the parent", 0.04)
+    parent_weights = model.get_weights()
+    parent_correct, parent_tvn = predicted_scores(forward(model, x_local)[0], t_local, classes)
+    if ref:
+        ref["accuracy_before"] = accuracy(model, ref["x_test"], ref["t_test"])
+        ref["cv_before"] = accuracy(model, ref["x_cv"], ref["t_cv"])
+        if any(r.align_bn for r in recipes) and batch_norm_layers(model):
+            ref["bn_moments"] = batch_norm_moments(model, ref["x_train"])
 
-    progress("fine-tuning", 0.25)
-    model = parent.model
-    _set_trainable(model, parent.card.architecture, recipe.trainable_from)
-    _fine_tune(model, recipe, x_adapt, t_adapt, ref, cfg.seed,
-               lambda f: progress("fine-tuning", 0.25 + 0.55 * f))
+    scored = plan.scored
+    runnable = [r for r in recipes if not skip_reason(r, ref, model)]
+    results, oof_logits = [], {}
+    n_fits = max(1, len(runnable) * plan.folds * plan.repeats + 1)
+    done = 0
+    for recipe in recipes:
+        why = skip_reason(recipe, ref, model)
+        if why:
+            results.append(_recipe_entry(recipe, arch) | {"status": "skipped", "reasons": [why], "eligible": False})
+            continue
+        t1 = time.time()
+        tuner = FineTuner(model, arch, recipe, cfg.seed)
+        logits = np.zeros((plan.repeats, len(records), len(classes)))
+        ref_cv = []
+        for rep in range(plan.repeats):
+            for k in range(plan.folds):
+                progress(f"cross-validating {recipe.name} (fold {k + 1} of {plan.folds})", 0.05 + 0.8 * done / n_fits)
+                keras.utils.set_random_seed(cfg.seed + 101 * rep + k)
+                tr, held = plan.train_index(rep, k), plan.held_out_index(rep, k)
+                apply_recipe(tuner, parent_weights, x_local[tr], t_local[tr],
+                             np.concatenate([x_unl, x_local[tr]]), ref)
+                logits[rep, held] = forward(model, x_local[held])[0]
+                if ref:
+                    ref_cv.append(accuracy(model, ref["x_cv"], ref["t_cv"]))
+                done += 1
+        oof_logits[recipe.name] = logits
+        correct, tvn = _oof_scores(logits, t_local, classes)
+        gain = gain_figures(correct[scored], parent_correct[scored], plan.groups[scored], len(runnable),
+                            cfg.bootstrap, cfg.seed)
+        drop = float(ref["cv_before"] - np.mean(ref_cv)) if ref else None
+        reasons = recipe_reasons(gain, drop)
+        results.append(_recipe_entry(recipe, arch) | {
+            "status": "compared", "gain": gain, "eligible": not reasons, "reasons": reasons,
+            "figures": case_figures(correct[scored], labels[scored], plan.groups[scored],
+                                    None if tvn is None else tvn[scored], cfg.bootstrap, cfg.seed),
+            "reference_cv": ({"cases": int(len(ref["x_cv"])), "accuracy_parent": ref["cv_before"],
+                              "accuracy_folds": [round(a, 4) for a in ref_cv], "drop": drop} if ref else None),
+            "duration_s": round(time.time() - t1, 1)})
+        log.info("recipe %s: gain %+.3f %s, reference drop %s", recipe.name, gain["gain"], gain["gain_ci95"],
+                 "n/a" if drop is None else f"{drop:.3f}")
 
-    progress("recalibrating", 0.82)
-    temperature, low_conf, gate = _refit(model, parent, recipe, x_adapt, t_adapt, ref)
-    progress("measuring the adapted model", 0.88)
-    after = site_figures(_probs(model, x_check, temperature), t_check, labels_check, classes,
-                         cfg.bootstrap, cfg.seed)
-    ref_after = _accuracy(model, ref["x_test"], ref["t_test"]) if ref else None
-
-    reasons = []
-    if after["accuracy"] < before["accuracy"]:
-        reasons.append(f"worse on the local check part ({after['accuracy']:.3f} < {before['accuracy']:.3f})")
-    if ref and ref_before - ref_after > REFERENCE_MARGIN:
-        reasons.append(f"drops {ref_before - ref_after:.3f} on the reference test split "
-                       f"({ref_after:.3f} vs {ref_before:.3f}; at most {REFERENCE_MARGIN} allowed)")
+    eligible = [r for r in results if r["eligible"]]
+    chosen = max(eligible, key=lambda r: r["gain"]["gain"]) if eligible else None
     record = {
         "parent": {"name": parent.card.name, "version": parent.card.version,
                    "model_sha256": parent.card.model_sha256, "folder": Path(cfg.model).name},
-        "data": str(cfg.data),
-        "data_fingerprint": local.fingerprint(local.records),
-        "split": {"holdout": cfg.holdout, "seed": cfg.seed, "adapt": len(adapt_recs),
-                  "check": len(check_recs),
-                  "grouped_by": "group column" if any(r.group for r in local.records) else "case"},
-        "recipe": asdict(recipe) | {"trainable_from": _trainable_from(parent.card.architecture, recipe)},
-        "reference": ({"folders": [str(f) for f in cfg.reference], "train_sample": ref["n_train"],
-                       "test_cases": int(len(ref["x_test"])), "accuracy_before": ref_before,
-                       "accuracy_after": ref_after, "margin": REFERENCE_MARGIN} if ref else None),
-        "before": before,
-        "after": after,
-        "accepted": not reasons,
-        "reasons": reasons,
+        "data": Path(cfg.data).name,
+        "data_fingerprint": local.fingerprint(records),
+        "cases": {"n": len(records), "by_label": {lab: int((labels == lab).sum()) for lab in sorted(set(labels))},
+                  "grouped_by": "group column" if any(r.group for r in records) else "case",
+                  "unlabelled_scans": int(len(x_unl))},
+        "check": {"method": f"{plan.folds}-fold grouped, label-stratified cross-validation"
+                            + (f", {plan.repeats} repeats" if plan.repeats > 1 else ""),
+                  "folds": plan.folds, "repeats": plan.repeats, "seed": cfg.seed,
+                  "scored_cases": int(scored.sum()), "checked": list(plan.checked),
+                  "not_checked": {lab: int((labels == lab).sum()) for lab in plan.not_checked},
+                  "classes_without_cases": classes_without_cases(classes, set(labels)),
+                  "recipes_compared": len(runnable),
+                  "rule": "gain over the parent on the held-out folds above zero (bootstrap over patients, "
+                          f"95% interval adjusted for the {len(runnable)} recipes compared) and the "
+                          f"reference test split no more than {REFERENCE_MARGIN} lower"},
+        "recipes": results,
+        "chosen": chosen["name"] if chosen else None,
+        "before": case_figures(parent_correct[scored], labels[scored], plan.groups[scored],
+                               None if parent_tvn is None else parent_tvn[scored], cfg.bootstrap, cfg.seed),
+        "after": chosen["figures"] if chosen else None,
+        "reference": _reference_entry(cfg, ref),
         "command": command,
         "date": _dt.date.today().isoformat(),
-        "duration_s": round(time.time() - t0, 1),
     }
+    if chosen is None:
+        model.set_weights(parent_weights)
+        record |= {"accepted": False, "verdict": "no gain shown", "package": None,
+                   "reasons": ["no recipe showed a gain over the parent within the reference margin"],
+                   "duration_s": round(time.time() - t0, 1)}
+        progress("done", 1.0)
+        return record
+
+    progress(f"training {chosen['name']} on every confirmed case", 0.05 + 0.8 * done / n_fits)
+    recipe = next(r for r in recipes if r.name == chosen["name"])
+    keras.utils.set_random_seed(cfg.seed)
+    bn = apply_recipe(FineTuner(model, arch, recipe, cfg.seed), parent_weights, x_local, t_local,
+                      np.concatenate([x_unl, x_local]), ref)
+    progress("recalibrating", 0.9)
+    calibration, temperature, low_conf, gate = recalibrate(
+        model, parent, oof_logits[recipe.name].mean(0)[scored], t_local[scored], x_local, t_local, x_unl, ref)
+    reasons = []
+    if ref:
+        ref["accuracy_after"] = accuracy(model, ref["x_test"], ref["t_test"])
+        record["reference"] = _reference_entry(cfg, ref)
+        drop = ref["accuracy_before"] - ref["accuracy_after"]
+        if drop > REFERENCE_MARGIN:
+            reasons.append(f"the model trained on every case drops {drop:.3f} on the reference test split "
+                           f"({ref['accuracy_after']:.3f} vs {ref['accuracy_before']:.3f}; at most "
+                           f"{REFERENCE_MARGIN} allowed)")
+    record |= {"accepted": not reasons, "verdict": "accepted" if not reasons else "rejected",
+               "reasons": reasons, "batch_norm": bn or None, "calibration": calibration,
+               "package": Path(cfg.out).name, "duration_s": round(time.time() - t0, 1)}
     progress("writing the package", 0.97)
-    _save(cfg, parent, model, temperature, low_conf, gate, record)
+    save_adapted(cfg, parent, model, temperature, low_conf, gate, record)
     progress("done", 1.0)
     return record
 
 
-def _check_out(cfg: AdaptConfig) -> None:
-    """The output is a new folder, or an earlier adapted package: never the parent or another
-    model (the parent is never changed)."""
-    from medcls.models.package import CARD_FILE, read_card
-
-    out = Path(cfg.out)
-    if out.resolve() == Path(cfg.model).resolve() or \
-            ((out / CARD_FILE).is_file() and not is_adapted(read_card(out))):
-        raise ModelPackageError(f"--out {out.name} holds a model that is not a site adaptation: "
-                                "give a new folder (the parent and other models are never overwritten).")
+def _recipe_entry(recipe: Recipe, arch: str) -> dict:
+    return asdict(recipe) | {"trainable_from": trainable_from(arch, recipe) if recipe.epochs else None}
 
 
-def _trainable_from(arch: str, recipe: Recipe) -> str:
-    return TRAINABLE_FROM.get(arch, "") if recipe.trainable_from is None else recipe.trainable_from
+def _oof_scores(logits: np.ndarray, targets: np.ndarray, classes) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per case, the share of repeats in which its held-out prediction was right."""
+    parts = [predicted_scores(lo, targets, classes) for lo in logits]
+    correct = np.mean([p[0] for p in parts], axis=0)
+    tvn = None if parts[0][1] is None else np.mean([p[1] for p in parts], axis=0)
+    return correct, tvn
 
 
-def _set_trainable(model, arch: str, trainable_from: str | None) -> None:
-    """Layers from ``trainable_from`` on are trained; every batch norm stays frozen (its
-    statistics from tens of cases would be noise)."""
-    import keras
-
-    start_name = TRAINABLE_FROM.get(arch, "") if trainable_from is None else trainable_from
-    names = [layer.name for layer in model.layers]
-    start = names.index(start_name) if start_name else 0
-    for i, layer in enumerate(model.layers):
-        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
+def skip_reason(recipe: Recipe, ref: dict | None, model) -> str | None:
+    if recipe.needs_reference and ref is None:
+        return "needs the parent's reference data (--reference)"
+    if recipe.align_bn and not batch_norm_layers(model):
+        return "the network has no batch norm"
+    return None
 
 
-def _reference(cfg: AdaptConfig, classes: list[str], spec) -> dict:
+def classes_without_cases(classes: Sequence[str], local_labels: set[str]) -> list[str]:
+    """The model's classes no local label covers (a partial label ``tumor`` covers the tumour
+    classes together)."""
+    from medcls.learning.data import label_set
+
+    covered = set().union(*(label_set(lab, classes) for lab in local_labels)) if local_labels else set()
+    return [c for c in classes if c not in covered]
+
+
+def unlabelled_arrays(cfg: AdaptConfig, spec) -> np.ndarray:
+    """The site's unlabelled scans (a folder tree, inside ``cfg.scan_root`` when given; or a
+    list file of paths), preprocessed like the model's inputs; unreadable files are left out.
+    At most :data:`MAX_UNLABELLED`, drawn with the seed."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medcls.core.errors import DatasetError
+    from medcls.io.load import load_scan
+    from medcls.io.preprocess import preprocess
+    from medcls.io.sources import cli_sources, folder_sources
+
+    sources = folder_sources(cfg.scan_root, cfg.unlabelled) if cfg.scan_root else cli_sources(cfg.unlabelled)
+    if len(sources) > MAX_UNLABELLED:
+        rng = np.random.default_rng(cfg.seed)
+        sources = [sources[i] for i in sorted(rng.choice(len(sources), MAX_UNLABELLED, replace=False))]
+
+    def one(src):
+        try:
+            return preprocess(load_scan(src.read()), spec).array[..., :1]
+        except MedclsError:
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, cfg.workers)) as pool:
+        arrays = [a for a in pool.map(one, sources) if a is not None]
+    if not arrays:
+        raise DatasetError("The folder of unlabelled scans holds no readable scan.")
+    log.info("unlabelled scans: %d readable of %d", len(arrays), len(sources))
+    return np.stack(arrays).astype(np.float32)
+
+
+def load_reference(cfg: AdaptConfig, classes: list[str], spec, recipes: Sequence[Recipe],
+                   exclude: set[Path]) -> dict:
     """A balanced sample of the reference folders' training split (equal numbers per (source,
-    label)), a validation sample for calibration, and the first folder's test split."""
+    label)), a validation sample for calibration, and the first folder's test split (without
+    any file that is also a local case) with the subsample each fold's model is measured on."""
     ds = load_datasets(cfg.reference, classes=classes)
     rng = np.random.default_rng(cfg.seed)
 
@@ -325,108 +341,111 @@ def _reference(cfg: AdaptConfig, classes: list[str], spec) -> dict:
             out += [rs[i] for i in sorted(rng.choice(len(rs), min(per, len(rs)), replace=False))]
         return out
 
-    n = cfg.recipe.reference_n
-    train = balanced(ds.split("train"), n) if n else []
+    n = max([r.reference_n for r in recipes if r.needs_reference] + [0]) or 160
+    train = balanced(ds.split("train"), n)
     val = balanced(ds.split("val"), max(40, n // 2))
     own = ds.records[0].root
     test = [r for r in ds.split("test") if r.root == own]
+    excluded = [r for r in test if ds.path(r) and ds.path(r).resolve() in exclude]
+    test = [r for r in test if r not in excluded]
     if cfg.reference_test and len(test) > cfg.reference_test:
         test = [test[i] for i in sorted(rng.choice(len(test), cfg.reference_test, replace=False))]
+    cv = [test[i] for i in sorted(rng.choice(len(test), min(cfg.reference_cv, len(test)), replace=False))]
 
     def arrays(rs):
         return cached_arrays(ds, rs, spec, cfg.cache_dir, cfg.workers, as_gray=True) if rs \
             else np.zeros((0, spec.input_size, spec.input_size, 1), np.float32)
 
-    return {"x_train": arrays(train), "t_train": ds.targets(train), "n_train": len(train),
+    x_test = arrays(test)
+    pos = {id(r): i for i, r in enumerate(test)}
+    cv_idx = [pos[id(r)] for r in cv]
+    t_test = ds.targets(test)
+    return {"folders": [Path(f).name for f in cfg.reference], "x_train": arrays(train),
+            "t_train": ds.targets(train), "n_train": len(train),
             "sources_train": [r.source or "" for r in train], "labels_train": [r.label for r in train],
-            "x_val": arrays(val), "t_val": ds.targets(val),
-            "x_test": arrays(test), "t_test": ds.targets(test)}
+            "x_val": arrays(val), "t_val": ds.targets(val), "x_test": x_test, "t_test": t_test,
+            "x_cv": x_test[cv_idx], "t_cv": t_test[cv_idx], "excluded": len(excluded)}
 
 
-def _fine_tune(model, recipe: Recipe, x_local, t_local, ref, seed: int, progress) -> None:
-    """Batches drawn ``local_share`` from the local cases (labels alike) and the rest from the
-    reference sample (its (source, label) strata alike)."""
-    import keras
-
-    from medcls.learning.data import tf_dataset
-    from medcls.learning.train import label_set_loss
-
-    keys_local = [f"local|{np.flatnonzero(t).tolist()}" for t in t_local]
-    x, t, keys = x_local, t_local, keys_local
-    use_ref = ref is not None and ref["n_train"] and recipe.local_share < 1.0
-    if use_ref:
-        keys_ref = [f"ref|{s}|{lab}" for s, lab in zip(ref["sources_train"], ref["labels_train"])]
-        x, t, keys = np.concatenate([x_local, ref["x_train"]]), np.concatenate([t_local, ref["t_train"]]), \
-            keys_local + keys_ref
-    strata_keys = sorted(set(keys))
-    idx = np.array([strata_keys.index(k) for k in keys])
-    local_k = [k for k in strata_keys if k.startswith("local|")]
-    ref_k = [k for k in strata_keys if k.startswith("ref|")]
-    share = recipe.local_share if use_ref else 1.0
-    weight = {i: (share / len(local_k) if k.startswith("local|") else (1 - share) / len(ref_k))
-              for i, k in enumerate(strata_keys)}
-    steps = recipe.steps_per_epoch(len(x_local))
-    # epochs are counted in local cases seen, whatever the size of the reference sample
-    ds = tf_dataset(x, t, recipe.batch_size, training=True, seed=seed, strata=(idx, weight),
-                    source_augment=recipe.source_augment).repeat()
-    schedule = keras.optimizers.schedules.CosineDecay(recipe.lr, decay_steps=steps * recipe.epochs, alpha=0.05)
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=1e-4),
-                  loss=label_set_loss(recipe.label_smoothing))
-
-    class _Progress(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            log.info("adapt epoch %d/%d: loss %.4f", epoch + 1, recipe.epochs, (logs or {}).get("loss", np.nan))
-            progress((epoch + 1) / recipe.epochs)
-
-    model.fit(ds, epochs=recipe.epochs, steps_per_epoch=steps, callbacks=[_Progress()], verbose=0)
+def _reference_entry(cfg: AdaptConfig, ref: dict | None) -> dict | None:
+    if ref is None:
+        return None
+    return {"folders": ref["folders"], "train_sample": ref["n_train"], "test_cases": int(len(ref["x_test"])),
+            "excluded_local_cases": ref["excluded"], "accuracy_before": ref["accuracy_before"],
+            "accuracy_after": ref.get("accuracy_after"), "margin": REFERENCE_MARGIN}
 
 
-def _forward(model, x_gray: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    from medcls.learning.train import model_outputs
-
+def accuracy(model, x_gray, targets) -> float:
     if len(x_gray) == 0:
-        return np.zeros((0, model.output_shape[-1])), np.zeros((0, 1))
-    return model_outputs(model, x_gray, batch_size)  # expands gray to the model's channels per chunk
-
-
-def _probs(model, x_gray, temperature: float) -> np.ndarray:
-    from medcls.models.calibration import probabilities
-
-    return probabilities(_forward(model, x_gray)[0], temperature)
-
-
-def _accuracy(model, x_gray, targets) -> float:
-    pred = _forward(model, x_gray)[0].argmax(1)
+        return float("nan")
+    pred = forward(model, x_gray)[0].argmax(1)
     return float((targets[np.arange(len(pred)), pred] > 0).mean())
 
 
-def _refit(model, parent, recipe: Recipe, x_adapt, t_adapt, ref):
-    """Temperature, low-confidence threshold and input gate on the adapt part and the reference
-    validation sample (the check part stays unseen); the parent's, unchanged, without ``refit``."""
+def recalibrate(model, parent, oof_logits: np.ndarray, oof_targets: np.ndarray, x_local: np.ndarray,
+                t_local: np.ndarray, x_unl: np.ndarray, ref: dict | None):
+    """Temperature and low-confidence threshold on the chosen recipe's out-of-fold predictions
+    of the local cases (held out when they were made) and the reference validation sample; the
+    input gate's class means from the reference training sample and the local single-label
+    cases under the final model, its threshold at the 99% quantile of the distances of the
+    reference validation sample and the site's unlabelled scans (the site's own images are
+    inside what the model is for)."""
     from medcls.learning.train import low_confidence_threshold
     from medcls.models.calibration import InputGate, fit_temperature, probabilities
 
-    if not recipe.refit:
-        return parent.card.temperature, parent.card.low_confidence_threshold, parent.gate
-    xs = [x_adapt] + ([ref["x_val"]] if ref else [])
-    ts = [t_adapt] + ([ref["t_val"]] if ref else [])
-    logits, emb = _forward(model, np.concatenate(xs))
-    t = np.concatenate(ts)
+    logits, targets = [oof_logits], [oof_targets]
+    if ref:
+        lv, _ = forward(model, ref["x_val"])
+        logits.append(lv)
+        targets.append(ref["t_val"])
+    logits, t = np.concatenate(logits), np.concatenate(targets)
     temperature = fit_temperature(logits, t)
     probs = probabilities(logits, temperature)
     correct = t[np.arange(len(probs)), probs.argmax(1)] > 0
     low_conf = low_confidence_threshold(probs.max(1), correct)
-    gx = [x_adapt] + ([ref["x_train"], ref["x_val"]] if ref else [])
-    gt = np.concatenate([t_adapt] + ([ref["t_train"], ref["t_val"]] if ref else []))
-    _, gemb = _forward(model, np.concatenate(gx))
-    single = gt.sum(1) == 1
-    # the gate's class means need single-label cases of every class it scores against
-    gate = InputGate.fit(gemb[single], gt[single].argmax(1), gemb) if single.sum() > gemb.shape[1] // 8 \
-        else parent.gate
-    return float(temperature), float(low_conf), gate
+    gate, gate_note = parent.gate, "the parent's (no reference data)"
+    if ref and parent.gate is not None:
+        t_train = np.concatenate([ref["t_train"], t_local])
+        emb_train = np.concatenate([forward(model, ref["x_train"])[1], forward(model, x_local)[1]])
+        single = t_train.sum(1) == 1
+        held = [forward(model, ref["x_val"])[1][ref["t_val"].sum(1) == 1]]
+        if len(x_unl):
+            held.append(forward(model, x_unl)[1])
+        gate = InputGate.fit(emb_train[single], t_train[single].argmax(1), np.concatenate(held))
+        gate_note = ("99% quantile of the reference validation sample's" +
+                     (f" and the site's {len(x_unl)} unlabelled scans'" if len(x_unl) else "") + " distances")
+    info = {"temperature": float(temperature), "low_confidence_threshold": float(low_conf),
+            "fitted_on": f"{len(oof_logits)} out-of-fold local predictions"
+                         + (f" and {len(ref['x_val'])} reference validation cases" if ref else ""),
+            "gate_threshold": None if gate is None else float(gate.threshold), "gate": gate_note}
+    return info, float(temperature), float(low_conf), gate
 
 
-def _save(cfg: AdaptConfig, parent, model, temperature, low_conf, gate, record: dict) -> Path:
+def check_out(cfg: AdaptConfig) -> None:
+    """The output is a new folder, or an earlier adapted package: never the parent or another
+    model (the parent is never changed)."""
+    from medcls.models.package import CARD_FILE, read_card
+
+    out = Path(cfg.out)
+    if out.resolve() == Path(cfg.model).resolve() or \
+            ((out / CARD_FILE).is_file() and not is_adapted(read_card(out))):
+        raise ModelPackageError(f"--out {out.name} holds a model that is not a site adaptation: "
+                                "give a new folder (the parent and other models are never overwritten).")
+
+
+def not_checked_note(record: dict) -> str | None:
+    """The card's limit line for what the local cases could not check."""
+    chk = record["check"]
+    parts = [f"{lab} ({n} local case{'s' if n != 1 else ''}; a check needs {chk['folds']} patients)"
+             for lab, n in chk["not_checked"].items()]
+    parts += [f"{c} (no local case)" for c in chk["classes_without_cases"]]
+    if not parts:
+        return None
+    return ("Site adaptation: not checked on this site's cases: " + "; ".join(parts)
+            + ". Its accuracy on them is the parent's reference figure only.")
+
+
+def save_adapted(cfg: AdaptConfig, parent, model, temperature, low_conf, gate, record: dict) -> Path:
     from medcls.models.package import save_package
 
     out = Path(cfg.out)
@@ -437,48 +456,23 @@ def _save(cfg: AdaptConfig, parent, model, temperature, low_conf, gate, record: 
     card["low_confidence_threshold"] = low_conf
     if gate is not None and isinstance(card.get("input_gate"), dict):
         card["input_gate"] = card["input_gate"] | {"threshold": gate.threshold,
-                                                   "calibration": "99% quantile of the adapt part's and the reference sample's distances"}
+                                                   "calibration": record["calibration"]["gate"]}
     card.pop("low_confidence_val_accuracy", None)
     card.pop("selective", None)
     card["parent"] = record["parent"]
     card["adaptation"] = record
+    note = not_checked_note(record)
+    card["limits"] = list(card.get("limits") or []) + ([note] if note else [])
     card["task_description"] = (card.get("task_description") or card["task"]) + \
         f" (site-adapted from {parent.card.name} {parent.card.version})"
-    card["metrics"] = {"site_check": record["after"],
+    card["metrics"] = {"site_cross_validation": record["after"], "site_gain": _chosen(record)["gain"],
                        "parent_metrics": card.get("metrics", {}),
                        "reference_test_accuracy": (record["reference"] or {}).get("accuracy_after")}
     return save_package(out, model, card, gate)
 
 
-def figures_table(record: dict) -> list[dict]:
-    """Before/after rows (figure, parent, adapted, both 95% CIs) for the page and the CLI."""
-    rows = []
-    for key in [k for k in record["after"] if not k.endswith("_ci95") and k not in ("n", "n_by_label")]:
-        b, a = record["before"].get(key), record["after"].get(key)
-        rows.append({"figure": key.replace("_", " "), "parent": b, "parent 95% CI": record["before"].get(key + "_ci95"),
-                     "adapted": a, "adapted 95% CI": record["after"].get(key + "_ci95")})
-    return rows
-
-
-def report_markdown(record: dict) -> str:
-    def fmt(v, ci=None):
-        return "n/a" if v is None else f"{v:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-    s = record["split"]
-    lines = [f"# Site adaptation of {record['parent']['name']} {record['parent']['version']}", "",
-             f"Local cases: {s['adapt']} to adapt, {s['check']} to check (hold-out {s['holdout']}, "
-             f"seed {s['seed']}, grouped by {s['grouped_by']}); recipe {record['recipe']['name']}.", "",
-             "| figure (check part) | parent [95% CI] | adapted [95% CI] |", "|---|---|---|"]
-    for row in figures_table(record):
-        lines.append(f"| {row['figure']} | {fmt(row['parent'], row['parent 95% CI'])} | "
-                     f"{fmt(row['adapted'], row['adapted 95% CI'])} |")
-    ref = record.get("reference")
-    if ref:
-        lines += ["", f"Reference test split ({ref['test_cases']} cases): accuracy "
-                      f"{fmt(ref['accuracy_before'])} -> {fmt(ref['accuracy_after'])} "
-                      f"(largest allowed drop {ref['margin']})."]
-    lines += ["", "Verdict: " + ("accepted" if record["accepted"] else "rejected: " + "; ".join(record["reasons"]))]
-    return "\n".join(lines) + "\n"
+def _chosen(record: dict) -> dict:
+    return next(r for r in record["recipes"] if r["name"] == record["chosen"])
 
 
 def is_adapted(card) -> bool:

@@ -60,15 +60,24 @@ def discard(model_folder: str | Path) -> None:
     shutil.rmtree(folder)
 
 
-def cases_folder(scan_root: str | Path, user_path: str | Path) -> Path:
-    """A confirmed-cases folder inside the allowed scan folder, every file its labels.csv names
-    inside it too (:class:`~medcls.core.errors.PathNotAllowedError` otherwise)."""
+def cases_folder(scan_root: str | Path, user_path: str | Path | None) -> Path:
+    """A confirmed-cases folder inside the allowed scan folder (not the scan folder itself, whose
+    subfolders are not classes), every file its labels.csv names inside it too
+    (:class:`~medcls.core.errors.PathNotAllowedError` otherwise)."""
     import csv
 
     from medcls.core.errors import PathNotAllowedError
     from medcls.io.sources import resolve_inside
 
-    folder = resolve_inside(scan_root, user_path)
+    if not str(user_path or "").strip():
+        raise PathNotAllowedError("Name the folder of confirmed cases (inside the scan folder), "
+                                  "or upload them as a .zip.")
+    folder = resolve_inside(scan_root, str(user_path).strip())
+    if folder == Path(scan_root).resolve():
+        raise PathNotAllowedError("The scan folder itself is not a folder of confirmed cases: name "
+                                  "the folder inside it that holds labels.csv or one folder per class.")
+    if not folder.is_dir():
+        raise PathNotAllowedError("That path is not a folder.")
     labels = folder / "labels.csv"
     if labels.is_file():
         with labels.open(newline="") as fh:
@@ -78,6 +87,20 @@ def cases_folder(scan_root: str | Path, user_path: str | Path) -> Path:
                     raise PathNotAllowedError("labels.csv names a file outside its folder; the "
                                               "confirmed cases must lie inside the folder.")
     return folder
+
+
+def unlabelled_folder(scan_root: str | Path, user_path: str | Path | None) -> str | None:
+    """The folder of a site's unlabelled scans, checked inside the scan folder, as the path
+    relative to it (None when not given)."""
+    from medcls.core.errors import PathNotAllowedError
+    from medcls.io.sources import resolve_inside
+
+    if not str(user_path or "").strip():
+        return None
+    folder = resolve_inside(scan_root, str(user_path).strip())
+    if not folder.is_dir():
+        raise PathNotAllowedError("The unlabelled scans' path is not a folder.")
+    return str(folder.relative_to(Path(scan_root).resolve())) or "."
 
 
 def unpack_cases(data: bytes, dest: str | Path) -> Path:
