@@ -28,7 +28,7 @@ run: $(VENV)/.installed
 	$(PY) -m streamlit run app.py --server.port $(PORT)
 
 test: $(VENV)/.installed-test
-	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q
+	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q --durations=25
 
 # Everything but the browser, load and Ray cluster tests.
 test-fast: $(VENV)/.installed-test
@@ -43,7 +43,7 @@ bench-medmnist: $(VENV)/.installed-test
 
 # The long fuzz run recorded in the README (10,000+ cases).
 fuzz: $(VENV)/.installed-test
-	MEDCLS_DATA=$(DATA) MEDCLS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz.py
+	MEDCLS_DATA=$(DATA) MEDCLS_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/io/test_fuzz.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-output
