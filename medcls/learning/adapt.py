@@ -453,6 +453,8 @@ def save_adapted(cfg: AdaptConfig, parent, model, temperature, low_conf, gate, r
     card["name"] = cfg.name or out.name
     card["version"] = f"{parent.card.version}+site.{record['data_fingerprint'][:8]}"
     card["temperature"] = temperature
+    card["class_bias"] = None  # recalibrated by temperature alone: the parent's biases no longer fit
+    card.pop("calibration", None)
     card["low_confidence_threshold"] = low_conf
     if gate is not None and isinstance(card.get("input_gate"), dict):
         card["input_gate"] = card["input_gate"] | {"threshold": gate.threshold,
