@@ -280,8 +280,8 @@ def series_page(model_path: str, method: str, alpha: float, show_region: bool,
     summary_facts(answer)
     _findings(study, series)
     st.plotly_chart(strip_figure(answer, shown), width="stretch", key="series_strip")
-    _slice_verdict(answer, card, shown, model_path, method, payload)
-    _report_buttons(predictor, answer, method, alpha, window)
+    answer_id = _slice_verdict(answer, card, shown, model_path, method, payload)
+    _report_buttons(predictor, answer, method, alpha, window, answer_id, shown)
 
 
 def _unreadable(answer) -> None:
@@ -313,20 +313,21 @@ def _evidence_toggles(answer, card) -> None:
                        "network reacted to, so no region or area is drawn on it.")
 
 
-def _slice_verdict(answer, card, shown: int, model_path: str, method: str, payload) -> None:
-    """The slice the reader stopped on: its answer into the audit trail, with the verdict."""
+def _slice_verdict(answer, card, shown: int, model_path: str, method: str, payload) -> int | None:
+    """The slice the reader stopped on: its answer into the audit trail, with the verdict (the
+    answer's audit id, or None)."""
     item = answer.slices[shown]
     if item.prediction is None:
-        return
+        return None
     try:
         scan = answer.series.scan(shown)
     except Exception as exc:  # noqa: BLE001
         common.show_error(exc, f"Slice {shown + 1}")
-        return
+        return None
     st.caption(f"Your verdict on slice {shown + 1} of {len(answer.slices)} (the slice the viewer "
                "rests on):")
     region = answer.segmentations.get(shown) or answer.regions.get(shown)
-    audit.audit_answer((answer.series.key, model_path, shown, method), item.prediction, card,
+    return audit.audit_answer((answer.series.key, model_path, shown, method), item.prediction, card,
                        "series", region=region, input_sha256=scan.sha256,
                        frame=scan.frame if scan.n_frames > 1 else None, heatmap_method=method)
 
@@ -366,7 +367,9 @@ def _side_by_side(study, predictor, model_path, method, alpha, show_region, show
                "and record a verdict.")
 
 
-def _report_buttons(predictor, answer, method, alpha, window) -> None:
+def _report_buttons(predictor, answer, method, alpha, window, answer_id=None, shown=0) -> None:
+    """The series report, with the verdict the reader recorded on the slice they rest on (read
+    when the report is built, so a verdict saved a moment ago is in it)."""
     from medcls.engine.report import render_series_report
 
     def build(fmt: str) -> bytes:
@@ -376,8 +379,12 @@ def _report_buttons(predictor, answer, method, alpha, window) -> None:
             scan = answer.series.scan(i)
             image = display_image(scan, *window) if window else display_image(scan)
             explanation = slice_explanation(predictor, answer, i, method)
+        clinician = audit.recorded_verdict(answer_id)
+        if clinician is not None:
+            clinician = dataclasses.replace(clinician, on=f"slice {shown + 1} of {len(answer.slices)}")
         return render_series_report(answer, image, explanation, i, fmt=fmt,
-                                    method_label=METHODS[method].label, alpha=alpha)
+                                    method_label=METHODS[method].label, alpha=alpha,
+                                    clinician=clinician)
 
     c1, c2 = st.columns(2)
     for col, fmt in ((c1, "png"), (c2, "pdf")):

@@ -38,6 +38,7 @@ class ClinicianVerdict:
     at: str  # when it was recorded, as text
     corrected_class: str | None = None
     note: str | None = None
+    on: str | None = None  # what it was given on, where the report covers more (e.g. "slice 7 of 30")
 
 
 VERDICT_WORDS = {"agree": "Agree", "disagree": "Disagree", "unsure": "Unsure"}
@@ -53,7 +54,8 @@ def verdict_lines(clinician: ClinicianVerdict | None, card: Mapping) -> list[str
     said = VERDICT_WORDS.get(clinician.verdict, clinician.verdict)
     if clinician.verdict == "disagree" and clinician.corrected_class:
         said += f" (correct class: {class_name(card, clinician.corrected_class)})"
-    out = [f"Clinician's verdict: {said}, recorded by {clinician.user} on {clinician.at}"]
+    out = [f"Clinician's verdict: {said}" + (f" on {clinician.on}" if clinician.on else "")
+           + f", recorded by {clinician.user} on {clinician.at}"]
     if clinician.note:
         out.append(f"Note: {clinician.note}")
     return out

@@ -368,7 +368,7 @@ def test_series_summary_report_and_logs_hold_no_identifying_value(mprage_files, 
                                                                    capfd) -> None:
     """The whole MPRAGE series through the series path: the study, its labels and findings, the
     summary, the by-series and slice CSVs, the series report (PNG and PDF) and every log line."""
-    from medcls.engine.report import render_series_report
+    from medcls.engine.report import ClinicianVerdict, render_series_report
     from medcls.engine.series import answer_series, slice_explanation, write_records_csv
     from medcls.io.gather import gather
     from medcls.io.sources import bytes_source
@@ -386,11 +386,17 @@ def test_series_summary_report_and_logs_hold_no_identifying_value(mprage_files, 
              answer.summary.text, str([f.message for f in study.all_findings]), buf.getvalue()]
     assert "Series 3 · MR" in answer.series.label  # the texts searched are the real ones
     for fmt in ("png", "pdf"):
-        data = render_series_report(answer, display_image(scan), explanation, i, fmt=fmt)
+        said = ClinicianVerdict("disagree", "reader@hospital.test", "2026-12-07 08:40 UTC",
+                                "meningioma", "reviewed by hand", on="slice 3 of 24")
+        data = render_series_report(answer, display_image(scan), explanation, i, fmt=fmt,
+                                    clinician=said)
         assert not raw_leaks(data, needles), fmt
         texts.append(pdf_text(data) if fmt == "pdf" else png_text(data))
     pdf = texts[-1]  # the text the PDF shows, then its raw bytes
     assert "MedCLS series report" in pdf and answer.summary.text[:14] in pdf, pdf[:2000]
+    # the reader's verdict, on the slice it was given on, in the series report
+    assert "Clinician's verdict: Disagree (correct class: Meningioma) on slice 3 of 24, recorded " \
+           "by reader@hospital.test" in " ".join(pdf.split()), pdf[:3000]
     out, err = capfd.readouterr()
     texts += [caplog.text, out, err]
     assert not leaks("\n".join(texts), needles)
