@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +30,22 @@ def _audit_database(tmp_path_factory):
     yield os.environ["MEDCLS_DATABASE_URL"]
 
 
+_REAL_MAIN = sys.modules.get("__main__")  # pytest's own, read when the suite starts
+
+
 @pytest.fixture(autouse=True)
 def _main_module_kept():
     """Streamlit's AppTest runs a page as ``__main__`` and leaves it in ``sys.modules``; a
     process started later with multiprocessing's spawn (the audit's concurrent writers) would
     then run that page as its main module, fail, and be started again for ever (the pool
-    hangs). The real main module is put back after every test."""
-    import sys
-
-    main = sys.modules.get("__main__")
+    hangs: CI stopped at its time limit in test_eight_concurrent_writers_lose_no_row). The
+    suite's real main module is put back before and after every test, so a module-scoped
+    fixture that ran a page (test_page_errors' warm-up) cannot leave it behind either."""
+    if _REAL_MAIN is not None and sys.modules.get("__main__") is not _REAL_MAIN:
+        sys.modules["__main__"] = _REAL_MAIN
     yield
-    if main is not None and sys.modules.get("__main__") is not main:
-        sys.modules["__main__"] = main
+    if _REAL_MAIN is not None and sys.modules.get("__main__") is not _REAL_MAIN:
+        sys.modules["__main__"] = _REAL_MAIN
 
 
 def require(path: Path) -> Path:
