@@ -314,7 +314,7 @@ def test_a_flair_slice_is_withheld_and_its_acquisition_shown(data_dir):
     assert not at.exception, page_text(at)
     assert "withheld" in verdict(at) and "%" not in verdict(at)
     assert any("a FLAIR (T2 with fluid suppressed) image" in e.value for e in at.error), page_text(at)
-    assert any("**this scan:** FLAIR (T2 with fluid suppressed) · axial" in c.value
+    assert any("**this scan:** FLAIR (T2 with fluid suppressed) · axial" in c.value.replace("\\", "")
                and "was validated on:** T1-weighted images, axial slices" in c.value
                for c in at.caption), page_text(at)
     assert heat_title(at) == "Heatmap hidden"
