@@ -148,7 +148,7 @@ with server_tab:
              "node) and classifies them in parallel; progress shows here as on this server.")
     if st.button("Review this folder", key="batch_start_folder", type="primary",
                  disabled=running or not root_ok or not folder_allowed) and folder_allowed:
-        begin(lambda: folder_sources(root, folder.strip() or "."), f"folder `{folder.strip() or '.'}`"
+        begin(lambda: folder_sources(root, folder.strip() or "."), f"folder {folder.strip() or '.'}"
               + (" on the Ray cluster" if on_cluster else ""), cluster if on_cluster else None)
 
 with upload_tab:
