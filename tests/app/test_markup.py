@@ -134,6 +134,7 @@ def test_pacs_page_shows_pacs_text_as_text(app_server, orthanc, chromium, canary
     page.get_by_text("Results:").first.wait_for(timeout=TIMEOUT)
     # the study's description in the results' title, as written (a zero-width space breaks the
     # URL for the autolinker, so the text is matched up to it)
-    page.get_by_text("Results: ![s](http:", exact=False).first.wait_for(timeout=TIMEOUT)
+    page.get_by_role("heading").filter(has_text="Results:").filter(
+        has_text="![s](http:").first.wait_for(timeout=TIMEOUT)
     _no_markup(page, url, asked, hits)
     page.close()
