@@ -246,7 +246,7 @@ def built_series(data_dir, brain_model_dir) -> BuiltSeries:
 
 # ----------------------------------------------------------------------------- the shipped models
 
-SHIPPED = ["brain-mri-default", "brain-mri-compact-cnn", "brain-mri-seed-cnn", "chest-xray-default"]
+SHIPPED = ["brain-mri-default", "brain-mri-fast", "brain-mri-compact-cnn", "brain-mri-seed-cnn", "chest-xray-default"]
 
 
 def shipped_package(name: str) -> Path:

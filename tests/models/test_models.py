@@ -84,7 +84,7 @@ def test_loader_refuses_inconsistent_packages(tmp_path):
     with pytest.raises(ModelPackageError, match="card"):
         load_package(bad)
 
-    for change, match in (({"classes": card["classes"] + ["extra"]}, "classes"),
+    for change, match in (({"classes": card["classes"] + ["extra"]}, "class"),  # the outputs, or the class biases
                           ({"model_sha256": "0" * 64}, "hash"),
                           ({"input_size": card["input_size"] + 32,
                             "preprocessing": {**card["preprocessing"],
