@@ -457,14 +457,12 @@ def write_parquet(rows: Sequence[ReviewRow], classes: Sequence[str], out: str | 
 
     from medcls.core.csvsafe import escape_cell
 
-    fields = [("file", pa.string()), ("predicted", pa.string()), ("confidence", pa.float64()),
-              *[(f"p_{c}", pa.float64()) for c in classes],
-              ("low_confidence", pa.bool_()), ("outside_distribution", pa.bool_()),
-              ("gate_score", pa.float64()), ("needs_attention", pa.bool_()), ("flags", pa.string()),
-              ("error", pa.string()), ("modality", pa.string()), ("series_number", pa.int64()),
-              ("instance_number", pa.int64())]
-    schema = pa.schema(fields)
+    types = {"confidence": pa.float64(), "gate_score": pa.float64(), "low_confidence": pa.bool_(),
+             "outside_distribution": pa.bool_(), "needs_attention": pa.bool_(),
+             "series_number": pa.int64(), "instance_number": pa.int64()}
     records = [{k: escape_cell(v) for k, v in r.as_record(classes).items()} for r in rows]
-    if records and list(records[0]) != schema.names:  # the CSV's columns changed: follow them
-        schema = pa.schema([f for f in fields if f[0] in records[0]])
+    names = list(records[0]) if records else ["file", "predicted", *[f"p_{c}" for c in classes]]
+    # the CSV's columns, in its order (one source: ReviewRow.as_record); text unless typed above
+    schema = pa.schema([(n, pa.float64() if n.startswith("p_") else types.get(n, pa.string()))
+                        for n in names])
     pq.write_table(pa.Table.from_pylist(records, schema=schema), out)
