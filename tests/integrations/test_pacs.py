@@ -501,13 +501,14 @@ def test_page_keeps_working_when_the_pacs_is_down(orthanc, stored, monkeypatch, 
     monkeypatch.setenv("MEDCLS_PACS_RETRIES", "0")
     monkeypatch.syspath_prepend(str(PROJECT_ROOT))
     at = AppTest.from_file(str(PROJECT_ROOT / "pages" / "4_PACS.py"), default_timeout=60).run()
-    at.text_input[0].set_value(SAMPLE_ID)
+    next(t for t in at.text_input if t.label == "Patient ID").set_value(SAMPLE_ID)
     at.button[0].click().run()
     assert not at.exception
     assert any("did not answer" in e.value for e in at.error)
 
     for k, v in orthanc.env().items():
         monkeypatch.setenv(k, v)
+    at.toggle(key="pacs_show_phi").set_value(True)  # names and dates shown on request only
     at.button[0].click().run()
     assert not at.exception and not at.error
     assert any("Studies (1)" in h.value for h in at.subheader)
