@@ -159,7 +159,10 @@ def _decode_frame(ds, data: bytes, frame: int, n_frames: int, syntax) -> np.ndar
     from medcls.io.decoder import DecodeFailure
 
     check_compressed_pixel_attributes(ds, syntax)
-    compressed = syntax is not None and bool(getattr(syntax, "is_compressed", False))
+    try:
+        compressed = bool(syntax is not None and syntax.is_transfer_syntax and syntax.is_compressed)
+    except Exception:  # noqa: BLE001 - a private or malformed UID ("UID is not a transfer syntax")
+        compressed = False
     try:
         if is_encapsulated(ds):
             return _decoder_pool().decode(data, frame, n_frames, decode_budget(),

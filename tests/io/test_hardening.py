@@ -577,3 +577,25 @@ def test_three_uploads_at_once_leave_the_server_answering(bomb, data_dir, brain_
     assert all(ANSWERED.search(a) or "could not be used" in a for a in result["answers"]), record
     assert ANSWERED.search(result["after"]), record
     assert result["health_s"] and max(result["health_s"]) < 10, record
+
+
+@pytest.mark.parametrize("name", ["1.dcm", "2.dcm", "3.dcm"])
+def test_a_transfer_syntax_uid_that_is_none_is_a_typed_answer(name, data_dir):
+    """Fuzzing found a flipped byte in the file meta's Transfer Syntax UID ending the decode with
+    pydicom's ValueError ("UID is not a transfer syntax"): such a file is decoded where its data
+    allow, else refused with a typed error, never a trace."""
+    import pydicom
+
+    from medcls.io.load import load_scan
+
+    raw = require(data_dir / "dicom" / "transfer-syntaxes" / name).read_bytes()
+    uid = str(pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    bad = uid.replace("10008", "10009", 1)  # same length: no transfer syntax of the standard
+    data = raw.replace(uid.encode(), bad.encode(), 1)
+    assert data != raw
+    try:
+        scan = load_scan(data)
+    except MedclsError as exc:
+        assert str(exc) and "UID is not" not in str(exc)
+    else:
+        assert scan.pixels.size > 0
