@@ -366,8 +366,11 @@ def test_report_carries_the_measured_size(brain, companion_predictor):
     assert seg is not None
     text = pdf_text(render_report(display_image(scan), explanation, explanation.prediction,
                                   predictor.card, scan.sha256, fmt="pdf", segmentation=seg))
-    assert "Tumour size (method: segmentation, brain-mri-seg)" in text
-    assert f"longest diameter {seg.diameter_px:.0f} px" in text and f"area {seg.area_px} px" in text
+    from medcls.engine.reading import measure_of
+
+    # one wording of a size, with its method (medcls.engine.reading.Measure), as every screen
+    assert f"Tumour size: {measure_of(seg).text}" in " ".join(text.split())
+    assert "(method: segmentation)" in " ".join(text.split())
     assert "Grad-CAM region" not in text  # the segmentation's size replaces the heatmap's
 
     # with pixel spacing: the size in mm², longest diameter in mm
@@ -410,8 +413,9 @@ def test_report_size_rule_no_tumour_withheld_and_heatmap(brain, companion_predic
         assert "Tumour size" not in t and "Region size" not in t and "mm²" not in t
     no_companion = {k: v for k, v in predictor.card.items() if k != "segmentation"}
     t = text(e, e.prediction, no_companion, None)
-    assert "Region size (method: Grad-CAM region; coarse" in t
-    assert f"area {e.region.area_mm2:.0f} mm2" in " ".join(t.split())
+    assert "Region size: area" in t and "(method: Grad-CAM region; coarse, not a lesion boundary)" \
+        in " ".join(t.split())
+    assert f"area {e.region.area_mm2:.0f} mm" in " ".join(t.split())
     t = text(e, e.prediction, predictor.card, None)  # a companion that found no outline
     assert "Grad-CAM region" not in t and "Tumour size" not in t
 
@@ -435,6 +439,6 @@ def test_series_report_carries_the_segmentation_size_and_volume(built_series, co
                                         slice_explanation(companion_predictor, answer, i), i,
                                         fmt="pdf"))
     assert f"Suspicious region volume: {answer.volume_mm3:.0f} mm3" in pdf
-    assert "method: segmentation, brain-mri-seg" in pdf
-    assert (f"Slice {i + 1}: Tumour size (method: segmentation, brain-mri-seg): area "
-            f"{seg.area_mm2:.0f} mm², longest diameter {seg.diameter_mm:.1f} mm") in " ".join(pdf.split())
+    assert "method: segmentation" in pdf
+    assert (f"Slice {i + 1}: Tumour size: area {seg.area_mm2:.0f} mm², longest diameter "
+            f"{seg.diameter_mm:.1f} mm (method: segmentation)") in " ".join(pdf.split())
