@@ -10,6 +10,7 @@ import shutil
 import time
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from appserver import OUTPUT, PROJECT_ROOT, verdict_alert
 from conftest import unsure_agreement_case
 
@@ -188,6 +189,22 @@ def settle(page, timeout_ms: int = 60_000) -> None:
     page.wait_for_function(
         "() => !/Running/.test(document.querySelector('[data-testid=\"stStatusWidget\"]')?.innerText || '')",
         timeout=timeout_ms)
+
+
+def download(page, button, tries: int = 3) -> bytes:
+    """Click a download button built on click and return the file's bytes. A click that lands
+    while the page reruns (a verdict just saved) can be dropped by the browser: it is clicked
+    again, the app settled first (at most ``tries`` times)."""
+    for attempt in range(tries):
+        settle(page)
+        try:
+            with page.expect_download(timeout=TIMEOUT // tries) as got:
+                button.click()
+            return open(got.value.path(), "rb").read()
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def viewer_ready(page) -> None:
@@ -406,10 +423,8 @@ def test_a_withheld_scan_says_withheld_on_tiles_csv_report_and_audit(batch_app, 
     assert "the withheld answer" in form.inner_text()
     assert form.get_by_role("radio", checked=True).count() == 0  # nothing chosen for the reader
     # the report: withheld and why, no class, no heatmap
-    settle(page)
-    with page.expect_download(timeout=TIMEOUT) as got:
-        page.get_by_role("button", name="Report for this scan (PDF)").click()
-    text = pdf_text(open(got.value.path(), "rb").read()).replace("\n", " ")
+    text = pdf_text(download(page, page.get_by_role("button", name="Report for this scan (PDF)"))
+                    ).replace("\n", " ")
     assert "Answer withheld" in text and "input gate" in text and "No heatmap" in text
     assert "Prediction:" not in text and "LOW CONFIDENCE" not in text
     assert "Clinician's verdict: [ ] Agree" in text  # an empty place for the verdict and note
@@ -418,10 +433,8 @@ def test_a_withheld_scan_says_withheld_on_tiles_csv_report_and_audit(batch_app, 
     form.get_by_role("textbox").fill("reviewed by hand")
     form.get_by_role("button", name="Save verdict").click()
     page.get_by_text("Verdict saved (Unsure)").wait_for(timeout=TIMEOUT)
-    settle(page)
-    with page.expect_download(timeout=TIMEOUT) as got:
-        page.get_by_role("button", name="Report for this scan (PDF)").click()
-    text = pdf_text(open(got.value.path(), "rb").read()).replace("\n", " ")
+    text = pdf_text(download(page, page.get_by_role("button", name="Report for this scan (PDF)"))
+                    ).replace("\n", " ")
     assert "Clinician's verdict: Unsure, recorded by local" in text and "reviewed by hand" in text
     page.get_by_role("heading", name=re.compile("^Selected:")).first.scroll_into_view_if_needed()
     shot(page, f"batch-withheld{suffix}.png")
