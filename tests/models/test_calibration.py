@@ -11,7 +11,7 @@ from conftest import require
 
 def test_temperature_scaling_lowers_validation_ece(predictors, data_dir):
     from medcls.learning.data import load_datasets, preprocess_records
-    from medcls.models.calibration import expected_calibration_error, fit_temperature, probabilities
+    from medcls.models.calibration import expected_calibration_error, fit_calibration, probabilities
 
     p = predictors("brain-mri-default")
     # the validation splits of every folder the model was trained on ("a+b+c: ..." in the card)
@@ -24,10 +24,16 @@ def test_temperature_scaling_lowers_validation_ece(predictors, data_dir):
     single = targets.sum(1) == 1
     y = targets[single].argmax(1)
     before = expected_calibration_error(probabilities(logits[single], 1.0), y)
-    after = expected_calibration_error(probabilities(logits[single], p.package.temperature), y)
+    bias = p.card.get("class_bias")
+    after = expected_calibration_error(probabilities(logits[single], p.package.temperature, bias), y)
     assert after <= before
-    # the stored temperature is the NLL optimum on these splits (partial labels included)
-    assert fit_temperature(logits, targets) == pytest.approx(p.package.temperature, rel=1e-3)
+    # the stored calibration is what fit_calibration gives on these splits (partial labels
+    # included): temperature alone, or with one bias per class when cross-validation prefers it
+    fit = fit_calibration(logits, targets)
+    assert fit["method"] == p.card["calibration"]["method"]
+    assert fit["temperature"] == pytest.approx(p.package.temperature, rel=1e-3)
+    if bias is not None:
+        assert fit["class_bias"] == pytest.approx(list(bias), abs=1e-3)
 
 
 def test_fit_temperature_softens_overconfident_logits():
