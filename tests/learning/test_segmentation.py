@@ -185,9 +185,10 @@ def test_companion_is_found_through_the_classifier_card(tmp_path, brain_model_di
     assert companion_predictor.segmenter.name == "brain-mri-seg"
 
 
-def test_unet_decoder_depth_and_encoder_from_the_classifier(brain_model_dir):
+def test_unet_decoder_depth_and_encoder_from_the_classifier(shipped_models):
     """Two convolutions per decoder stage keep the output on the input's grid; the encoder
-    copied from the brain classifier carries the classifier's own backbone weights."""
+    copied from a brain classifier carries the classifier's own backbone weights: MobileNetV2
+    from brain-mri-fast, EfficientNet-Lite0 (``encoder="efficientnet-lite0"``) from the default."""
     import keras
 
     from medcls.learning.segmentation import build_unet, copy_encoder
@@ -197,12 +198,22 @@ def test_unet_decoder_depth_and_encoder_from_the_classifier(brain_model_dir):
     two = build_unet(64, decoder=(16, 16, 8, 8, 8), convs_per_stage=2)
     assert one.output_shape == two.output_shape == (None, 64, 64, 1)
     assert two.count_params() > one.count_params() and two.get_layer("dec4_conv_2") is not None
-    net = build_unet(224, decoder=(16, 16, 8, 8, 8), convs_per_stage=2)
-    assert copy_encoder(net, brain_model_dir) > 50
-    classifier = keras.saving.load_model(brain_model_dir / MODEL_FILE, compile=False)
-    for name in ("Conv1", "block_6_depthwise", "block_16_project"):
-        for a, b in zip(net.get_layer(name).get_weights(), classifier.get_layer(name).get_weights()):
-            np.testing.assert_array_equal(a, b)
+    for folder, encoder in (("brain-mri-fast", "mobilenet_v2"),
+                            ("brain-mri-default", "efficientnet-lite0")):
+        net = build_unet(224, decoder=(16, 16, 8, 8, 8), convs_per_stage=2, encoder=encoder)
+        assert copy_encoder(net, shipped_models / folder) > 50
+        classifier = keras.saving.load_model(shipped_models / folder / MODEL_FILE, compile=False)
+        copied = [layer.name for layer in net.layers if layer.weights
+                  and not layer.name.startswith("dec") and layer.name in
+                  {c.name for c in classifier.layers}]
+        for name in (copied[0], copied[len(copied) // 2], copied[-1]):
+            for a, b in zip(net.get_layer(name).get_weights(),
+                            classifier.get_layer(name).get_weights()):
+                np.testing.assert_array_equal(a, b)
+        with pytest.raises(ValueError, match="no encoder layer"):  # the other backbone's names
+            other = "brain-mri-default" if folder == "brain-mri-fast" else "brain-mri-fast"
+            copy_encoder(build_unet(224, decoder=(16, 16, 8, 8, 8), encoder=encoder),
+                         shipped_models / other)
 
 
 def test_flip_averaging_mirrors_with_the_image(tmp_path, brain):
