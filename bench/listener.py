@@ -119,6 +119,7 @@ def main(argv=None) -> None:
     from orthanc import Orthanc
 
     from medcls.integrations.audit.store import AuditStore
+    from medcls.integrations.pacs.review import audit_key
     from medcls.integrations.dicomnode.jobs import open_queue
     from medcls.integrations.pacs.client import PacsClient
 
@@ -203,8 +204,9 @@ def main(argv=None) -> None:
         for r in run:
             study = str(r[0].StudyInstanceUID)
             srs[study] = sum(1 for s in client.search_series(study) if s.modality == "SR")
+        sent = {audit_key(str(d.SOPInstanceUID)) for r in run for d in r}  # rows keyed by hash
         audit = [a["sop_instance_uid"] for a in AuditStore(db).rows("answers")
-                 if a["sop_instance_uid"] in {str(d.SOPInstanceUID) for r in run for d in r}]
+                 if a["sop_instance_uid"] in sent]
         node.stop()
     finally:
         node.stop()
@@ -240,7 +242,7 @@ def main(argv=None) -> None:
         "# Listener: PACS -> MedCLS -> PACS", "",
         f"`{result['command']}` on {result['machine']['cpu_model']} ({result['machine']['cores']} "
         f"cores), load average {load_before} before and {result['machine']['load_average']} after "
-        "(the machine is shared: a model was training).", "",
+        "(the 2 cores are shared: the load average says how busy they were).", "",
         table(["measure", "value", "target"], [
             ["last instance -> SR retrievable from Orthanc, median (s)", lat["median_s"], "<= 10"],
             ["  min / max over the timed series (s)", f"{lat['min_s']} / {lat['max_s']}", ""],
