@@ -8,6 +8,8 @@ import os
 import socket
 from pathlib import Path
 
+from appserver import process_tree  # noqa: F401 - the one process-tree walk, re-exported
+
 
 def _inodes(pid: int) -> set[str]:
     out = set()
@@ -66,17 +68,3 @@ def not_loopback(sockets) -> list[tuple[int, str, str, int]]:
         return (mapped or ip).is_loopback
 
     return [s for s in sockets if not loopback(s[2])]
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out

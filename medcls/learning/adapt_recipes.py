@@ -18,7 +18,6 @@ unchanged.
 from __future__ import annotations
 
 import logging
-import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,32 +109,12 @@ def set_trainable(model, arch: str, recipe: Recipe) -> int:
     return len(model.trainable_weights)
 
 
-_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def forward(model, x_gray: np.ndarray, batch_size: int = 32, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and embeddings of gray arrays (expanded to the model's channels per chunk). The
-    two-output view of a network is built once and kept while the network lives, so the many
-    forward passes of a cross-validation (the weights change in place) trace it once."""
-    import keras
+    """Logits and embeddings of gray arrays: training's one forward pass
+    (:func:`medcls.learning.train.model_outputs`, which keeps the network's two-output view)."""
+    from medcls.learning.train import model_outputs
 
-    from medcls.models.card import EMBEDDING_LAYER
-
-    if len(x_gray) == 0:
-        return np.zeros((0, model.output_shape[-1])), np.zeros((0, 1))
-    feat = _FEATURES.get(model)
-    if feat is None:
-        feat = _FEATURES[model] = keras.Model(model.input, [model.output, model.get_layer(EMBEDDING_LAYER).output])
-    channels = model.input.shape[-1]
-    logits, emb = [], []
-    for i in range(0, len(x_gray), chunk):
-        part = x_gray[i:i + chunk]
-        if part.shape[-1] != channels:
-            part = np.repeat(part, channels, axis=-1)
-        lo, em = feat.predict(part, batch_size=batch_size, verbose=0)
-        logits.append(np.asarray(lo))
-        emb.append(np.asarray(em))
-    return np.concatenate(logits), np.concatenate(emb)
+    return model_outputs(model, x_gray, batch_size=batch_size, chunk=chunk)
 
 
 # ----------------------------------------------------------------------------- batch norm

@@ -16,6 +16,7 @@ import platform
 import shlex
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -242,12 +243,23 @@ def _plot_history(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_outputs(model, x: np.ndarray, batch_size: int = 64, chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Logits and penultimate embeddings of arrays, with one compiled forward pass. Gray arrays
-    (N, S, S, 1) are expanded to the model's channels a chunk at a time (memory stays small)."""
+    (N, S, S, 1) are expanded to the model's channels a chunk at a time (memory stays small).
+    The two-output view of a network is built once and kept while the network lives, so the
+    many passes of a training run or a site adaptation's cross-validation (the weights change
+    in place) trace it once."""
     import keras
 
-    feat = keras.Model(model.input, [model.output, model.get_layer(EMBEDDING_LAYER).output])
+    if len(x) == 0:
+        return np.zeros((0, model.output_shape[-1])), np.zeros((0, 1))
+    feat = _FEATURES.get(model)
+    if feat is None:
+        feat = _FEATURES[model] = keras.Model(model.input, [model.output,
+                                                            model.get_layer(EMBEDDING_LAYER).output])
     channels = model.input.shape[-1]
     logits, emb = [], []
     for i in range(0, len(x), chunk):
