@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -192,3 +193,32 @@ def rename_classes(folder: str | Path, names: Mapping[str, str]) -> ModelCard:
     ModelCard.from_dict(data, where=folder.name)
     (folder / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")
     return read_card(folder)
+
+
+def copy_package(source: str | Path, dest: str | Path, name: str,
+                 description: str | None = None) -> ModelCard:
+    """Keep a package under a new name (``brain-mri-default`` 2.0.0 kept as ``brain-mri-fast``
+    when a slower default replaces it): the folder is copied whole, the model file's hash is
+    checked against the card, and only the card's ``name`` (and, given, ``task_description``)
+    change; every measured figure stays the source's, and the card records where it came from.
+    An existing ``dest`` is never overwritten."""
+    source, dest = Path(source), Path(dest)
+    card = read_card(source)
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise ModelPackageError(f"{name!r} is not a model name.")
+    if dest.exists():
+        raise ModelPackageError(f"{dest.name} exists already; a package is never overwritten.")
+    if file_sha256(source / MODEL_FILE) != card["model_sha256"]:
+        raise ModelPackageError(f"{source.name}: the model file does not match its card.")
+    shutil.copytree(source, dest)
+    data = card.to_dict() | {"name": name.strip(),
+                             "renamed_from": {"name": card["name"], "version": card["version"]}}
+    if description is not None:
+        data["task_description"] = description
+    try:
+        ModelCard.from_dict(data, where=dest.name)
+    except ModelPackageError:
+        shutil.rmtree(dest)
+        raise
+    (dest / CARD_FILE).write_text(json.dumps(data, indent=2) + "\n")
+    return read_card(dest)

@@ -14,7 +14,7 @@ from conftest import MODELS_DIR
 from medcls.core.errors import ModelPackageError
 from medcls.io.preprocess import PreprocessSpec
 from medcls.models.card import EMBEDDING_LAYER, ModelCard
-from medcls.models.package import CARD_FILE, list_packages, read_card, update_card
+from medcls.models.package import CARD_FILE, copy_package, list_packages, read_card, update_card
 
 
 def shipped_cards():
@@ -126,3 +126,22 @@ def test_registries_refuse_unknown_names_with_a_typed_error():
         with pytest.raises(UnknownChoiceError, match=name) as info:
             lookup(name)
         assert isinstance(info.value, MedclsError) and isinstance(info.value, ValueError)
+
+
+def test_copy_package_keeps_the_model_and_figures_under_a_new_name(tmp_path):
+    """The tool step for keeping a replaced default as a named model: the file and every figure
+    are the source's, the card names its origin, nothing existing is overwritten."""
+    folder = MODELS_DIR / "brain-mri-seed-cnn"
+    if not folder.is_dir():
+        pytest.skip("no seed-cnn package")
+    card = copy_package(folder, tmp_path / "kept", "brain-mri-kept")
+    source = _card(folder)
+    assert card["name"] == "brain-mri-kept"
+    assert card["renamed_from"] == {"name": source["name"], "version": source["version"]}
+    assert {k: v for k, v in _card(tmp_path / "kept").items() if k != "renamed_from"} == source | {"name": "brain-mri-kept"}
+    assert (tmp_path / "kept" / "model.keras").read_bytes() == (folder / "model.keras").read_bytes()
+    with pytest.raises(ModelPackageError, match="never overwritten"):
+        copy_package(folder, tmp_path / "kept", "other")
+    with pytest.raises(ModelPackageError, match="not a model name"):
+        copy_package(folder, tmp_path / "bad", "a/b")
+    assert not (tmp_path / "bad").exists()
