@@ -28,7 +28,7 @@ run: $(VENV)/.installed
 	$(PY) -m streamlit run app.py --server.port $(PORT)
 
 test: $(VENV)/.installed-test
-	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q --durations=25
+	MEDCLS_DATA=$(DATA) $(PY) -m pytest -q --durations=40
 
 # Everything but the browser, load and Ray cluster tests.
 test-fast: $(VENV)/.installed-test

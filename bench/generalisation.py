@@ -32,7 +32,7 @@ VOLUNTEER_SERIES = ("volunteer-sagittal-t1", "volunteer2-axial-flair", "voluntee
                     "volunteer2-sagittal-t1")
 BRAIN_SETS = ("brain-mri", "br35h-tumour", "normal-ixi", "normal-ixi-levels") + VOLUNTEER_SERIES
 LEVELS = {"skull base and posterior fossa": (0.0, 0.3), "mid-brain": (0.3, 0.7), "vertex": (0.7, 1.01)}
-FIELDS = ("n", "accuracy", "macro_f1", "called_no_tumor", "called_tumour", "ece", "ece_uncalibrated",
+FIELDS = ("n", "accuracy", "macro_f1", "called_no_tumor", "called_tumour", "ece", "ece_uncalibrated", "ece_finding",
           "coverage", "answered_accuracy", "tumour_answers_unflagged")
 
 
@@ -144,12 +144,12 @@ def _rows(entries):
             rows.append([e.get("attempt", e["model"]) if "attempt" in e else e["model"], name, s["n"],
                          s.get("accuracy"), s.get("macro_f1"), s.get("called_no_tumor"),
                          s.get("called_tumour"), s.get("ece_uncalibrated"), s.get("ece"),
-                         s.get("coverage"), s.get("answered_accuracy"), s.get("tumour_answers_unflagged")])
+                         s.get("ece_finding"), s.get("coverage"), s.get("answered_accuracy"), s.get("tumour_answers_unflagged")])
     return rows
 
 
 HEADERS = ["model", "test set", "n", "accuracy", "macro-F1", "tumour called no_tumor",
-           "normal called tumour", "ECE before T", "ECE", "coverage", "answered accuracy",
+           "normal called tumour", "ECE before T", "ECE", "ECE finding or none", "coverage", "answered accuracy",
            "tumour answers on normals, unflagged"]
 
 
@@ -159,7 +159,9 @@ def markdown(result: dict) -> str:
           "Normal called tumour: share of normal slices answered with a tumour class. Coverage: share "
           "answered (confidence at or above the card's low-confidence threshold and inside the input "
           "gate); answered accuracy: correct among those (a Br35H tumour of unknown type is correct when "
-          "any tumour class is called). ECE before T: before temperature scaling.", "",
+          "any tumour class is called). ECE before T: before temperature scaling. ECE finding or none: "
+          "calibration of the question every label answers (a tumour of unknown type included): "
+          "the probability of no_tumor against its complement.", "",
           table(HEADERS, _rows(result["models"].values()))]
     by_src = []
     for e in result["models"].values():

@@ -181,6 +181,13 @@ def source_report(targets: np.ndarray, probs: np.ndarray, classes: Sequence[str]
         out["n_tumour"], out["n_no_tumour"] = int(positive_rows.sum()), int((~positive_rows).sum())
         out["called_no_tumor"] = float(called_negative[positive_rows].mean()) if positive_rows.any() else None
         out["called_tumour"] = float((~called_negative)[~positive_rows].mean()) if (~positive_rows).any() else None
+        # the one question every row's label answers (also "tumour, type unknown"): finding or
+        # none, forecast by the probability mass on either side; top-label ECE scores a type
+        # that such a label cannot confirm
+        p_none = probs[:, k]
+        says_none = p_none >= 0.5
+        out["ece_finding"] = _top_label_ece(np.stack([p_none, 1.0 - p_none], 1),
+                                            says_none == ~positive_rows)
     out["ece"] = _top_label_ece(probs, correct)
     if probs_uncalibrated is not None:
         out["ece_uncalibrated"] = _top_label_ece(np.asarray(probs_uncalibrated),

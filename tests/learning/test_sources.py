@@ -207,6 +207,22 @@ def test_shortcut_check_on_constructed_predictions():
     assert rep["tumour_answers_unflagged"] == 1
 
 
+def test_a_tumour_of_unknown_type_is_calibrated_on_finding_or_none():
+    """Tumours labelled only "tumor", answered with the mass split between two tumour types: the
+    top class's 0.5 is scored right every time (top-label ECE 0.5), while the finding-or-none
+    forecast (0.98 against no_tumor) is right every time too (ECE 0.02)."""
+    classes = BRAIN_CLASSES
+    targets = np.array([[1, 1, 0, 1]] * 10, np.float32)  # tumour, type unknown
+    probs = np.array([[0.49, 0.49, 0.02, 0.0]] * 10)
+    rep = source_report(targets, probs, classes, "no_tumor")
+    assert rep["ece"] == pytest.approx(0.51, abs=1e-6)
+    assert rep["ece_finding"] == pytest.approx(0.02, abs=1e-6)
+    probs[:3] = [0.0, 0.1, 0.9, 0.0]  # three missed: said "none" with 0.9
+    rep = source_report(targets, probs, classes, "no_tumor")
+    assert rep["called_no_tumor"] == pytest.approx(0.3)
+    assert rep["ece_finding"] == pytest.approx((7 * 0.02 + 3 * 0.9) / 10, abs=1e-6)
+
+
 def test_shipped_default_per_source_figures_match_a_direct_count(brain_model_dir, brain_predictor, data_dir):
     """evaluate's by-source figures on Br35H tumours and IXI normals equal a count made directly
     from the predictor's answers (sample of each test set)."""
