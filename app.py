@@ -55,14 +55,7 @@ if data is None:
             "pick the task in the sidebar.")
     st.stop()
 
-with common.user_errors():  # every failure becomes a message, never a trace
-    scan = scans.cached_scan(data)
-
-frame = 0
-if scan.n_frames > 1:
-    frame = st.slider("Frame", 1, scan.n_frames, 1, key="frame") - 1
-    with common.user_errors():
-        scan = scans.cached_scan(data, frame)
+scan, frame = scans.open_scan(data, frame_key="frame")
 
 with common.user_errors("The model"):
     predictor = models.load_predictor(model_path)

@@ -55,8 +55,18 @@ def series_answer(model_dir: Path, data: Path, name: str) -> dict:
     from medcls.io.sources import folder_sources
 
     study = gather(folder_sources(data / "dicom" / name))
-    answer = answer_series(Predictor.from_path(model_dir), study.series[0])
-    return {"outcome": answer.summary.outcome.value, "summary": answer.summary.text}
+    predictor = Predictor.from_path(model_dir)
+    answer = answer_series(predictor, study.series[0])
+    # each slice as the main page answers a single file (scope read from its own tags): a tumour
+    # class shown as an answer, with no low-confidence, input-gate or scope flag
+    negative = predictor.card.get("negative_class")
+    preds = [predictor.predict_file(f) for f in sorted((data / "dicom" / name).iterdir())
+             if f.is_file() and f.name not in ("LICENSE", "SOURCE.md")]
+    bare = sum(p.label != negative and not p.low_confidence and not p.outside_training_distribution
+               for p in preds)
+    return {"outcome": answer.summary.outcome.value, "summary": answer.summary.text,
+            "slices": len(preds), "tumour_answers_without_any_flag": bare,
+            "flagged_by_scope": sum(p.outside_scope for p in preds)}
 
 
 def by_level(model_dir: Path, card: dict, data: Path) -> dict:
@@ -178,14 +188,18 @@ def markdown(result: dict) -> str:
     for e in result["models"].values():
         for name, s in e["sets"].items():
             if s.get("series_answer"):
-                series.append([e["model"], name, s["n"], s["series_answer"]["outcome"],
-                               s["series_answer"]["summary"]])
+                a = s["series_answer"]
+                series.append([e["model"], name, s["n"], a["outcome"], a.get("flagged_by_scope"),
+                               a.get("tumour_answers_without_any_flag"), a["summary"]])
             for band, r in (s.get("by_level") or {}).items():
                 levels.append([e["model"], band, r["n"], r["called_tumour"], r["called_tumour_confidently"]])
     if series:
         md += ["", "Each healthy volunteer series answered as a series (the rule of the series view, the "
-               "PACS and the listener): it must never read \"tumour suspected\".", "",
-               table(["model", "series", "slices", "outcome", "summary"], series)]
+               "PACS and the listener): it must never read \"tumour suspected\". Each slice alone, as the "
+               "main page answers a file: slices whose scope (plane, sequence from their own tags) is not "
+               "validated, and slices answered a tumour with no flag at all (confidence, input gate, scope).", "",
+               table(["model", "series", "slices", "outcome", "slices outside scope",
+                      "tumour answers with no flag", "summary"], series)]
     if levels:
         md += ["", "normal-ixi-levels test slices by level:", "",
                table(["model", "level", "n", "called a tumour", "called a tumour, confidently and unflagged"], levels)]

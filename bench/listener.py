@@ -32,19 +32,12 @@ from pathlib import Path
 from bench.common import ROOT, command, machine, parser, table, write
 
 sys.path.insert(0, str(ROOT / "tests"))  # the Orthanc launcher the tests use
+from appserver import wait_for  # the tests' polling loop and series copies, from the path above
+from dicom_factory import copy_series
 
 NODE = "MEDCLSBENCH"
 SPOOL_MB = 256
-
-
-def wait_for(check, timeout: float, what: str, every: float = 0.1):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise RuntimeError(f"timed out waiting for {what}")
+POLL_S = 0.1  # polling period of every wait (the latency's resolution)
 
 
 def proc_memory(pid: int) -> dict:
@@ -61,20 +54,8 @@ def proc_memory(pid: int) -> dict:
 
 
 def copies(files, n: int) -> list[list]:
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    out = []
-    for _ in range(n):
-        study, series = generate_uid(), generate_uid()
-        run = []
-        for f in files:
-            ds = pydicom.dcmread(f)
-            ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            run.append(ds)
-        out.append(run)
-    return out
+    """``n`` copies of the series, each a new study and series (tests/dicom_factory.py)."""
+    return [copy_series(files) for _ in range(n)]
 
 
 class Node:
@@ -98,7 +79,7 @@ class Node:
             self.proc = subprocess.Popen([sys.executable, "-m", "medcls", "listen"], cwd=ROOT,
                                          env=self.env, stdout=out, stderr=subprocess.STDOUT)
         wait_for(lambda: self.proc.poll() is None and
-                 self.log.read_text().count("model(s) ready") > before, 300, "the listener")
+                 self.log.read_text().count("model(s) ready") > before, 300, "the listener", every=POLL_S)
         self.starts += 1
         return time.time() - t
 
@@ -166,9 +147,9 @@ def main(argv=None) -> None:
             route(r)
             study = str(r[0].StudyInstanceUID)
             wait_for(lambda: any(s.modality == "SR" for s in client.search_series(study)), 300,
-                     "the SR")
+                     "the SR", every=POLL_S)
             seen = time.time()
-            (job,) = wait_for(lambda: [j for j in job_of(r) if j["state"] == "sent"], 60, "sent")
+            (job,) = wait_for(lambda: [j for j in job_of(r) if j["state"] == "sent"], 60, "sent", every=POLL_S)
             sample()
             if i >= len(warm):
                 latencies.append(seen - job["last_instance_at"])
@@ -181,7 +162,7 @@ def main(argv=None) -> None:
         def sent_count():
             sample()
             return sum(1 for r in run for j in job_of(r) if j["state"] == "sent")
-        wait_for(lambda: sent_count() >= len(run) // 2, 900, "half the run")
+        wait_for(lambda: sent_count() >= len(run) // 2, 900, "half the run", every=POLL_S)
         at_restart = sent_count()
         for h in queue.health():
             peaks["rss"].append(int(h["peak_rss_bytes"] or 0))

@@ -122,12 +122,7 @@ if data is None:
     st.info("Upload a scan, or open one on the main page: it is compared here as well.")
     st.stop()
 
-with common.user_errors():  # every failure becomes a message, never a trace
-    scan = scans.cached_scan(data)
-    frame = 0
-    if scan.n_frames > 1:
-        frame = st.slider("Frame", 1, scan.n_frames, 1, key="cmp_frame") - 1
-        scan = scans.cached_scan(data, frame)
+scan, frame = scans.open_scan(data, frame_key="cmp_frame")
 
 if len(chosen) < 2:
     st.info(f"Pick two to {MAX_MODELS} models in the sidebar to compare them.")

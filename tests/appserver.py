@@ -147,3 +147,31 @@ class RssSampler(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
         self.join(5)
+
+
+def run_pacs_study(page, app_url: str, patient_id: str, timeout: int) -> None:
+    """On the PACS page in a Playwright ``page``: identifying tags shown, search by patient ID,
+    pick the one study found and run it; returns once its results are on the page."""
+    page.goto(app_url + "/PACS", timeout=timeout)
+    page.get_by_text("Show identifying tags").click()  # the patient ID in the list, UIDs shown
+    page.get_by_role("textbox", name="Patient ID").fill(patient_id)
+    page.get_by_role("button", name="Search").click()
+    page.get_by_text("Studies (1)").wait_for(timeout=timeout)
+    page.locator('[data-testid="stMultiSelect"]').first.click()
+    page.get_by_role("option").filter(has_text=patient_id).click()
+    page.keyboard.press("Escape")
+    page.get_by_role("button", name="Run").click()
+    page.get_by_text("Results:").first.wait_for(timeout=timeout)
+
+
+def wait_for(check, timeout: float, what: str, every: float = 0.5):
+    """``check()``'s first truthy value within ``timeout`` seconds, else an AssertionError naming
+    ``what`` (the tests' and the benches' one polling loop)."""
+    deadline = time.time() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

@@ -119,3 +119,18 @@ def synthetic_dicom(syntax=ExplicitVRLittleEndian, rows: int = 16, cols: int = 1
     else:
         ds.PixelData = pixel_data
     return to_bytes(ds)
+
+
+def copy_series(files, study: str | None = None) -> list:
+    """The instances of ``files`` as a new series (new Series and SOP Instance UIDs; a new study
+    unless ``study`` is given), patient tags kept: one real series sent again and again."""
+    import pydicom
+
+    study, series = study or generate_uid(), generate_uid()
+    out = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        out.append(ds)
+    return out

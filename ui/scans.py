@@ -9,6 +9,7 @@ import numpy as np
 import streamlit as st
 
 from medcls import Scan, display_image, load_scan
+from ui import common
 
 MAX_CACHED_SCAN_BYTES = 256 << 20  # per session: the open scan and a few frames of it
 
@@ -41,6 +42,19 @@ def cached_scan(data: bytes, frame: int = 0) -> Scan:
 
 
 WINDOWED_FORMATS = ("dicom", "nifti")  # formats with window/level (plain images keep theirs)
+
+
+def open_scan(data: bytes, frame_key: str) -> tuple[Scan, int]:
+    """The scan of ``data`` (a failure becomes a message, never a trace) and, for a multi-frame
+    file, the frame the reader picks with a slider (``frame_key``): (scan, frame index)."""
+    with common.user_errors():
+        scan = cached_scan(data)
+    frame = 0
+    if scan.n_frames > 1:
+        frame = st.slider("Frame", 1, scan.n_frames, 1, key=frame_key) - 1
+        with common.user_errors():
+            scan = cached_scan(data, frame)
+    return scan, frame
 
 
 def window_controls(scan: Scan, key: str) -> tuple[float, float]:

@@ -10,7 +10,7 @@ import re
 
 import pydicom
 import pytest
-from appserver import OUTPUT
+from appserver import OUTPUT, run_pacs_study
 from conftest import require
 from pydicom.uid import generate_uid
 
@@ -44,17 +44,7 @@ def test_pacs_page_search_run_send(pacs_app, study, orthanc, chromium):
     from medcls.integrations.pacs.client import PacsClient
 
     page = chromium.new_page(viewport={"width": 1500, "height": 2200})
-    page.goto(pacs_app.url + "/PACS", timeout=TIMEOUT)
-    page.get_by_text("Show identifying tags").click()  # the patient ID in the list, UIDs shown
-    page.get_by_role("textbox", name="Patient ID").fill(PATIENT)
-    page.get_by_role("button", name="Search").click()
-    page.get_by_text("Studies (1)").wait_for(timeout=TIMEOUT)
-
-    page.locator('[data-testid="stMultiSelect"]').first.click()
-    page.get_by_role("option").filter(has_text=PATIENT).click()
-    page.keyboard.press("Escape")
-    page.get_by_role("button", name="Run").click()
-    page.get_by_text("Results:").first.wait_for(timeout=TIMEOUT)
+    run_pacs_study(page, pacs_app.url, PATIENT, TIMEOUT)
     # the series view's summary box and strip (the same answer as the main page's)
     page.locator('[data-testid="stAlert"]').filter(has_text=re.compile(
         "Tumour suspected|No tumour seen|Cannot answer")).first.wait_for(timeout=TIMEOUT)

@@ -86,15 +86,16 @@ def expected_scans(data_dir):
 
     by_pred: dict[str, list[dict]] = {}
     statements, bar_sets = set(), set()
-    def predicted():  # in batches of 64: the same predictions as one at a time, faster
+
+    def predicted(model):  # in batches of 64: the same predictions as one at a time, faster
         from medcls.io.load import load_scan
 
         todo = order[:MAX_PREDICTIONS]
         for i in range(0, len(todo), 64):
             chunk = [(r, data_dir / "brain-mri" / r["file"]) for r in todo[i:i + 64]]
-            yield from zip(chunk, predictor.predict([load_scan(path) for _, path in chunk]))
+            yield from zip(chunk, model.predict([load_scan(path) for _, path in chunk]))
 
-    for (r, path), pred in predicted():
+    for (r, path), pred in predicted(predictor):
         if pred.outside_training_distribution:
             continue
         if not _fmt_safe(pred.confidence, 100) or not all(_fmt_safe(float(p), 1000)

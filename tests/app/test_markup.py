@@ -16,6 +16,7 @@ import threading
 
 import pydicom
 import pytest
+from appserver import run_pacs_study
 from conftest import require
 from pydicom.uid import generate_uid
 
@@ -122,16 +123,7 @@ def test_pacs_page_shows_pacs_text_as_text(app_server, orthanc, chromium, canary
     srv = app_server(**orthanc.env())
     page = chromium.new_page(viewport={"width": 1500, "height": 2200})
     asked = _watch(page, url)
-    page.goto(srv.url + "/PACS", timeout=TIMEOUT)
-    page.get_by_text("Show identifying tags").click()
-    page.get_by_role("textbox", name="Patient ID").fill(PATIENT)
-    page.get_by_role("button", name="Search").click()
-    page.get_by_text("Studies (1)").wait_for(timeout=TIMEOUT)
-    page.locator('[data-testid="stMultiSelect"]').first.click()
-    page.get_by_role("option").filter(has_text=PATIENT).click()
-    page.keyboard.press("Escape")
-    page.get_by_role("button", name="Run").click()
-    page.get_by_text("Results:").first.wait_for(timeout=TIMEOUT)
+    run_pacs_study(page, srv.url, PATIENT, TIMEOUT)
     # the study's description in the results' title, as written (a zero-width space breaks the
     # URL for the autolinker, so the text is matched up to it)
     page.get_by_role("heading").filter(has_text="Results:").filter(

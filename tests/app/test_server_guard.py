@@ -16,7 +16,7 @@ import time
 
 import pytest
 import requests
-from appserver import OUTPUT, PROJECT_ROOT, free_port
+from appserver import OUTPUT, PROJECT_ROOT, free_port, wait_for
 from conftest import require
 from oidcserver import browser_sign_in, oidc_provider, secrets_toml
 
@@ -80,8 +80,8 @@ def put_upload(url: str, session_id: str, cookies: dict[str, str], size: int = U
         r = requests.put(f"{url}/_stcore/upload_file/{session_id}/medcls-test-file",
                          files={"file": ("scan.dcm", b"\0" * size, "application/octet-stream")},
                          headers={"X-Xsrftoken": xsrf}, cookies=cookies, timeout=60)
-    except requests.ConnectionError:
-        return "reset"
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError):
+        return "reset"  # closed before the body was read, or mid-answer (status line only)
     return r.status_code
 
 
@@ -96,14 +96,6 @@ def uploaded_bytes(url: str) -> int:
         if line.startswith("cache_memory_bytes") and "UploadedFileManager" in line:
             total += int(float(line.rsplit(" ", 1)[1]))
     return total
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_no_upload_before_sign_in_and_uploads_of_closed_sessions_freed(guarded_app, chromium):

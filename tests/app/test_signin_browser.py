@@ -11,7 +11,7 @@ import re
 import pytest
 from appserver import OUTPUT, PROJECT_ROOT, free_port
 from conftest import require
-from oidcserver import oidc_provider, secrets_toml
+from oidcserver import browser_sign_in, oidc_provider, secrets_toml
 
 pytestmark = pytest.mark.browser
 TIMEOUT = 180_000
@@ -65,31 +65,6 @@ def signed_app(tmp_path_factory, monitoring_trail, app_server):
         yield srv, issuer
 
 
-def sign_in(page, app_url: str, issuer: str, login: str):
-    page.goto(app_url, timeout=TIMEOUT)
-    page.get_by_text("Sign in to use MedCLS").wait_for(timeout=TIMEOUT)
-    for attempt in range(3):  # under load a click during the page's first run can be lost
-        if not page.url.startswith(issuer):
-            page.get_by_role("button", name="Sign in").click()
-        try:
-            page.wait_for_url(re.compile(re.escape(issuer) + ".*"), timeout=40_000)  # the provider
-            break
-        except Exception:  # noqa: BLE001
-            if attempt == 2:
-                page.screenshot(path=str(OUTPUT / "signin-stuck.png"))
-                raise
-    page.locator('input[name="login"]').fill(login)
-    page.locator('input[name="password"]').fill("any password")
-    page.locator('button[type="submit"]').click()
-    consent = page.get_by_role("button", name="Continue")
-    try:  # the provider asks for consent the first time a user signs in to the client
-        consent.wait_for(timeout=5_000)
-        consent.click()
-    except Exception:  # noqa: BLE001 - no consent page this time
-        pass
-    page.wait_for_url(re.compile(re.escape(app_url) + ".*"), timeout=60_000)
-
-
 def test_sign_in_roles_refusal_and_sign_out(signed_app, chromium):
     srv, issuer = signed_app
     ctx = chromium.new_context(viewport={"width": 1400, "height": 2000})
@@ -102,7 +77,7 @@ def test_sign_in_roles_refusal_and_sign_out(signed_app, chromium):
     assert page.locator('[data-testid="stFileUploader"]').count() == 0
 
     # a test clinician signs in and can use the main page
-    sign_in(page, srv.url, issuer, "clinician")
+    browser_sign_in(page, srv.url, issuer, "clinician")
     page.get_by_text("Signed in as clinician@hospital.test (clinician)").wait_for(timeout=TIMEOUT)
     page.locator('[data-testid="stFileUploader"]').first.wait_for(timeout=TIMEOUT)
 
@@ -119,7 +94,7 @@ def test_sign_in_roles_refusal_and_sign_out(signed_app, chromium):
     page.get_by_text("Sign in to use MedCLS").wait_for(timeout=TIMEOUT)
 
     # a user off the allow-list is refused with a clear page
-    sign_in(page, srv.url, issuer, "stranger")
+    browser_sign_in(page, srv.url, issuer, "stranger")
     page.get_by_text("Access refused").wait_for(timeout=TIMEOUT)
     page.get_by_text("not allowed to use MedCLS").wait_for(timeout=TIMEOUT)
     assert page.locator('[data-testid="stFileUploader"]').count() == 0
@@ -129,7 +104,7 @@ def test_sign_in_roles_refusal_and_sign_out(signed_app, chromium):
     page.get_by_text("Sign in to use MedCLS").wait_for(timeout=TIMEOUT)
 
     # a reviewer opens the monitoring page: the screenshot in the README
-    sign_in(page, srv.url, issuer, "reviewer")
+    browser_sign_in(page, srv.url, issuer, "reviewer")
     page.goto(srv.url + "/Monitoring", timeout=TIMEOUT)
     page.get_by_role("heading", name="Agreement with the clinicians").wait_for(timeout=TIMEOUT)
     page.get_by_text("Disagreements").first.wait_for(timeout=TIMEOUT)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from appserver import free_port
+from appserver import free_port, wait_for
 from conftest import PROJECT_ROOT, require
+from dicom_factory import copy_series
 from pydicom.uid import generate_uid
 
 NODE_AET, SCU_AET = "MEDCLSNODE", "TESTSCU"
@@ -42,30 +43,6 @@ end
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def wait_for(check, timeout: float, what: str, every: float = 0.5):
-    """``check()``'s first truthy value within ``timeout`` seconds, else fail saying ``what``."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def copy_series(files, study: str | None = None) -> list[pydicom.Dataset]:
-    """The instances of ``files`` as a new series (new Series and SOP Instance UIDs; a new study
-    unless ``study`` is given), patient tags kept."""
-    study, series = study or generate_uid(), generate_uid()
-    out = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        out.append(ds)
-    return out
-
 
 def queue_rows(url: str) -> list[dict]:
     from medcls.integrations.dicomnode.jobs import open_queue
