@@ -21,7 +21,7 @@ from raycluster import LocalRayCluster
 
 pytestmark = pytest.mark.cluster
 
-N_REVIEW = 1000  # the 2,000-scan and larger runs are bench.scale's; 1,000 keeps the kill mid-run
+N_REVIEW = 600  # the 2,000-scan and larger runs are bench.scale's; 600 keeps the kill (after 300) mid-run
 KILL_AFTER = 300  # rows received before a model actor is killed
 
 
@@ -40,7 +40,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def review_list(data_dir, tmp_path_factory) -> tuple[Path, list[str]]:
-    """A list file of 1,000 brain MRI train-split images (absolute paths), then a truncated
+    """A list file of 600 brain MRI train-split images (absolute paths), then a truncated
     JPEG, a text file and a path that does not exist: (list file, expected row names)."""
     brain = require(data_dir / "brain-mri")
     with open(brain / "labels.csv", newline="") as fh:

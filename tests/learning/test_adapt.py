@@ -183,7 +183,7 @@ def chosen(env):
     out = env["tmp"] / "out-swapped"
     rec = adapt(AdaptConfig(model=str(env["parent"]), data=str(env["swapped"]), out=str(out), folds=3,
                             unlabelled=str(env["scans"] / "unlabelled"),
-                            recipes=[head, replace(RECIPES["last-blocks"], lr=1e-3), "mixed"], epochs=10,
+                            recipes=[head, replace(RECIPES["last-blocks"], lr=1e-3), "mixed"], epochs=6,
                             seed=1))
     return {"record": rec, "out": out}
 
@@ -301,7 +301,7 @@ def test_page_shows_the_choice_the_figures_and_what_was_not_checked(env, monkeyp
     assert any("does not exist" in e.value or "outside" in e.value for e in at.error)
     at.text_input(key="adapt_unlabelled").set_value("unlabelled")
     at.number_input(key="adapt_folds").set_value(3)
-    at.number_input(key="adapt_epochs").set_value(8)
+    at.number_input(key="adapt_epochs").set_value(5)
     at.multiselect(key="adapt_recipes").set_value(["last-blocks"]).run()
     at.button[0].click().run()  # the page reruns itself until the job is done
     assert not at.exception, [e.stack_trace for e in at.exception]
