@@ -160,7 +160,7 @@ def _rows(entries):
 
 HEADERS = ["model", "test set", "n", "accuracy", "macro-F1", "tumour called no_tumor",
            "normal called tumour", "ECE before T", "ECE", "ECE finding or none", "coverage", "answered accuracy",
-           "tumour answers on normals, unflagged"]
+           "tumour answers on normals, no confidence or gate flag (scope: below)"]
 
 
 def markdown(result: dict) -> str:

@@ -129,16 +129,21 @@ def main(argv=None):
             layers = [card["cam_layer"]] + [n for n in ("out_relu",) if n in {l.name for l in predictor.model.layers}]
             for layer in layers:
                 for mask in (True, False):
-                    key = f"gradcam layer={layer} mask={'head' if mask else 'none'}"
+                    key = (f"{card['name']} {card.get('version', '')}: gradcam layer={layer} "
+                           f"mask={'head' if mask else 'none'}")
                     result["ablations"][key] = measure(predictor, rows, args.data, "gradcam",
                                                        faithfulness=False, mask=mask, layer=layer)
                     print(key, result["ablations"][key], flush=True)
+    write("localization", result, markdown(result), args.out)
+
+
+def markdown(result: dict) -> str:
     md_rows = [[name, method, m["pointing_game"], m["energy_in_box"], m["box_iou"], m.get("deletion_auc"),
                 m.get("random_deletion_auc"), m.get("insertion_auc"), m.get("random_insertion_auc"),
                 m.get("road_morf"), m.get("random_road_morf"), m.get("road_lerf"), m.get("random_road_lerf"),
                 m["ms_per_image"]]
                for name, per in sorted(result["models"].items()) for method, m in per.items()]
-    md = [f"# Heatmap localisation and faithfulness (brain MRI test split, {len(rows)} tumour images)", "",
+    md = [f"# Heatmap localisation and faithfulness (brain MRI test split, {result['images']} tumour images)", "",
           f"Pointing game: peak inside the tumour box grown by {MARGIN:.0%} of the image size. "
           f"Energy: share of heatmap mass in the box. IoU: medcls' region box vs the tumour box. "
           f"Deletion/insertion AUC over {STEPS} steps on every {FAITHFULNESS_EVERY}th image "
@@ -151,11 +156,11 @@ def main(argv=None):
           table(["model", "method", "pointing", "energy", "box IoU", "deletion", "del. random",
                  "insertion", "ins. random", "ROAD MoRF", "MoRF random", "ROAD LeRF", "LeRF random",
                  "ms/image"], md_rows), "",
-          "Ablations (default model, Grad-CAM, no faithfulness):", "",
+          "Ablations (default models, Grad-CAM, no faithfulness):", "",
           table(["variant", "pointing", "energy", "box IoU"],
                 [[k, v["pointing_game"], v["energy_in_box"], v["box_iou"]] for k, v in result["ablations"].items()]),
           "", f"Command: `{result['command']}`; CPU: {result['machine']['cpu_model']}"]
-    write("localization", result, "\n".join(md), args.out)
+    return "\n".join(md + ([f"\n{result['note']}"] if result.get("note") else []))
 
 
 if __name__ == "__main__":
