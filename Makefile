@@ -14,12 +14,12 @@ $(VENV)/bin/activate:
 	$(PY) -m pip install -q --upgrade pip
 
 $(VENV)/.installed: requirements.txt pyproject.toml $(VENV)/bin/activate
-	$(PY) -m pip install -q --no-compile -r requirements.txt  # no byte-compiling of every installed file: Python compiles what it imports
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # medcls and ui importable from anywhere
 	touch $@
 
 $(VENV)/.installed-test: requirements-test.txt requirements-ray.txt requirements-train.txt $(VENV)/.installed
-	$(PY) -m pip install -q --no-compile -r requirements-test.txt -r requirements-ray.txt -r requirements-train.txt
+	$(PY) -m pip install -q -r requirements-test.txt -r requirements-ray.txt -r requirements-train.txt
 	touch $@
 
 venv: $(VENV)/.installed
