@@ -57,11 +57,10 @@ def series_answer(model_dir: Path, data: Path, name: str) -> dict:
     study = gather(folder_sources(data / "dicom" / name))
     predictor = Predictor.from_path(model_dir)
     answer = answer_series(predictor, study.series[0])
-    # each slice as the main page answers a single file (scope read from its own tags): a tumour
-    # class shown as an answer, with no low-confidence, input-gate or scope flag
+    # each slice's own answer (the series view's; scope read from the slice's own tags, as the
+    # main page does for a single file): a tumour class with no low-confidence, gate or scope flag
     negative = predictor.card.get("negative_class")
-    preds = [predictor.predict_file(f) for f in sorted((data / "dicom" / name).iterdir())
-             if f.is_file() and f.name not in ("LICENSE", "SOURCE.md")]
+    preds = [s.prediction for s in answer.slices if s.prediction is not None]
     bare = sum(p.label != negative and not p.low_confidence and not p.outside_training_distribution
                for p in preds)
     return {"outcome": answer.summary.outcome.value, "summary": answer.summary.text,
