@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu",
                "block_13_expand_relu")  # MobileNetV2 features at strides 2, 4, 8, 16
 BOTTLENECK = "block_16_project"  # stride 32
+ENCODER_NAMES = {"mobilenet_v2": "MobileNetV2 (alpha 0.35)", "efficientnet-lite0": "EfficientNet-Lite0"}
+TUMOUR_PIXEL_PRIOR = 0.02  # share of tumour pixels in a training image, roughly: the output's starting bias
 
 
 def read_mask(path: str | Path) -> np.ndarray:
@@ -128,7 +130,12 @@ def build_unet(input_size: int = 160, weights: str | Path | None = None,
             x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"dec{i}_conv{tag}")(x)
             x = layers.BatchNormalization(name=f"dec{i}_bn{tag}")(x)
             x = layers.ReLU(name=f"dec{i}_relu{tag}")(x)
-    outputs = layers.Conv2D(1, 1, activation="sigmoid", name="tumour_probability")(x)
+    # the bias starts at the prior log-odds of a tumour pixel (about 2%), not at p = 0.5: from
+    # 0.5 an untrained decoder spends its first epochs only learning that most pixels are not
+    # tumour (Lin et al. 2017, focal loss, section 4.1)
+    prior = keras.initializers.Constant(float(np.log(TUMOUR_PIXEL_PRIOR / (1 - TUMOUR_PIXEL_PRIOR))))
+    outputs = layers.Conv2D(1, 1, activation="sigmoid", bias_initializer=prior,
+                            name="tumour_probability")(x)
     return keras.Model(inputs, outputs, name=f"{encoder.replace('-', '_')}_unet")
 
 
@@ -405,8 +412,8 @@ def train_segmentation(cfg: SegTrainConfig, command: str = "") -> Path:
     card = {
         "schema": SEG_SCHEMA, "name": cfg.name, "version": "1.0.0", "task": "brain-mri",
         "kind": "segmentation",
-        "description": "Tumour mask of a brain MRI slice: U-Net decoder over MobileNetV2 (alpha "
-                       f"0.35, {encoder_origin(cfg)}), a companion of the brain classifier, which is "
+        "description": f"Tumour mask of a brain MRI slice: U-Net decoder over {ENCODER_NAMES[cfg.encoder]} "
+                       f"({encoder_origin(cfg)}), a companion of the brain classifier, which is "
                        "unchanged (its class accuracy is the same with or without this package).",
         "input_size": cfg.input_size, "channels": 3, "preprocessing": spec.to_dict(),
         "output": "sigmoid tumour probability per pixel of the model grid",

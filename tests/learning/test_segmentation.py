@@ -198,6 +198,10 @@ def test_unet_decoder_depth_and_encoder_from_the_classifier(shipped_models):
     two = build_unet(64, decoder=(16, 16, 8, 8, 8), convs_per_stage=2)
     assert one.output_shape == two.output_shape == (None, 64, 64, 1)
     assert two.count_params() > one.count_params() and two.get_layer("dec4_conv_2") is not None
+    # an untrained U-Net starts at the tumour-pixel prior, not at p = 0.5 everywhere
+    from medcls.learning.segmentation import TUMOUR_PIXEL_PRIOR
+    start = two.predict(np.random.default_rng(0).random((2, 64, 64, 3), np.float32), verbose=0)
+    assert abs(float(np.median(start)) - TUMOUR_PIXEL_PRIOR) < 0.01
     for folder, encoder in (("brain-mri-fast", "mobilenet_v2"),
                             ("brain-mri-default", "efficientnet-lite0")):
         net = build_unet(224, decoder=(16, 16, 8, 8, 8), convs_per_stage=2, encoder=encoder)
