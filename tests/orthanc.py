@@ -87,9 +87,10 @@ def loopback_shim() -> str:
         if cc is None:
             pytest.fail("a C compiler is needed to bind Orthanc to 127.0.0.1 (apt-get install "
                         "gcc libc6-dev; .ci/run installs it)")
-        src = lib.with_suffix(".c")
+        # per-process names: two test workers may compile at once
+        src = lib.with_name(f"{lib.stem}.{os.getpid()}.c")
         src.write_text(LOOPBACK_SHIM)
-        tmp = lib.with_name(lib.name + f".{time.time_ns()}")
+        tmp = lib.with_name(lib.name + f".{os.getpid()}.{time.time_ns()}")
         subprocess.run([cc, "-shared", "-fPIC", "-O2", "-o", str(tmp), str(src), "-ldl"],
                        check=True, capture_output=True, timeout=120)
         tmp.replace(lib)

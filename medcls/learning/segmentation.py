@@ -45,7 +45,7 @@ from medcls.core.errors import DatasetError, ModelPackageError
 from medcls.io.load import load_scan
 from medcls.io.preprocess import Geometry, PreprocessSpec, preprocess
 from medcls.models.measures import dice, longest_diameter
-from medcls.models.package import CARD_FILE, MODEL_FILE, file_sha256
+from medcls.models.package import CARD_FILE, MODEL_FILE, file_sha256, save_weights_only
 from medcls.models.segmenter import FLIP_KEY, SEG_SCHEMA, Segmenter, postprocess, read_seg_card
 
 log = logging.getLogger(__name__)
@@ -504,13 +504,9 @@ def refit(folder: str | Path, data: str | Path, flip_average: bool,
 
 
 def save_segmenter(folder: str | Path, model, card: dict[str, Any]) -> Path:
-    import keras
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    # an uncompiled view of the same layers: the file holds the weights, not the optimizer state
-    # (Adam's two moments tripled the Lite0 U-Net's file, 15 MB -> 45 MB)
-    keras.Model(model.inputs[0], model.outputs[0], name=model.name).save(folder / MODEL_FILE)
+    save_weights_only(model, folder / MODEL_FILE)  # Adam's moments made the Lite0 U-Net 45 MB, not 15
     card = dict(card, schema=SEG_SCHEMA, model_sha256=file_sha256(folder / MODEL_FILE),
                 size_bytes=(folder / MODEL_FILE).stat().st_size)
     (folder / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")

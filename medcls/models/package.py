@@ -153,17 +153,22 @@ def update_card(folder: str | Path, fields: dict[str, Any]) -> ModelCard:
     return read_card(folder)
 
 
+def save_weights_only(model, path: str | Path) -> None:
+    """Save ``model`` as an uncompiled view of the same layers: the file holds the weights and
+    the graph, not the optimizer state (Adam's two moments would triple it)."""
+    import keras
+
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ModelPackageError("A model package holds a network with one input and one output.")
+    keras.Model(model.inputs[0], model.outputs[0], name=model.name).save(path)
+
+
 def save_package(folder: str | Path, model, card: Mapping[str, Any], gate: InputGate | None) -> Path:
     """Write model, gate and card (the card last, with the model's hash)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_path = folder / MODEL_FILE
-    import keras
-
-    # an uncompiled view of the same layers: the file holds the weights, not the optimizer state
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ModelPackageError("A model package holds a network with one input and one output (logits).")
-    keras.Model(model.inputs[0], model.outputs[0], name=model.name).save(model_path)
+    save_weights_only(model, model_path)
     if gate is not None:
         gate.save(folder / GATE_FILE)
     card = dict(card.to_dict() if isinstance(card, ModelCard) else card)

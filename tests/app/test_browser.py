@@ -10,6 +10,7 @@ import shutil
 import time
 
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from appserver import OUTPUT, PROJECT_ROOT, verdict_alert
 from conftest import unsure_agreement_case
@@ -208,11 +209,24 @@ def download(page, button, tries: int = 3) -> bytes:
 
 
 def viewer_ready(page) -> None:
-    """The stack viewer (ui.stack) has drawn its image."""
-    page.locator('iframe[src*="medcls_stack"]').first.wait_for(timeout=TIMEOUT)
-    frame = next(f for f in page.frames if "medcls_stack" in f.url)
-    frame.wait_for_function("() => window.medclsStack && window.medclsStack.state().decoded >= 1",
-                            timeout=TIMEOUT)
+    """The stack viewer (ui.stack) has drawn its image. A rerun that replaces the viewer (a new
+    scan) detaches the frame being watched: the newest viewer frame is then watched instead."""
+    deadline = time.monotonic() + TIMEOUT / 1000
+    while True:
+        page.locator('iframe[src*="medcls_stack"]').first.wait_for(timeout=TIMEOUT)
+        frames = [f for f in page.frames if "medcls_stack" in f.url and not f.is_detached()]
+        if not frames:
+            assert time.monotonic() < deadline, "the stack viewer never drew its image"
+            time.sleep(0.2)
+            continue
+        try:
+            frames[-1].wait_for_function(
+                "() => window.medclsStack && window.medclsStack.state().decoded >= 1",
+                timeout=max(1_000, int((deadline - time.monotonic()) * 1000)))
+            return
+        except PlaywrightError as e:
+            if "detached" not in str(e) or time.monotonic() > deadline:
+                raise
 
 
 def verdict_box(page):

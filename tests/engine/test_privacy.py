@@ -325,23 +325,37 @@ class _WriteGuard:
 @pytest.mark.parametrize("rel", ["dicom/mprage-series/100.dcm", "dicom/transfer-syntaxes/1.dcm",
                                  "dicom/transfer-syntaxes/4.dcm", "dicom/transfer-syntaxes/9.dcm",
                                  "brain-mri/glioma"])
-def test_uploads_are_decoded_in_memory(data_dir: Path, rel: str,
+def test_uploads_are_decoded_in_memory(data_dir: Path, rel: str, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """load_scan(bytes) + preprocess writes no file (4.dcm: RLE, 9.dcm: JPEG 2000, both through
-    native decoders; a JPEG through OpenCV)."""
+    native decoders; a JPEG through OpenCV). The temporary folder (for Python and, by TMPDIR,
+    for native code) and the working folder are private and empty, so another test process
+    writing into the shared /tmp cannot hide or fake a write."""
     path = require(data_dir / rel)
     if path.is_dir():
         path = sorted(path.glob("*.jpg"))[0]
     data = path.read_bytes()
     expected = preprocess(load_scan(data), PreprocessSpec()).array  # imports done before the guard
-    tmp = Path(tempfile.gettempdir())
+    tmp, cwd = tmp_path / "tmp", tmp_path / "cwd"
+    tmp.mkdir()
+    cwd.mkdir()
+    with monkeypatch.context() as m:
+        m.setenv("TMPDIR", str(tmp))
+        m.setattr(tempfile, "tempdir", str(tmp))
+        m.chdir(cwd)
+        _decode_under_guard(data, expected, tmp)
+
+
+def _decode_under_guard(data: bytes, expected, tmp: Path) -> None:
+    monkeypatch = pytest.MonkeyPatch()
     before = {p.name for p in tmp.iterdir()}
     cwd_before = {p.name for p in Path.cwd().iterdir()}
 
     guard = _WriteGuard(monkeypatch)
-    scan = load_scan(data)
-    pre = preprocess(scan, PreprocessSpec())
-    monkeypatch.undo()
+    try:
+        pre = preprocess(load_scan(data), PreprocessSpec())
+    finally:
+        monkeypatch.undo()
 
     assert not guard.attempts, guard.attempts
     assert np.array_equal(pre.array, expected)
